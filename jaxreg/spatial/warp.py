@@ -116,7 +116,8 @@ def sample(
 
     Args:
       image: ``(*in_spatial, C)`` (or ``(*in_spatial)``) array.
-      coords: ``(*out_spatial, D)`` voxel coordinates into ``image``.
+      coords: ``(*out_spatial, D)`` voxel coordinates into ``image`` (any
+        leading shape, e.g. ``(N, D)`` for a list of points).
       order: 1 for (bi/tri)linear, 0 for nearest neighbour.
       padding: ``"zeros"`` (outside is 0) or ``"border"`` (edge values repeat).
 
@@ -127,13 +128,15 @@ def sample(
       ValueError: on inconsistent ranks or an unknown ``order``/``padding``.
     """
     d = coords.shape[-1]
-    if d not in (2, 3) or coords.ndim != d + 1:
-        raise ValueError(f"coords must be (*spatial, D) with D = 2 or 3, got {coords.shape}")
+    if d not in (2, 3) or coords.ndim < 2:
+        raise ValueError(f"coords must be (*out_shape, D) with D = 2 or 3, got {coords.shape}")
     if order not in (0, 1):
         raise ValueError(f"order must be 0 or 1, got {order}")
     if padding not in _MODES:
         raise ValueError(f"padding must be one of {sorted(_MODES)}, got {padding!r}")
-    image, squeeze = _split_channels(image, d, "sample")
+    # numpy inputs closed over by jit/grad would otherwise reach the backward
+    # pass as numpy arrays and be indexed with tracers.
+    image, squeeze = _split_channels(jnp.asarray(image), d, "sample")
     if order == 1:
         out = _linear_sample(image.astype(coords.dtype) if not jnp.issubdtype(image.dtype, jnp.floating)
                              else image, coords, padding)

@@ -1,0 +1,13 @@
+"""Instance (per-pair) optimisation."""
+from jaxreg.optimize.instance import (
+    SIMILARITIES,
+    TRANSFORMS,
+    InstanceConfig,
+    InstanceResult,
+    center_of_mass,
+    normalize_intensity,
+    register_instance,
+)
+
+__all__ = ["SIMILARITIES", "TRANSFORMS", "InstanceConfig", "InstanceResult", "center_of_mass",
+           "normalize_intensity", "register_instance"]

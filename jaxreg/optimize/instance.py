@@ -1,0 +1,539 @@
+"""Multi-level instance optimisation: Adam on a transform, one jitted ``lax.scan`` per level.
+
+The moving image enters on the fixed grid (already resampled through the two
+image affines, see :mod:`jaxreg.io`). An optional affine stage (centre-of-mass
+initialisation, then Adam on the affine parameters at the coarse levels) is
+followed by a deformable stage on a Gaussian pyramid: a stationary velocity
+field (diffeomorphic, default) or a displacement field, optimised coarse to
+fine and upsampled between levels.
+
+Speed (docs/design.md, shared PERF_NOTES): the similarity's features (e.g.
+MIND-SSC descriptors) are computed once per level from the *fixed* and
+*affinely resampled moving* images, so the loss only needs the gradient of the
+warp with respect to the sampling coordinates (cheap gathers), never into the
+moving image; the velocity lives on a control grid (``control_spacing``
+finest-level voxels) where scaling and squaring (whose backward pass
+scatters) is cheap, and its displacement is interpolated linearly; on large
+levels voxel-wise similarities are evaluated on a fresh random subset of
+``num_samples`` voxels per step (stochastic gradient descent).
+
+References:
+  Mok, Tian, Chung, "Modality-Agnostic Structural Image Representation
+  Learning for Deformable Multi-Modality Medical Image Registration", CVPR
+  2024, Sec. 4 and Table 4 (three-level instance optimisation: learning rates
+  [1e-2, 5e-3, 3e-3], iterations [100, 80, 50], smoothness [0.6, 0.5, 0.4]).
+  Heinrich et al., "MIND: Modality independent neighbourhood descriptor",
+  MedIA 2012 (MIND-based registration).
+  Arsigny et al., MICCAI 2006 (stationary velocity fields).
+"""
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jaxtyping import Array, Float
+
+from jaxreg import losses as L
+from jaxreg.spatial import (
+    affine_to_disp,
+    identity_grid,
+    identity_params,
+    integrate,
+    invert,
+    num_params,
+    params_to_matrix,
+    resize_disp,
+    sample,
+)
+
+SIMILARITIES = ("mind", "mi", "nmi", "ngf", "lncc", "mse")
+TRANSFORMS = ("svf", "disp", "affine", "rigid")
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceConfig:
+    """Options of :func:`register_instance` (all static: they fix shapes and loops).
+
+    Attributes:
+      similarity: one of ``SIMILARITIES``; ``"mind"`` compares MIND-SSC
+        descriptors by mean squared difference (Heinrich et al. 2013).
+      transform: ``"svf"`` (default, diffeomorphic), ``"disp"``, ``"affine"``
+        or ``"rigid"`` (the last two: affine stage only).
+      affine: run the affine stage before a deformable transform.
+      levels: number of pyramid levels (DNS Table 4: 3); level ``l`` is
+        downsampled by ``2 ** (levels - 1 - l)``.
+      iterations: Adam steps per level, coarse to fine (DNS Table 4: 100, 80, 50).
+      learning_rates: per level, in the paper's normalised coordinates
+        ([-1, 1] across the grid; DNS Table 4: 1e-2, 5e-3, 3e-3). We
+        parametrise the velocity in voxels of the level grid, so the rate used
+        is ``lr * (mean level size) / 2``: the same step in physical terms.
+      smoothness: regulariser weight per level (DNS Table 4: 0.6, 0.5, 0.4)
+        for the diffusion energy of the velocity/displacement measured in the
+        paper's normalised coordinates, i.e. ``sum |grad u|^2 * (2/N)^2``;
+        multiplied by ``smoothness_scale`` (our calibration for our
+        similarities' scales; see docs/design.md "instance optimisation").
+      smoothness_scale: global multiplier of ``smoothness``.
+      control_spacing: spacing, in voxels of the finest level, of the grid
+        on which the velocity (or displacement) is optimised, integrated and
+        then upsampled linearly (never finer than the level's own grid).
+      num_samples: voxels of the foreground bounding box drawn at random per
+        Adam step to evaluate voxel-wise similarities (``mind``, ``mse``,
+        ``mi``, ``nmi``) on large levels, as in stochastic-gradient
+        registration (Klein et al., IEEE TIP 2009); 0 uses every voxel.
+        LNCC and NGF always use the whole grid.
+      integration_steps: scaling-and-squaring steps (7, as VoxelMorph).
+      mind_radius, mind_dilation: MIND-SSC patch radius and neighbour distance.
+      feature_sigma: Gaussian smoothing (level voxels) of descriptor features
+        before optimisation (DNS Sec. 4: instance optimisation on
+        Gaussian-smoothed descriptors), which widens their capture range.
+      lncc_window: LNCC window (voxels).
+      mi_bins: Parzen histogram bins for MI/NMI.
+      ngf_epsilon: NGF edge parameter (relative to the image range).
+      affine_iterations: Adam steps of the affine stage at each of its levels.
+      affine_levels: number of coarsest levels used by the affine stage.
+      affine_learning_rate: Adam rate on the affine parameters (translation in
+        normalised coordinates, angles in radians, log-free scales and shears).
+    """
+
+    similarity: str = "mind"
+    transform: str = "svf"
+    affine: bool = True
+    levels: int = 3
+    iterations: tuple = (100, 80, 50)
+    learning_rates: tuple = (1e-2, 5e-3, 3e-3)
+    smoothness: tuple = (0.6, 0.5, 0.4)
+    smoothness_scale: float = 1.0
+    control_spacing: int = 2
+    field_sigma: float = 0.0
+    adam_eps: float = 0.0
+    num_samples: int = 2 ** 17
+    integration_steps: int = 7
+    mind_radius: int = 1
+    feature_sigma: float = 1.0
+    mind_dilation: int = 2
+    lncc_window: int = 5
+    mi_bins: int = 32
+    ngf_epsilon: float = 0.05
+    affine_iterations: tuple = (100, 50)
+    affine_levels: int = 2
+    affine_learning_rate: float = 1e-2
+
+    def __post_init__(self):
+        if self.similarity not in SIMILARITIES:
+            raise ValueError(f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
+        if self.transform not in TRANSFORMS:
+            raise ValueError(f"transform must be one of {TRANSFORMS}, got {self.transform!r}")
+        if self.levels < 1:
+            raise ValueError(f"levels must be >= 1, got {self.levels}")
+        for name in ("iterations", "learning_rates", "smoothness"):
+            if len(getattr(self, name)) != self.levels:
+                raise ValueError(f"{name} needs one value per level ({self.levels}), got {getattr(self, name)}")
+        if self.control_spacing < 1:
+            raise ValueError(f"control_spacing must be >= 1, got {self.control_spacing}")
+        if self.num_samples < 0:
+            raise ValueError(f"num_samples must be >= 0, got {self.num_samples}")
+
+
+class InstanceResult(NamedTuple):
+    """Output of :func:`register_instance` (all on the fixed grid, voxel units).
+
+    Attributes:
+      matrix: ``(D+1, D+1)`` affine, fixed voxel -> moving voxel (identity if
+        no affine stage).
+      disp: ``(*spatial, D)`` deformable displacement ``u``; the whole map is
+        ``y = matrix @ (x + u(x))``.
+      total_disp: ``(*spatial, D)`` displacement of the whole map, ``y - x``.
+      inverse_disp: ``(*spatial, D)`` displacement of the inverse whole map
+        (``svf``: exact ``exp(-v)``; ``disp``: fixed-point inverse; affine:
+        the inverse matrix), or None.
+      velocity: the optimised velocity on its coarse grid (``svf``), else None.
+      losses: tuple of per-level ``(iterations,)`` loss curves (affine stage
+        first), float32 numpy arrays.
+    """
+
+    matrix: np.ndarray
+    disp: Array
+    total_disp: Array
+    inverse_disp: Array | None
+    velocity: Array | None
+    losses: tuple
+
+
+# ----------------------------------------------------------------------------- pyramid and features
+
+
+def _gaussian_blur(image, sigma):
+    """Separable Gaussian blur of ``(*spatial, C)`` (border replicated)."""
+    if sigma <= 0:
+        return image
+    r = int(np.ceil(2.5 * sigma))
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    k = jnp.asarray(k / k.sum(), image.dtype)
+    d = image.ndim - 1
+    for ax in range(d):
+        pad = [(0, 0)] * image.ndim
+        pad[ax] = (r, r)
+        x = jnp.pad(image, pad, mode="edge")
+        x = jnp.moveaxis(x, ax, -1)
+        shp = x.shape
+        x = jax.vmap(lambda v: jnp.convolve(v, k, mode="valid"))(x.reshape(-1, shp[-1]))
+        image = jnp.moveaxis(x.reshape(shp[:-1] + (shp[-1] - 2 * r,)), -1, ax)
+    return image
+
+
+def _level_shape(shape, factor):
+    return tuple(max(4, int(round(s / factor))) for s in shape)
+
+
+def _downsample(image, factor):
+    """Anti-aliased downsampling of ``(*spatial, C)`` by ``factor``."""
+    if factor == 1:
+        return image
+    blurred = _gaussian_blur(image, 0.5 * factor)
+    shape = _level_shape(image.shape[:-1], factor)
+    return jax.image.resize(blurred, shape + image.shape[-1:], method="linear", antialias=False)
+
+
+@functools.partial(jax.jit, static_argnames=("factor", "cfg"))
+def _level_features(image, *, factor, cfg: InstanceConfig):
+    """Features of ``image`` at pyramid level ``factor`` (MIND-SSC or the image itself)."""
+    image = _downsample(image, factor)
+    if cfg.similarity == "mind":
+        return _gaussian_blur(L.mind_ssc(image, radius=cfg.mind_radius, dilation=cfg.mind_dilation),
+                              cfg.feature_sigma)
+    return image
+
+
+def _similarity(cfg: InstanceConfig) -> Callable:
+    """``(fixed_features, warped_moving_features, mask) -> scalar`` to minimise."""
+    if cfg.similarity == "mind":
+        return lambda f, m, mask: L.descriptor_mse(f, m, mask=mask)
+    if cfg.similarity == "mse":
+        return lambda f, m, mask: L.mse(f, m, mask=mask)
+    if cfg.similarity == "lncc":
+        return lambda f, m, mask: L.lncc(f, m, window=cfg.lncc_window, mask=mask)
+    if cfg.similarity == "mi":
+        return lambda f, m, mask: L.mutual_information(f, m, bins=cfg.mi_bins, mask=mask)
+    if cfg.similarity == "nmi":
+        return lambda f, m, mask: L.nmi(f, m, bins=cfg.mi_bins, mask=mask)
+    return lambda f, m, mask: L.ngf(f, m, epsilon=cfg.ngf_epsilon, mask=mask)
+
+
+def normalize_intensity(image: Float[Array, "*spatial C"], *, lower=0.5, upper=99.5) -> Float[Array, "*spatial C"]:
+    """Map the ``[lower, upper]`` percentiles of each channel to ``[0, 1]`` and clip.
+
+    Args:
+      image: ``(*spatial, C)`` float image.
+      lower, upper: percentiles (0-100).
+
+    Returns:
+      ``(*spatial, C)`` float32 image in ``[0, 1]`` (constant channels map to 0).
+    """
+    x = jnp.asarray(image, jnp.float32)
+    axes = tuple(range(x.ndim - 1))
+    lo = jnp.percentile(x, lower, axis=axes, keepdims=True)
+    hi = jnp.percentile(x, upper, axis=axes, keepdims=True)
+    span = hi - lo
+    safe = jnp.where(span > 0, span, 1.0)
+    return jnp.where(span > 0, jnp.clip((x - lo) / safe, 0.0, 1.0), 0.0)
+
+
+def center_of_mass(image: Float[Array, "*spatial C"]) -> Float[Array, "D"]:
+    """Intensity-weighted centre of mass in voxel coordinates (channels summed, negatives ignored)."""
+    w = jnp.sum(jnp.maximum(image, 0.0), axis=-1)
+    grid = identity_grid(w.shape)
+    return jnp.sum(grid * w[..., None], axis=tuple(range(w.ndim))) / jnp.maximum(jnp.sum(w), 1e-12)
+
+
+# ----------------------------------------------------------------------------- affine stage
+
+
+def _affine_scales(shape, rigid: bool):
+    d = len(shape)
+    n = num_params(d)
+    half = float(np.mean(shape)) / 2.0
+    scales = np.concatenate([np.full(n["translation"], half), np.ones(n["rotation"]),
+                             np.ones(n["scale"]), np.ones(n["shear"])])
+    trainable = np.ones_like(scales)
+    if rigid:
+        trainable[n["translation"] + n["rotation"]:] = 0.0
+    return jnp.asarray(scales, jnp.float32), jnp.asarray(trainable, jnp.float32)
+
+
+def _fine_coords_of(level_shape, fine_shape):
+    """Fine-grid voxel coordinates of the level grid's voxel centres."""
+    f = jnp.asarray([fs / ls for fs, ls in zip(fine_shape, level_shape)], jnp.float32)
+    return (identity_grid(level_shape) + 0.5) * f - 0.5, f
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "fine_shape", "iterations", "rigid"))
+def _affine_level(raw, fixed_f, moving_f, mask, center, *, cfg, fine_shape, iterations, rigid):
+    """Adam on affine parameters at one pyramid level; returns (raw params, losses)."""
+    level_shape = fixed_f.shape[:-1]
+    d = len(level_shape)
+    scales, trainable = _affine_scales(fine_shape, rigid)
+    base = identity_params(d)
+    x_fine, f = _fine_coords_of(level_shape, fine_shape)
+    sim = _similarity(cfg)
+    opt = optax.adam(cfg.affine_learning_rate)
+
+    def loss_fn(raw):
+        a = params_to_matrix(base + raw * scales * trainable, ndim=d, center=center)
+        y_fine = x_fine @ a[:d, :d].T + a[:d, d]
+        y = (y_fine + 0.5) / f - 0.5
+        return sim(fixed_f, sample(moving_f, y, padding="zeros"), mask)
+
+    def step(carry, _):
+        raw, state = carry
+        loss, g = jax.value_and_grad(loss_fn)(raw)
+        upd, state = opt.update(g, state, raw)
+        return (optax.apply_updates(raw, upd), state), loss
+
+    (raw, _), curve = jax.lax.scan(step, (raw, opt.init(raw)), None, length=iterations)
+    return raw, curve
+
+
+def _raw_to_matrix(raw, fine_shape, center, rigid):
+    scales, trainable = _affine_scales(fine_shape, rigid)
+    return params_to_matrix(identity_params(len(fine_shape)) + raw * scales * trainable,
+                            ndim=len(fine_shape), center=center)
+
+
+# ----------------------------------------------------------------------------- deformable stage
+
+
+_SAMPLED = ("mind", "mse", "mi", "nmi")
+
+
+def _optimizer(lr, cfg: InstanceConfig):
+    """Adam on a field. With ``adam_eps > 0`` the gradient is first divided by
+    its root mean square over the field, so ``eps`` is relative: parameters
+    whose gradient is small compared with the field's typical gradient take
+    proportionally small steps instead of Adam's full-size sign steps (which
+    amplify noise where the similarity carries no information)."""
+    if cfg.adam_eps <= 0:
+        return optax.adam(lr)
+
+    def normalise(updates, state, params=None):
+        del params
+        rms = jnp.sqrt(jnp.mean(jnp.square(updates)))
+        return updates / jnp.maximum(rms, 1e-30), state
+
+    return optax.chain(optax.GradientTransformation(lambda p: optax.EmptyState(), normalise),
+                       optax.adam(lr, eps=cfg.adam_eps))
+
+
+def _field_disp_at(disp_field, points, level_shape):
+    """Linear interpolation of a control-grid displacement at level-voxel ``points``, in level voxels.
+
+    Same convention as :func:`resize_disp` (voxel centres aligned, border
+    values held), so it agrees with ``resize_disp(disp_field, level_shape)``.
+    """
+    ratio = jnp.asarray([f / s for f, s in zip(disp_field.shape[:-1], level_shape)], jnp.float32)
+    coords = (points + 0.5) * ratio - 0.5
+    return sample(disp_field, coords, padding="border") / ratio
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "level"), donate_argnums=(0,))
+def _deformable_level(field, fixed_f, moving_f, mask, box, key, *, cfg, level):
+    """Adam on the control-grid velocity/displacement at one level; returns (field, losses).
+
+    ``box`` is ``(2, D)`` int32 (low, high) of the foreground bounding box
+    where random similarity samples are drawn.
+    """
+    level_shape = fixed_f.shape[:-1]
+    d = len(level_shape)
+    n_mean = float(np.mean(level_shape))
+    lr = cfg.learning_rates[level] * n_mean / 2.0
+    # Diffusion of the level displacement in the paper's normalised units,
+    # (2/N)^2 |grad u|^2 per level voxel; the field is `spacing` times coarser.
+    spacing = float(np.mean(np.asarray(level_shape, np.float32) / np.asarray(field.shape[:-1], np.float32)))
+    lam = cfg.smoothness[level] * cfg.smoothness_scale * (2.0 / n_mean) ** 2 / spacing**2
+    sim = _similarity(cfg)
+    opt = _optimizer(lr, cfg)
+    n_vox = int(np.prod(level_shape))
+    sampled = cfg.similarity in _SAMPLED and 0 < cfg.num_samples < n_vox
+
+    def field_disp(field):
+        field = _gaussian_blur(field, cfg.field_sigma)
+        return integrate(field, steps=cfg.integration_steps) if cfg.transform == "svf" else field
+
+    def loss_fn(field, step_key):
+        disp_field = field_disp(field)
+        if sampled:
+            pts = jax.random.randint(step_key, (cfg.num_samples, d), box[0], box[1] + 1)
+            ptsf = pts.astype(jnp.float32)
+            u = _field_disp_at(disp_field, ptsf, level_shape)
+            idx = tuple(pts[:, i] for i in range(d))
+            f = fixed_f[idx][:, None, :]
+            m = sample(moving_f, ptsf + u, padding="border")[:, None, :]
+            w = None if mask is None else mask[idx][:, None]
+            value = sim(f, m, w)
+        else:
+            disp = resize_disp(disp_field, level_shape)
+            warped = sample(moving_f, identity_grid(level_shape) + disp, padding="border")
+            value = sim(fixed_f, warped, mask)
+        # Regularise the control-grid field (velocity for svf): exact and cheap.
+        return value + lam * L.diffusion(field)
+
+    def step(carry, i):
+        field, state = carry
+        loss, g = jax.value_and_grad(loss_fn)(field, jax.random.fold_in(key, i))
+        upd, state = opt.update(g, state, field)
+        return (optax.apply_updates(field, upd), state), loss
+
+    (field, _), curve = jax.lax.scan(step, (field, opt.init(field)), jnp.arange(cfg.iterations[level]))
+    return _gaussian_blur(field, cfg.field_sigma), curve
+
+
+def _field_to_disp(field, level_shape, cfg: InstanceConfig):
+    disp = integrate(field, steps=cfg.integration_steps) if cfg.transform == "svf" else field
+    return resize_disp(disp, level_shape)
+
+
+def _foreground_box(fixed, moving, margin=4):
+    """(2, D) int32 bounding box of voxels above 5 % of the range in either (normalised) image."""
+    fg = np.asarray(jnp.maximum(jnp.max(fixed, -1), jnp.max(moving, -1)) > 0.05)
+    if not fg.any():
+        fg = np.ones_like(fg)
+    idx = np.nonzero(fg)
+    lo = np.maximum(np.array([i.min() for i in idx]) - margin, 0)
+    hi = np.minimum(np.array([i.max() for i in idx]) + margin, np.asarray(fg.shape) - 1)
+    return np.stack([lo, hi]).astype(np.int32)
+
+
+def _check_pair(fixed, moving, mask):
+    if fixed.ndim not in (3, 4):
+        raise ValueError(f"fixed must be (*spatial, C) with 2 or 3 spatial axes, got {fixed.shape}")
+    if moving.shape != fixed.shape:
+        raise ValueError(f"moving must be on the fixed grid: fixed {fixed.shape} vs moving {moving.shape}")
+    if mask is not None and mask.shape[: fixed.ndim - 1] != fixed.shape[:-1]:
+        raise ValueError(f"mask {mask.shape} does not match the fixed grid {fixed.shape[:-1]}")
+
+
+def register_instance(
+    fixed: Float[Array, "*spatial C"],
+    moving: Float[Array, "*spatial C"],
+    *,
+    config: InstanceConfig = InstanceConfig(),
+    mask: Float[Array, "*spatial"] | None = None,
+    init_matrix: np.ndarray | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> InstanceResult:
+    """Register ``moving`` to ``fixed`` (same grid) by multi-level instance optimisation.
+
+    Each level is one jitted ``lax.scan`` of Adam steps, compiled once per
+    (shape, config); repeated calls with the same shapes do not retrace.
+
+    Args:
+      fixed: ``(*spatial, C)`` float fixed image (D = 2 or 3); intensities
+        are normalised internally (0.5-99.5 percentiles to [0, 1]).
+      moving: ``(*spatial, C)`` moving image already resampled onto the fixed
+        grid (e.g. with :func:`jaxreg.io.resample_to_grid`).
+      config: :class:`InstanceConfig`.
+      mask: optional ``(*spatial)`` fixed-grid mask where the similarity is
+        evaluated (e.g. the fixed foreground).
+      init_matrix: optional ``(D+1, D+1)`` initial affine (fixed voxel ->
+        moving voxel); default: centre-of-mass translation (affine stage) or
+        identity.
+      progress: optional callback receiving a message after each stage.
+
+    Returns:
+      :class:`InstanceResult` on the fixed grid.
+
+    Raises:
+      ValueError: on mismatched shapes or invalid options.
+    """
+    _check_pair(fixed, moving, mask)
+    cfg = config
+    fixed = normalize_intensity(fixed)
+    moving = normalize_intensity(moving)
+    fine_shape = fixed.shape[:-1]
+    d = len(fine_shape)
+    mask_f = None if mask is None else jnp.asarray(mask, jnp.float32).reshape(fine_shape)
+    factors = [2 ** (cfg.levels - 1 - lvl) for lvl in range(cfg.levels)]
+    report = progress or (lambda _: None)
+    curves = []
+
+    def level_mask(factor):
+        if mask_f is None:
+            return None
+        m = _downsample(mask_f[..., None], factor)[..., 0]
+        return (m > 0.5).astype(jnp.float32)
+
+    # -- affine stage
+    center = jnp.asarray([(s - 1) / 2.0 for s in fine_shape], jnp.float32)
+    if init_matrix is not None:
+        matrix = jnp.asarray(init_matrix, jnp.float32)
+    elif cfg.affine or cfg.transform in ("affine", "rigid"):
+        t = center_of_mass(moving) - center_of_mass(fixed)
+        matrix = jnp.eye(d + 1).at[:d, d].set(t)
+    else:
+        matrix = jnp.eye(d + 1)
+    if cfg.affine or cfg.transform in ("affine", "rigid"):
+        rigid = cfg.transform == "rigid"
+        n_aff = min(cfg.affine_levels, cfg.levels)
+        raw = jnp.zeros(sum(num_params(d).values()), jnp.float32)
+        for i in range(n_aff):
+            factor = factors[i]
+            fixed_f = _level_features(fixed, factor=factor, cfg=cfg)
+            # Resample moving by the initial matrix at full resolution once, then the
+            # affine being optimised acts on top of it.
+            moving_init = sample(moving, identity_grid(fine_shape) + affine_to_disp(matrix, fine_shape))
+            moving_f = _level_features(moving_init, factor=factor, cfg=cfg)
+            raw, curve = _affine_level(raw, fixed_f, moving_f, level_mask(factor), center, cfg=cfg,
+                                       fine_shape=fine_shape, iterations=cfg.affine_iterations[i % len(cfg.affine_iterations)],
+                                       rigid=rigid)
+            curves.append(np.asarray(curve))
+            report(f"affine level {i + 1}/{n_aff}: loss {float(curve[0]):.4g} -> {float(curve[-1]):.4g}")
+        matrix = matrix @ _raw_to_matrix(raw, fine_shape, center, rigid)
+
+    matrix = np.asarray(matrix, np.float64)
+    grid = identity_grid(fine_shape)
+    affine_disp = affine_to_disp(jnp.asarray(matrix, jnp.float32), fine_shape)
+    if cfg.transform in ("affine", "rigid"):
+        inv = np.linalg.inv(matrix)
+        return InstanceResult(matrix, jnp.zeros_like(affine_disp), affine_disp,
+                              affine_to_disp(jnp.asarray(inv, jnp.float32), fine_shape), None, tuple(curves))
+
+    # -- deformable stage on the affinely resampled moving image
+    moving_aff = sample(moving, grid + affine_disp, padding="zeros")
+    field = None
+    box_fine = _foreground_box(fixed, moving_aff)
+    key = jax.random.key(0)
+    for lvl in range(cfg.levels):
+        factor = factors[lvl]
+        fixed_f = _level_features(fixed, factor=factor, cfg=cfg)
+        moving_f = _level_features(moving_aff, factor=factor, cfg=cfg)
+        level_shape = fixed_f.shape[:-1]
+        spacing = max(1.0, cfg.control_spacing / factor)
+        field_shape = tuple(max(2, int(np.ceil(s / spacing))) for s in level_shape)
+        box = np.stack([np.floor(box_fine[0] / factor), np.minimum(np.ceil(box_fine[1] / factor),
+                                                                   np.asarray(level_shape) - 1)]).astype(np.int32)
+        if field is None:
+            field = jnp.zeros(field_shape + (d,), jnp.float32)
+        else:
+            field = resize_disp(field, field_shape)
+        field, curve = _deformable_level(field, fixed_f, moving_f, level_mask(factor), jnp.asarray(box),
+                                         jax.random.fold_in(key, lvl), cfg=cfg, level=lvl)
+        curves.append(np.asarray(curve))
+        report(f"deformable level {lvl + 1}/{cfg.levels} {level_shape}: loss {float(curve[0]):.4g} -> {float(curve[-1]):.4g}")
+
+    disp = _field_to_disp(field, fine_shape, cfg)
+    y = grid + disp
+    m32 = jnp.asarray(matrix, jnp.float32)
+    total = y @ m32[:d, :d].T + m32[:d, d] - grid
+    inv_m = jnp.asarray(np.linalg.inv(matrix), jnp.float32)
+    pre = grid @ inv_m[:d, :d].T + inv_m[:d, d]  # A^-1 y on the fixed grid
+    if cfg.transform == "svf":
+        inv_local = resize_disp(integrate(-field, steps=cfg.integration_steps), fine_shape)
+        velocity = field
+    else:
+        inv_local = invert(disp)
+        velocity = None
+    inverse = pre + sample(inv_local, pre, padding="border") - grid
+    return InstanceResult(matrix, disp, total, inverse, velocity, tuple(curves))

@@ -1,0 +1,246 @@
+"""End-to-end registration of two scans in world space (what ``jaxreg register`` runs).
+
+The fixed scan defines the output grid. Optimisation runs on a *working grid*
+covering the fixed field of view at ``resolution`` mm (never finer than the
+fixed scan), onto which both scans are resampled through their NIfTI affines
+(so scans on different grids and orientations register correctly). The
+resulting map is upsampled to the fixed grid and composed with the
+fixed-to-moving grid matrix, so one voxel map ``y = G (x + d(x))`` from fixed
+voxels to moving voxels carries the whole transform; the warped image is
+resampled from the original moving scan in one interpolation.
+"""
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.ndimage as ndi
+
+from jaxreg import losses as L
+from jaxreg import metrics as M
+from jaxreg.io import Volume, grid_to_grid_matrix, voxel_disp_to_world
+from jaxreg.optimize import InstanceConfig, normalize_intensity, register_instance
+from jaxreg.spatial import identity_grid, resize_disp, sample, voxel_spacing
+
+METHODS = {"io-mind": "mind", "io-mi": "mi", "io-nmi": "nmi", "io-ngf": "ngf", "io-lncc": "lncc", "io-mse": "mse"}
+
+
+def working_grid(shape, affine, resolution: float | None):
+    """Grid over the same field of view as ``(shape, affine)`` with voxels of at least ``resolution`` mm.
+
+    Voxel centres follow ``jax.image.resize`` (``x_fixed = (x_work + 0.5) r - 0.5``,
+    ``r = shape / work_shape``), which :func:`jaxreg.spatial.resize_disp` assumes.
+
+    Args:
+      shape: fixed spatial shape (3 axes).
+      affine: ``(4, 4)`` fixed voxel-to-world matrix.
+      resolution: target spacing in mm, or None to keep the fixed grid.
+
+    Returns:
+      ``(work_shape, work_affine, r)`` with ``r`` the per-axis size ratio.
+    """
+    shape = tuple(int(s) for s in shape)
+    spacing = voxel_spacing(affine)[: len(shape)]
+    if resolution is None:
+        return shape, np.asarray(affine, np.float64), np.ones(len(shape))
+    target = np.maximum(spacing, float(resolution))
+    work = tuple(max(8, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target))
+    r = np.asarray(shape, np.float64) / np.asarray(work, np.float64)
+    s = np.eye(len(shape) + 1)
+    s[: len(shape), : len(shape)] = np.diag(r)
+    s[: len(shape), -1] = 0.5 * r - 0.5
+    return work, np.asarray(affine, np.float64) @ s, r
+
+
+@jax.jit
+def _sample_linear(image, coords):
+    return sample(image, coords, order=1, padding="zeros")
+
+
+@jax.jit
+def _sample_nearest(image, coords):
+    return sample(image, coords, order=0, padding="zeros")
+
+
+def _map_coords(matrix, shape, disp=None):
+    """``matrix @ (x + disp(x))`` on a grid, ``(*shape, 3)`` float32."""
+    x = identity_grid(shape)
+    if disp is not None:
+        x = x + disp
+    m = jnp.asarray(matrix, jnp.float32)
+    d = len(shape)
+    return x @ m[:d, :d].T + m[:d, d]
+
+
+def resample_smooth(vol: Volume, shape, affine) -> jnp.ndarray:
+    """Resample ``vol`` onto ``(shape, affine)`` with Gaussian anti-aliasing when downsampling."""
+    g = grid_to_grid_matrix(affine, vol.affine)
+    # Voxel size of the target grid measured in source voxels, per source axis.
+    step = np.abs(g[:3, :3]).max(axis=1)
+    sigma = np.where(step > 1.0, 0.4 * step, 0.0)
+    data = ndi.gaussian_filter(vol.data.astype(np.float32), sigma) if np.any(sigma > 0) else vol.data
+    return _sample_linear(jnp.asarray(data, jnp.float32)[..., None], _map_coords(g, shape))
+
+
+class Registration(NamedTuple):
+    """Result of :func:`register_volumes` on the fixed grid.
+
+    Attributes:
+      warped: ``(*fixed)`` moving scan resampled onto the fixed grid.
+      disp_fixed: ``(*fixed, 3)`` whole map in fixed voxel coordinates,
+        ``x + disp_fixed(x)`` = where the moving content is (fixed voxels).
+      voxel_map_disp: ``(*fixed, 3)`` ``y - x`` with ``y`` in *moving* voxels
+        (what :func:`jaxreg.io.voxel_disp_to_world` takes).
+      inverse_disp_fixed: inverse of the whole map in fixed voxels, or None.
+      warp_lps: ``(*fixed, 3)`` ITK displacement (LPS mm).
+      inverse_warp_lps: ITK displacement of the inverse, or None.
+      moving_on_fixed: the moving scan resampled by the affines only (before).
+      work: dict of working-grid arrays (fixed, moving, warped, total_disp).
+      losses: per-level loss curves.
+      runtime_s: wall time of the optimisation (incl. compilation).
+      matrix: working-grid affine found by the affine stage.
+    """
+
+    warped: np.ndarray
+    disp_fixed: np.ndarray
+    voxel_map_disp: np.ndarray
+    inverse_disp_fixed: np.ndarray | None
+    warp_lps: np.ndarray
+    inverse_warp_lps: np.ndarray | None
+    moving_on_fixed: np.ndarray
+    work: dict
+    losses: tuple
+    runtime_s: float
+    matrix: np.ndarray
+
+
+def config_for(method: str, *, transform: str = "svf", affine: bool = True, levels: int | None = None,
+               iterations=None, **overrides) -> InstanceConfig:
+    """An :class:`InstanceConfig` for a CLI method name (``io-mind``, ``io-mi``, ...).
+
+    ``levels`` keeps the defaults' finest levels (or repeats the coarsest).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
+    base = InstanceConfig()
+    kw = dict(similarity=METHODS[method], transform=transform, affine=affine)
+    if levels is not None:
+        if levels < 1:
+            raise ValueError(f"levels must be >= 1, got {levels}")
+        n = base.levels
+
+        def fit(seq):
+            seq = tuple(seq)
+            return seq[n - levels:] if levels <= n else (seq[0],) * (levels - n) + seq
+
+        kw.update(levels=levels, iterations=fit(base.iterations), learning_rates=fit(base.learning_rates),
+                  smoothness=fit(base.smoothness))
+    if iterations is not None:
+        kw["iterations"] = tuple(int(i) for i in iterations)
+    kw.update(overrides)
+    return dataclasses.replace(base, **kw)
+
+
+def register_volumes(fixed: Volume, moving: Volume, *, config: InstanceConfig, resolution: float | None = 2.0,
+                     progress: Callable[[str], None] | None = None) -> Registration:
+    """Register two 3D scans in world space (see module docstring).
+
+    Args:
+      fixed: fixed scan (defines the output grid).
+      moving: moving scan, any grid/orientation.
+      config: instance-optimisation options.
+      resolution: working-grid spacing in mm (None: the fixed grid itself).
+      progress: optional callback for progress messages.
+
+    Returns:
+      :class:`Registration`.
+
+    Raises:
+      ValueError: if either scan is not 3D.
+    """
+    for name, vol in (("fixed", fixed), ("moving", moving)):
+        if vol.data.ndim != 3:
+            raise ValueError(f"{name} must be a 3D scan, got shape {vol.data.shape}")
+    shape_f = fixed.data.shape
+    work_shape, work_affine, _ = working_grid(shape_f, fixed.affine, resolution)
+    fixed_w = resample_smooth(fixed, work_shape, work_affine)
+    moving_w = resample_smooth(moving, work_shape, work_affine)
+
+    t0 = time.perf_counter()
+    res = register_instance(fixed_w, moving_w, config=config, progress=progress)
+    jax.block_until_ready(res.total_disp)
+    runtime = time.perf_counter() - t0
+
+    disp_fixed = resize_disp(res.total_disp, shape_f)
+    g = grid_to_grid_matrix(fixed.affine, moving.affine)
+    coords = _map_coords(g, shape_f, disp_fixed)
+    warped = _sample_linear(jnp.asarray(moving.data, jnp.float32)[..., None], coords)[..., 0]
+    voxel_map = coords - identity_grid(shape_f)
+    warp_lps = voxel_disp_to_world(voxel_map, fixed.affine, moving.affine)
+    inverse_fixed = inverse_lps = None
+    if res.inverse_disp is not None:
+        inverse_fixed = resize_disp(res.inverse_disp, shape_f)
+        inverse_lps = voxel_disp_to_world(inverse_fixed, fixed.affine, fixed.affine)
+    moving_on_fixed = _sample_linear(jnp.asarray(moving.data, jnp.float32)[..., None],
+                                     _map_coords(g, shape_f))[..., 0]
+    warped_w = _sample_linear(moving_w, identity_grid(work_shape) + res.total_disp)
+    work = {"fixed": fixed_w, "moving": moving_w, "warped": warped_w, "total_disp": res.total_disp,
+            "shape": work_shape, "affine": work_affine}
+    return Registration(np.asarray(warped), np.asarray(disp_fixed), np.asarray(voxel_map),
+                        None if inverse_fixed is None else np.asarray(inverse_fixed), warp_lps, inverse_lps,
+                        np.asarray(moving_on_fixed), work, res.losses, runtime, res.matrix)
+
+
+def warp_labels_to_fixed(labels: Volume, fixed: Volume, reg: Registration) -> np.ndarray:
+    """Moving labels resampled (nearest neighbour) onto the fixed grid by the registration."""
+    g = grid_to_grid_matrix(fixed.affine, labels.affine)
+    coords = _map_coords(g, fixed.data.shape, jnp.asarray(reg.disp_fixed))
+    return np.asarray(_sample_nearest(jnp.asarray(labels.data, jnp.int32), coords)).astype(np.int32)
+
+
+def similarity_value(config: InstanceConfig, fixed_w, moving_w) -> float:
+    """The method's similarity loss (lower is better) on the working grid."""
+    f, m = normalize_intensity(fixed_w), normalize_intensity(moving_w)
+    s = config.similarity
+    if s == "mind":
+        kw = dict(radius=config.mind_radius, dilation=config.mind_dilation)
+        return float(L.descriptor_mse(L.mind_ssc(f, **kw), L.mind_ssc(m, **kw)))
+    fn = {"mse": lambda: L.mse(f, m), "lncc": lambda: L.lncc(f, m, window=config.lncc_window),
+          "mi": lambda: L.mutual_information(f, m, bins=config.mi_bins),
+          "nmi": lambda: L.nmi(f, m, bins=config.mi_bins),
+          "ngf": lambda: L.ngf(f, m, epsilon=config.ngf_epsilon)}[s]
+    return float(fn())
+
+
+def registration_metrics(method: str, config: InstanceConfig, reg: Registration, fixed: Volume,
+                         fixed_labels: Volume | None = None, warped_labels: np.ndarray | None = None,
+                         moving_labels_on_fixed: np.ndarray | None = None) -> dict:
+    """The ``metrics.json`` dictionary (see README) for a registration."""
+    disp = jnp.asarray(reg.disp_fixed)
+    out = {
+        "method": method,
+        "transform": config.transform,
+        "runtime_s": round(reg.runtime_s, 3),
+        "similarity": f"{config.similarity} loss (lower is better)",
+        "similarity_before": similarity_value(config, reg.work["fixed"], reg.work["moving"]),
+        "similarity_after": similarity_value(config, reg.work["fixed"], reg.work["warped"]),
+        "folding_percent": float(M.folding_percent(disp)),
+        "sdlogj": float(M.sdlogj(disp)),
+        "working_grid": list(reg.work["shape"]),
+    }
+    if fixed_labels is not None and warped_labels is not None:
+        labels = np.unique(np.concatenate([np.unique(fixed_labels.data), np.unique(warped_labels)]))
+        labels = [int(v) for v in labels if v != 0]
+        per = M.dice(warped_labels, fixed_labels.data, labels=labels)
+        hd = M.hd95(warped_labels, fixed_labels.data, spacing=voxel_spacing(fixed.affine), labels=labels)
+        out["dice"] = {str(k): float(v) for k, v in zip(labels, per)}
+        out["dice_mean"] = float(np.nanmean(per))
+        out["dice30"] = float(M.dice30(per))
+        out["hd95_mm"] = float(np.nanmean(hd))
+        if moving_labels_on_fixed is not None:
+            out["dice_mean_before"] = float(np.nanmean(M.dice(moving_labels_on_fixed, fixed_labels.data,
+                                                              labels=labels)))
+    return out

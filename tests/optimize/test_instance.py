@@ -1,0 +1,119 @@
+"""Instance optimisation: recovery of known transforms, compile-once, errors."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxreg.augment import random_deformation
+from jaxreg.optimize import InstanceConfig, register_instance
+from jaxreg.optimize import instance as inst
+from jaxreg.spatial import compose, warp
+
+SHAPE = (48, 44)
+
+
+def _phantom(shape=SHAPE):
+    """Smooth 2D phantom: a few Gaussian blobs of different intensity."""
+    g = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij"), -1)
+    c = np.asarray(shape, np.float32) / 2
+    img = np.zeros(shape, np.float32)
+    for off, amp, sig in [((0, 0), 1.0, 9.0), ((-8, 6), 0.6, 4.0), ((7, -5), -0.5, 3.5), ((9, 9), 0.4, 3.0)]:
+        img += amp * np.exp(-np.sum((g - c - np.asarray(off)) ** 2, -1) / (2 * sig**2))
+    return jnp.asarray(img)[..., None]
+
+
+FAST = dict(levels=2, iterations=(60, 60), learning_rates=(1e-2, 5e-3), smoothness=(0.5, 0.4),
+            affine_iterations=(60, 40))
+
+
+def test_affine_stage_recovers_translation():
+    fixed = _phantom()
+    t = jnp.asarray([2.5, -1.5])
+    moving = warp(fixed, -jnp.broadcast_to(t, SHAPE + (2,)), padding="border")  # moving(x + t) = fixed(x)
+    cfg = InstanceConfig(similarity="mse", transform="affine", **FAST)
+    res = register_instance(fixed, moving, config=cfg)
+    np.testing.assert_allclose(res.matrix[:2, 2], np.asarray(t), atol=0.25)
+    np.testing.assert_allclose(res.matrix[:2, :2], np.eye(2), atol=0.03)
+    # The inverse of an affine result is the inverse matrix.
+    np.testing.assert_allclose(np.asarray(compose(res.inverse_disp, res.total_disp))[10:-10, 10:-10], 0, atol=1e-3)
+
+
+@pytest.mark.parametrize("transform", ["svf", "disp"])
+def test_deformable_recovers_known_deformation(transform):
+    fixed = _phantom()
+    disp_true, inv_true = random_deformation(jax.random.key(1), SHAPE, mean_magnitude=1.5, control_spacing=12)
+    moving = warp(fixed, inv_true, padding="border")
+    cfg = InstanceConfig(similarity="mse", transform=transform, affine=False, **FAST)
+    res = register_instance(fixed, moving, config=cfg)
+    inner = (slice(8, -8), slice(8, -8))
+    before = float(jnp.mean(jnp.linalg.norm(disp_true, axis=-1)[inner]))
+    after = float(jnp.mean(jnp.linalg.norm(res.total_disp - disp_true, axis=-1)[inner]))
+    assert after < 0.5 * before, (before, after)
+    for curve in res.losses:
+        assert curve[-1] < curve[0]
+        assert np.all(np.isfinite(curve))
+    # The returned inverse undoes the map (exp(-v) for svf, fixed point for disp).
+    resid = jnp.linalg.norm(compose(res.inverse_disp, res.total_disp), axis=-1)[inner]
+    assert float(jnp.mean(resid)) < 0.03 and float(jnp.max(resid)) < 0.3
+
+
+@pytest.mark.parametrize("similarity", ["mind", "mi", "nmi", "ngf", "lncc"])
+def test_every_similarity_lowers_its_loss_across_contrasts(similarity):
+    fixed = _phantom()
+    disp_true, inv_true = random_deformation(jax.random.key(2), SHAPE, mean_magnitude=1.0, control_spacing=12)
+    moving = 1.0 - warp(fixed, inv_true, padding="border") ** 2  # another "contrast"
+    cfg = InstanceConfig(similarity=similarity, affine=False, **FAST)
+    res = register_instance(fixed, moving, config=cfg)
+    assert all(np.isfinite(c).all() for c in res.losses)
+    assert res.losses[-1][-1] < res.losses[-1][0]
+    assert np.isfinite(np.asarray(res.total_disp)).all()
+
+
+def test_compiles_once_per_shape():
+    fixed = _phantom()
+    moving = warp(fixed, jnp.full(SHAPE + (2,), 0.7))
+    cfg = InstanceConfig(similarity="mse", affine=True, **FAST)
+    register_instance(fixed, moving, config=cfg)
+    sizes = (inst._deformable_level._cache_size(), inst._affine_level._cache_size(),
+             inst._level_features._cache_size())
+    register_instance(moving, fixed, config=cfg)  # same shapes, new values
+    assert (inst._deformable_level._cache_size(), inst._affine_level._cache_size(),
+            inst._level_features._cache_size()) == sizes
+
+
+def test_3d_runs_and_recovers_translation():
+    fixed = jnp.stack([_phantom((28, 28))[..., 0]] * 20, axis=-1)[..., None]
+    fixed = fixed * jnp.hanning(20)[None, None, :, None]
+    t = jnp.asarray([1.5, -1.0, 0.5])
+    moving = warp(fixed, -jnp.broadcast_to(t, fixed.shape[:-1] + (3,)), padding="border")
+    cfg = InstanceConfig(similarity="mse", transform="svf", affine=False, levels=2, iterations=(40, 40),
+                         learning_rates=(1e-2, 5e-3), smoothness=(0.5, 0.4))
+    res = register_instance(fixed, moving, config=cfg)
+    inner = res.total_disp[6:-6, 6:-6, 5:-5]
+    np.testing.assert_allclose(np.asarray(jnp.median(inner.reshape(-1, 3), axis=0)), np.asarray(t), atol=0.35)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(similarity="ssd"), "similarity"),
+    (dict(transform="bspline"), "transform"),
+    (dict(levels=2), "one value per level"),
+    (dict(control_spacing=0), "control_spacing"),
+    (dict(num_samples=-1), "num_samples"),
+])
+def test_config_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        InstanceConfig(**kw)
+
+
+def test_shape_errors():
+    with pytest.raises(ValueError, match="fixed grid"):
+        register_instance(_phantom(), _phantom((40, 40)))
+    with pytest.raises(ValueError, match="spatial"):
+        register_instance(jnp.zeros((4, 4, 4, 4, 1)), jnp.zeros((4, 4, 4, 4, 1)))
+
+
+def test_config_is_hashable_static():
+    cfg = InstanceConfig()
+    assert hash(cfg) == hash(dataclasses.replace(cfg))

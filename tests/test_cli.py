@@ -1,0 +1,149 @@
+"""`jaxreg` command line: error cases (exit code, nothing written) and end-to-end runs."""
+import json
+import os
+import pathlib
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from jaxreg.cli import main
+
+
+def _save(path, data, affine=None):
+    affine = np.diag([2.0, 2.0, 2.0, 1.0]) if affine is None else affine
+    nib.save(nib.Nifti1Image(np.asarray(data), affine), str(path))
+    return str(path)
+
+
+def _blobs(shape=(24, 26, 22), shift=(0.0, 0.0, 0.0)):
+    g = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij"), -1)
+    c = np.asarray(shape, np.float32) / 2 + np.asarray(shift, np.float32)
+    img = np.exp(-np.sum((g - c) ** 2, -1) / (2 * 5.0**2))
+    img += 0.5 * np.exp(-np.sum((g - c - np.asarray([4, -3, 2])) ** 2, -1) / (2 * 2.5**2))
+    return img.astype(np.float32)
+
+
+@pytest.fixture
+def pair(tmp_path):
+    fixed = _save(tmp_path / "fixed.nii.gz", _blobs())
+    moving = _save(tmp_path / "moving.nii.gz", 1.0 - _blobs(shift=(1.0, -1.0, 0.5)))
+    return fixed, moving
+
+
+FAST = ["--levels", "1", "--iterations", "10", "--resolution", "0", "--quiet"]
+
+
+def _run(args):
+    return main(args)
+
+
+def _listing(path):
+    return sorted(os.listdir(path))
+
+
+@pytest.mark.parametrize("case", ["nan", "4d", "missing", "constant"])
+def test_register_rejects_bad_input_and_writes_nothing(tmp_path, pair, case, capsys):
+    fixed, moving = pair
+    if case == "nan":
+        bad = _blobs()
+        bad[3, 3, 3] = np.nan
+        moving = _save(tmp_path / "bad.nii.gz", bad)
+    elif case == "4d":
+        moving = _save(tmp_path / "bad.nii.gz", np.stack([_blobs(), _blobs()], -1))
+    elif case == "missing":
+        moving = str(tmp_path / "nope.nii.gz")
+    else:
+        moving = _save(tmp_path / "bad.nii.gz", np.ones((24, 26, 22), np.float32))
+    before = _listing(tmp_path)
+    code = _run(["register", "--fixed", fixed, "--moving", moving, "--out", str(tmp_path / "out")] + FAST)
+    assert code != 0
+    err = capsys.readouterr().err
+    assert "error" in err and ("bad.nii.gz" in err or "nope.nii.gz" in err)
+    assert {"nan": "NaN", "4d": "4D", "missing": "nope", "constant": "constant"}[case] in err
+    assert _listing(tmp_path) == before  # no output dir, no temp files
+
+
+def test_register_rejects_mismatched_labels(tmp_path, pair, capsys):
+    fixed, moving = pair
+    labels = _save(tmp_path / "labels.nii.gz", np.ones((10, 10, 10), np.int32))
+    before = _listing(tmp_path)
+    code = _run(["register", "--fixed", fixed, "--moving", moving, "--fixed-labels", labels,
+                 "--out", str(tmp_path / "out")] + FAST)
+    assert code != 0
+    assert "fixed-labels" in capsys.readouterr().err
+    assert _listing(tmp_path) == before
+
+
+def test_register_refuses_to_overwrite(tmp_path, pair, capsys):
+    fixed, moving = pair
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "warped.nii.gz").write_bytes(b"user data")
+    code = _run(["register", "--fixed", fixed, "--moving", moving, "--out", str(out)] + FAST)
+    assert code != 0
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "warped.nii.gz").read_bytes() == b"user data"
+    assert _listing(out) == ["warped.nii.gz"]
+
+
+def test_register_end_to_end_synthetic_and_ants_agrees(tmp_path):
+    """Moving on a different grid (flipped axis, other spacing): outputs, metrics and ITK interop."""
+    ants = pytest.importorskip("ants")
+    fixed = _save(tmp_path / "fixed.nii.gz", _blobs())
+    labels = (_blobs() > 0.4).astype(np.int32) + (_blobs() > 0.8).astype(np.int32)
+    fixed_labels = _save(tmp_path / "fixed_labels.nii.gz", labels)
+    # Moving: same world content, axis 0 flipped and a 1.5 mm shift in the affine.
+    aff_m = np.diag([-2.0, 2.0, 2.0, 1.0])
+    aff_m[0, 3] = 2.0 * (24 - 1) + 1.5
+    moving = _save(tmp_path / "moving.nii.gz", _blobs()[::-1].copy(), aff_m)
+    moving_labels = _save(tmp_path / "moving_labels.nii.gz", labels[::-1].copy(), aff_m)
+    out = tmp_path / "out"
+    code = _run(["register", "--fixed", fixed, "--moving", moving, "--out", str(out), "--method", "io-mse",
+                 "--fixed-labels", fixed_labels, "--moving-labels", moving_labels, "--levels", "2",
+                 "--iterations", "30,30", "--resolution", "0", "--quiet"])
+    assert code == 0
+    assert _listing(out) == sorted(["warped.nii.gz", "warp.nii.gz", "inverse_warp.nii.gz",
+                                    "warped_labels.nii.gz", "metrics.json", "qc.png"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("method", "runtime_s", "similarity_before", "similarity_after", "folding_percent", "sdlogj",
+                "dice", "dice_mean", "hd95_mm"):
+        assert key in metrics
+    assert metrics["folding_percent"] < 0.5
+    assert metrics["dice_mean"] > max(0.9, metrics["dice_mean_before"] + 0.05)
+    assert metrics["similarity_after"] < metrics["similarity_before"]
+    warped = nib.load(str(out / "warped.nii.gz"))
+    np.testing.assert_allclose(warped.affine, nib.load(fixed).affine)
+    ours = warped.get_fdata()
+    theirs = ants.apply_transforms(ants.image_read(fixed), ants.image_read(moving),
+                                   [str(out / "warp.nii.gz")]).numpy()
+    inner = (slice(2, -2),) * 3
+    assert np.max(np.abs(ours - theirs)[inner]) < 1e-3 * np.ptp(ours)
+    # `jaxreg apply` reproduces the warped image and labels.
+    code = _run(["apply", "--transform", str(out / "warp.nii.gz"), "--image", moving, "--reference", fixed,
+                 "--out", str(tmp_path / "applied.nii.gz")])
+    assert code == 0
+    applied = nib.load(str(tmp_path / "applied.nii.gz")).get_fdata()
+    assert np.max(np.abs(applied - ours)[inner]) < 1e-3 * np.ptp(ours)
+    code = _run(["apply", "--transform", str(out / "warp.nii.gz"), "--image", moving_labels, "--reference",
+                 fixed, "--out", str(tmp_path / "applied_labels.nii.gz"), "--labels"])
+    assert code == 0
+    applied_labels = np.asarray(nib.load(str(tmp_path / "applied_labels.nii.gz")).dataobj)
+    warped_labels = np.asarray(nib.load(str(out / "warped_labels.nii.gz")).dataobj)
+    assert np.mean(applied_labels[inner] == warped_labels[inner]) > 0.99
+    # Re-running without --overwrite fails and leaves the outputs alone.
+    stamp = (out / "metrics.json").read_bytes()
+    assert _run(["register", "--fixed", fixed, "--moving", moving, "--out", str(out)] + FAST) != 0
+    assert (out / "metrics.json").read_bytes() == stamp
+
+
+def test_apply_errors(tmp_path, pair, capsys):
+    fixed, moving = pair
+    out = tmp_path / "x.nii.gz"
+    code = _run(["apply", "--transform", str(tmp_path / "nowarp.nii.gz"), "--image", moving, "--reference",
+                 fixed, "--out", str(out)])
+    assert code != 0 and not out.exists()
+    assert "nowarp" in capsys.readouterr().err
+    out.write_bytes(b"keep")
+    code = _run(["apply", "--transform", fixed, "--image", moving, "--reference", fixed, "--out", str(out)])
+    assert code != 0 and out.read_bytes() == b"keep"
