@@ -53,7 +53,7 @@ def make_demo_inputs(directory: pathlib.Path, *, seed: int = 0, mean_magnitude_m
     labels[(gm > 0.5) & (gm >= wm)] = 1
     labels[(wm > 0.5) & (wm > gm)] = 2
     disp_true, inv_true = random_deformation(jax.random.key(seed), t1.shape,
-                                             mean_magnitude=mean_magnitude_mm / spacing, control_spacing=8)
+                                             mean_magnitude=mean_magnitude_mm / spacing, control_spacing=16)
     # moving(x + disp_true(x)) = t2(x): the registration should recover disp_true.
     moving = np.asarray(warp(jnp.asarray(t2), inv_true))
     moving_labels = np.asarray(warp_labels(jnp.asarray(labels), inv_true))

@@ -73,7 +73,10 @@ def qc_figure(fixed, moving, warped, disp, jacobian_det, path, *, overwrite: boo
         ax.set_title(name, fontsize=9)
         ax.axis("off")
         if img is not None:
-            ax.imshow(np.transpose(img, (1, 0, 2)) if img.ndim == 3 else img.T, origin="lower")
+            if img.ndim == 3:
+                ax.imshow(np.transpose(img, (1, 0, 2)), origin="lower")
+            else:
+                ax.imshow(img.T, origin="lower", cmap="gray")
     ax = axes[0, 2]
     ax.imshow(_norm(w).T, origin="lower", cmap="gray")
     step = max(1, min(u2.shape[:2]) // 24)

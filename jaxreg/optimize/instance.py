@@ -80,6 +80,16 @@ class InstanceConfig:
       control_spacing: spacing, in voxels of the finest level, of the grid
         on which the velocity (or displacement) is optimised, integrated and
         then upsampled linearly (never finer than the level's own grid).
+      field_sigma: Gaussian smoothing (control-grid voxels) applied to the
+        optimised field before integration: the parametrisation is ``v = G * p``
+        (a low-pass prior, as ANTs SyN smooths its update field and
+        ConvexAdam box-filters its displacement). With the defaults
+        (4 voxels x sigma 2) the field varies on a ~16 mm scale at 2 mm.
+        Measured on brats_space T2 -> T1 at 2 mm (known 2.3 mm deformation,
+        MIND): sigma 0 made the error worse (2.32 -> 2.85 mm), sigma 2
+        reduced it to 1.56 mm.
+      adam_eps: 0 for plain Adam; > 0 divides the gradient by its RMS over
+        the field first and uses this (relative) eps.
       num_samples: voxels of the foreground bounding box drawn at random per
         Adam step to evaluate voxel-wise similarities (``mind``, ``mse``,
         ``mi``, ``nmi``) on large levels, as in stochastic-gradient
@@ -95,6 +105,10 @@ class InstanceConfig:
       ngf_epsilon: NGF edge parameter (relative to the image range).
       affine_iterations: Adam steps of the affine stage at each of its levels.
       affine_levels: number of coarsest levels used by the affine stage.
+      affine_similarity: similarity of the affine stage (default ``"mi"``,
+        global Parzen MI as ANTs' Mattes-MI affine stage; None = the
+        deformable similarity). Measured on an IXI pair: the MIND affine
+        stage reached Dice 0.25, MI 0.40 (ANTs affine 0.39).
       affine_learning_rate: Adam rate on the affine parameters (translation in
         normalised coordinates, angles in radians, log-free scales and shears).
     """
@@ -107,10 +121,10 @@ class InstanceConfig:
     learning_rates: tuple = (1e-2, 5e-3, 3e-3)
     smoothness: tuple = (0.6, 0.5, 0.4)
     smoothness_scale: float = 1.0
-    control_spacing: int = 2
-    field_sigma: float = 0.0
+    control_spacing: int = 4
+    field_sigma: float = 2.0
     adam_eps: float = 0.0
-    num_samples: int = 2 ** 17
+    num_samples: int = 2 ** 15
     integration_steps: int = 7
     mind_radius: int = 1
     feature_sigma: float = 1.0
@@ -121,12 +135,15 @@ class InstanceConfig:
     affine_iterations: tuple = (100, 50)
     affine_levels: int = 2
     affine_learning_rate: float = 1e-2
+    affine_similarity: str | None = "mi"
 
     def __post_init__(self):
         if self.similarity not in SIMILARITIES:
             raise ValueError(f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
         if self.transform not in TRANSFORMS:
             raise ValueError(f"transform must be one of {TRANSFORMS}, got {self.transform!r}")
+        if self.affine_similarity is not None and self.affine_similarity not in SIMILARITIES:
+            raise ValueError(f"affine_similarity must be None or one of {SIMILARITIES}, got {self.affine_similarity!r}")
         if self.levels < 1:
             raise ValueError(f"levels must be >= 1, got {self.levels}")
         for name in ("iterations", "learning_rates", "smoothness"):
@@ -167,21 +184,22 @@ class InstanceResult(NamedTuple):
 
 
 def _gaussian_blur(image, sigma):
-    """Separable Gaussian blur of ``(*spatial, C)`` (border replicated)."""
+    """Separable Gaussian blur of ``(*spatial, C)`` (border replicated, radius ``ceil(2.5 sigma)``).
+
+    Each axis is a weighted sum of shifted slices: a handful of fused
+    multiply-adds per voxel, much faster on CPU than a vmapped 1D convolution.
+    """
     if sigma <= 0:
         return image
     r = int(np.ceil(2.5 * sigma))
     k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
-    k = jnp.asarray(k / k.sum(), image.dtype)
-    d = image.ndim - 1
-    for ax in range(d):
+    k = (k / k.sum()).astype(np.float32)
+    for ax in range(image.ndim - 1):
+        n = image.shape[ax]
         pad = [(0, 0)] * image.ndim
         pad[ax] = (r, r)
         x = jnp.pad(image, pad, mode="edge")
-        x = jnp.moveaxis(x, ax, -1)
-        shp = x.shape
-        x = jax.vmap(lambda v: jnp.convolve(v, k, mode="valid"))(x.reshape(-1, shp[-1]))
-        image = jnp.moveaxis(x.reshape(shp[:-1] + (shp[-1] - 2 * r,)), -1, ax)
+        image = sum(float(k[i]) * jax.lax.slice_in_dim(x, i, i + n, axis=ax) for i in range(2 * r + 1))
     return image
 
 
@@ -242,9 +260,21 @@ def normalize_intensity(image: Float[Array, "*spatial C"], *, lower=0.5, upper=9
     return jnp.where(span > 0, jnp.clip((x - lo) / safe, 0.0, 1.0), 0.0)
 
 
-def center_of_mass(image: Float[Array, "*spatial C"]) -> Float[Array, "D"]:
-    """Intensity-weighted centre of mass in voxel coordinates (channels summed, negatives ignored)."""
+def center_of_mass(image: Float[Array, "*spatial C"], *, threshold: float | None = 0.05) -> Float[Array, "D"]:
+    """Centre of mass in voxel coordinates.
+
+    Args:
+      image: ``(*spatial, C)`` image (channels summed).
+      threshold: if given, the centre of the foreground ``image > threshold *
+        max`` (contrast-independent, used to initialise multi-modal affine
+        alignment); None weights voxels by their (non-negative) intensity.
+
+    Returns:
+      ``(D,)`` float32 voxel coordinates.
+    """
     w = jnp.sum(jnp.maximum(image, 0.0), axis=-1)
+    if threshold is not None:
+        w = (w > threshold * jnp.max(w)).astype(jnp.float32)
     grid = identity_grid(w.shape)
     return jnp.sum(grid * w[..., None], axis=tuple(range(w.ndim))) / jnp.maximum(jnp.sum(w), 1e-12)
 
@@ -476,16 +506,17 @@ def register_instance(
         matrix = jnp.eye(d + 1)
     if cfg.affine or cfg.transform in ("affine", "rigid"):
         rigid = cfg.transform == "rigid"
+        acfg = dataclasses.replace(cfg, similarity=cfg.affine_similarity or cfg.similarity)
         n_aff = min(cfg.affine_levels, cfg.levels)
         raw = jnp.zeros(sum(num_params(d).values()), jnp.float32)
         for i in range(n_aff):
             factor = factors[i]
-            fixed_f = _level_features(fixed, factor=factor, cfg=cfg)
+            fixed_f = _level_features(fixed, factor=factor, cfg=acfg)
             # Resample moving by the initial matrix at full resolution once, then the
             # affine being optimised acts on top of it.
             moving_init = sample(moving, identity_grid(fine_shape) + affine_to_disp(matrix, fine_shape))
-            moving_f = _level_features(moving_init, factor=factor, cfg=cfg)
-            raw, curve = _affine_level(raw, fixed_f, moving_f, level_mask(factor), center, cfg=cfg,
+            moving_f = _level_features(moving_init, factor=factor, cfg=acfg)
+            raw, curve = _affine_level(raw, fixed_f, moving_f, level_mask(factor), center, cfg=acfg,
                                        fine_shape=fine_shape, iterations=cfg.affine_iterations[i % len(cfg.affine_iterations)],
                                        rigid=rigid)
             curves.append(np.asarray(curve))

@@ -25,6 +25,7 @@ def _phantom(shape=SHAPE):
 
 
 FAST = dict(levels=2, iterations=(60, 60), learning_rates=(1e-2, 5e-3), smoothness=(0.5, 0.4),
+            control_spacing=2, field_sigma=1.0,
             affine_iterations=(60, 40))
 
 
