@@ -14,12 +14,24 @@ pytestmark = [pytest.mark.slow, pytest.mark.realdata]
 
 
 def _ants_reproduces(fixed_path, moving_path, out):
+    """Max |ours - ANTs| / range over voxels whose sample point lies > 1 voxel inside the moving scan.
+
+    Within one voxel of the moving scan's border ITK's half-voxel rule and our
+    zero padding legitimately differ (see jaxreg/io/transforms.py).
+    """
     ants = pytest.importorskip("ants")
+    from jaxreg.io import load_itk_warp, world_warp_to_voxel_disp
+
     ours = nib.load(str(out / "warped.nii.gz")).get_fdata()
     theirs = ants.apply_transforms(ants.image_read(str(fixed_path)), ants.image_read(str(moving_path)),
                                    [str(out / "warp.nii.gz")]).numpy()
-    inner = (slice(2, -2),) * 3
-    return float(np.max(np.abs(ours - theirs)[inner]) / np.ptp(ours))
+    moving = nib.load(str(moving_path))
+    d_lps, warp_affine = load_itk_warp(out / "warp.nii.gz")
+    disp = world_warp_to_voxel_disp(d_lps, warp_affine, moving.affine)
+    y = np.indices(ours.shape).transpose(1, 2, 3, 0) + disp
+    inside = np.all((y >= 1) & (y <= np.asarray(moving.shape[:3]) - 2), axis=-1)
+    assert inside.mean() > 0.3
+    return float(np.max(np.abs(ours - theirs)[inside]) / np.ptp(ours))
 
 
 def test_known_deformation_brats_t2_to_t1(data_dir, tmp_path):
