@@ -33,7 +33,7 @@ def test_affine_stage_recovers_translation():
     fixed = _phantom()
     t = jnp.asarray([2.5, -1.5])
     moving = warp(fixed, -jnp.broadcast_to(t, SHAPE + (2,)), padding="border")  # moving(x + t) = fixed(x)
-    cfg = InstanceConfig(similarity="mse", transform="affine", **FAST)
+    cfg = InstanceConfig(similarity="mse", transform="affine", affine_similarity=None, **FAST)
     res = register_instance(fixed, moving, config=cfg)
     np.testing.assert_allclose(res.matrix[:2, 2], np.asarray(t), atol=0.25)
     np.testing.assert_allclose(res.matrix[:2, :2], np.eye(2), atol=0.03)
@@ -102,6 +102,7 @@ def test_3d_runs_and_recovers_translation():
     (dict(levels=2), "one value per level"),
     (dict(control_spacing=0), "control_spacing"),
     (dict(num_samples=-1), "num_samples"),
+    (dict(affine_similarity="cc"), "affine_similarity"),
 ])
 def test_config_errors(kw, match):
     with pytest.raises(ValueError, match=match):
