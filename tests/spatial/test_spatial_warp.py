@@ -212,7 +212,7 @@ def test_warp_labels_linear_default_label_values():
 
 @pytest.mark.parametrize("call", [
     lambda: sample(np.zeros((4, 4)), np.zeros((3, 3, 4))),             # D = 4
-    lambda: sample(np.zeros((4, 4)), np.zeros((3, 2))),                # coords rank != D + 1
+    lambda: sample(np.zeros((4, 4)), np.zeros((2,))),                  # coords without a point axis
     lambda: sample(np.zeros((4, 4, 4, 4, 1)), np.zeros((3, 3, 3))),    # image rank too high
     lambda: sample(np.zeros((4,)), np.zeros((3, 3, 2))),               # image rank too low
     lambda: sample(np.zeros((4, 4)), np.zeros((3, 3, 2)), order=3),
@@ -227,6 +227,16 @@ def test_warp_labels_linear_default_label_values():
 def test_errors(call):
     with pytest.raises(ValueError):
         call()
+
+
+def test_sample_point_list_matches_grid_layout():
+    # coords may have any leading shape: an (N, D) point list samples the same
+    # values as the same points laid out on a grid.
+    rng = np.random.default_rng(3)
+    image = rng.standard_normal((7, 6, 2)).astype(np.float32)
+    pts = rng.uniform(-1, 7, (12, 2)).astype(np.float32)
+    on_grid = sample(image, pts.reshape(3, 4, 2))
+    np.testing.assert_allclose(np.asarray(sample(image, pts)), np.asarray(on_grid).reshape(12, 2), atol=1e-6)
 
 
 def test_grad_with_closed_over_numpy_image():
