@@ -488,12 +488,12 @@ def register_instance(
         acfg = dataclasses.replace(cfg, similarity=cfg.affine_similarity or cfg.similarity)
         n_aff = min(cfg.affine_levels, cfg.levels)
         raw = jnp.zeros(sum(num_params(d).values()), jnp.float32)
+        # Resample moving by the initial matrix at full resolution once; the
+        # affine being optimised acts on top of it.
+        moving_init = sample(moving, identity_grid(fine_shape) + affine_to_disp(matrix, fine_shape))
         for i in range(n_aff):
             factor = factors[i]
             fixed_f = _level_features(fixed, factor=factor, cfg=acfg)
-            # Resample moving by the initial matrix at full resolution once, then the
-            # affine being optimised acts on top of it.
-            moving_init = sample(moving, identity_grid(fine_shape) + affine_to_disp(matrix, fine_shape))
             moving_f = _level_features(moving_init, factor=factor, cfg=acfg)
             raw, curve = _affine_level(raw, fixed_f, moving_f, level_mask(factor), center, cfg=acfg,
                                        fine_shape=fine_shape, iterations=cfg.affine_iterations[i % len(cfg.affine_iterations)],
