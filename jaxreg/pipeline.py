@@ -21,8 +21,8 @@ import scipy.ndimage as ndi
 
 from jaxreg import losses as L
 from jaxreg import metrics as M
-from jaxreg.io import Volume, grid_to_grid_matrix, voxel_disp_to_world
-from jaxreg.optimize import InstanceConfig, normalize_intensity, register_instance
+from jaxreg.io import Volume, grid_to_grid_matrix, resample_to_grid, voxel_disp_to_world
+from jaxreg.optimize import InstanceConfig, normalize_intensity, register_instance, similarity_fn
 from jaxreg.spatial import identity_grid, resize_disp, sample, voxel_spacing
 
 METHODS = {"io-mind": "mind", "io-mi": "mi", "io-nmi": "nmi", "io-ngf": "ngf", "io-lncc": "lncc", "io-mse": "mse"}
@@ -55,14 +55,7 @@ def working_grid(shape, affine, resolution: float | None):
     return work, np.asarray(affine, np.float64) @ s, r
 
 
-@jax.jit
-def _sample_linear(image, coords):
-    return sample(image, coords, order=1, padding="zeros")
-
-
-@jax.jit
-def _sample_nearest(image, coords):
-    return sample(image, coords, order=0, padding="zeros")
+_sample = jax.jit(sample, static_argnames=("order", "padding"))
 
 
 def _map_coords(matrix, shape, disp=None):
@@ -82,7 +75,7 @@ def resample_smooth(vol: Volume, shape, affine) -> jnp.ndarray:
     step = np.abs(g[:3, :3]).max(axis=1)
     sigma = np.where(step > 1.0, 0.4 * step, 0.0)
     data = ndi.gaussian_filter(vol.data.astype(np.float32), sigma) if np.any(sigma > 0) else vol.data
-    return _sample_linear(jnp.asarray(data, jnp.float32)[..., None], _map_coords(g, shape))
+    return jnp.asarray(resample_to_grid(data, vol.affine, shape, affine, order=1), jnp.float32)[..., None]
 
 
 class Registration(NamedTuple):
@@ -177,16 +170,16 @@ def register_volumes(fixed: Volume, moving: Volume, *, config: InstanceConfig, r
     disp_fixed = resize_disp(res.total_disp, shape_f)
     g = grid_to_grid_matrix(fixed.affine, moving.affine)
     coords = _map_coords(g, shape_f, disp_fixed)
-    warped = _sample_linear(jnp.asarray(moving.data, jnp.float32)[..., None], coords)[..., 0]
+    warped = _sample(jnp.asarray(moving.data, jnp.float32)[..., None], coords)[..., 0]
     voxel_map = coords - identity_grid(shape_f)
     warp_lps = voxel_disp_to_world(voxel_map, fixed.affine, moving.affine)
     inverse_fixed = inverse_lps = None
     if res.inverse_disp is not None:
         inverse_fixed = resize_disp(res.inverse_disp, shape_f)
         inverse_lps = voxel_disp_to_world(inverse_fixed, fixed.affine, fixed.affine)
-    moving_on_fixed = _sample_linear(jnp.asarray(moving.data, jnp.float32)[..., None],
+    moving_on_fixed = _sample(jnp.asarray(moving.data, jnp.float32)[..., None],
                                      _map_coords(g, shape_f))[..., 0]
-    warped_w = _sample_linear(moving_w, identity_grid(work_shape) + res.total_disp)
+    warped_w = _sample(moving_w, identity_grid(work_shape) + res.total_disp)
     work = {"fixed": fixed_w, "moving": moving_w, "warped": warped_w, "total_disp": res.total_disp,
             "shape": work_shape, "affine": work_affine}
     return Registration(np.asarray(warped), np.asarray(disp_fixed), np.asarray(voxel_map),
@@ -198,21 +191,16 @@ def warp_labels_to_fixed(labels: Volume, fixed: Volume, reg: Registration) -> np
     """Moving labels resampled (nearest neighbour) onto the fixed grid by the registration."""
     g = grid_to_grid_matrix(fixed.affine, labels.affine)
     coords = _map_coords(g, fixed.data.shape, jnp.asarray(reg.disp_fixed))
-    return np.asarray(_sample_nearest(jnp.asarray(labels.data, jnp.int32), coords)).astype(np.int32)
+    return np.asarray(_sample(jnp.asarray(labels.data, jnp.int32), coords, order=0)).astype(np.int32)
 
 
 def similarity_value(config: InstanceConfig, fixed_w, moving_w) -> float:
-    """The method's similarity loss (lower is better) on the working grid."""
+    """The method's similarity loss (lower is better) on the working grid (MIND unsmoothed)."""
     f, m = normalize_intensity(fixed_w), normalize_intensity(moving_w)
-    s = config.similarity
-    if s == "mind":
+    if config.similarity == "mind":
         kw = dict(radius=config.mind_radius, dilation=config.mind_dilation)
-        return float(L.descriptor_mse(L.mind_ssc(f, **kw), L.mind_ssc(m, **kw)))
-    fn = {"mse": lambda: L.mse(f, m), "lncc": lambda: L.lncc(f, m, window=config.lncc_window),
-          "mi": lambda: L.mutual_information(f, m, bins=config.mi_bins),
-          "nmi": lambda: L.nmi(f, m, bins=config.mi_bins),
-          "ngf": lambda: L.ngf(f, m, epsilon=config.ngf_epsilon)}[s]
-    return float(fn())
+        f, m = L.mind_ssc(f, **kw), L.mind_ssc(m, **kw)
+    return float(similarity_fn(config)(f, m, None))
 
 
 def registration_metrics(method: str, config: InstanceConfig, reg: Registration, fixed: Volume,

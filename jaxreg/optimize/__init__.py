@@ -7,7 +7,8 @@ from jaxreg.optimize.instance import (
     center_of_mass,
     normalize_intensity,
     register_instance,
+    similarity_fn,
 )
 
 __all__ = ["SIMILARITIES", "TRANSFORMS", "InstanceConfig", "InstanceResult", "center_of_mass",
-           "normalize_intensity", "register_instance"]
+           "normalize_intensity", "register_instance", "similarity_fn"]

@@ -223,8 +223,11 @@ def _level_features(image, *, factor, cfg: InstanceConfig):
     return image
 
 
-def _similarity(cfg: InstanceConfig) -> Callable:
-    """``(fixed_features, warped_moving_features, mask) -> scalar`` to minimise."""
+def similarity_fn(cfg: InstanceConfig) -> Callable:
+    """The configured similarity: ``(fixed_features, warped_moving_features, mask) -> scalar`` to minimise.
+
+    Features are the images themselves, or MIND-SSC descriptors for ``"mind"``.
+    """
     if cfg.similarity == "mind":
         return lambda f, m, mask: L.descriptor_mse(f, m, mask=mask)
     if cfg.similarity == "mse":
@@ -305,7 +308,7 @@ def _affine_level(raw, fixed_f, moving_f, mask, center, *, cfg, fine_shape, iter
     scales, trainable = _affine_scales(fine_shape, rigid)
     base = identity_params(d)
     x_fine, f = _fine_coords_of(level_shape, fine_shape)
-    sim = _similarity(cfg)
+    sim = similarity_fn(cfg)
     opt = optax.adam(cfg.affine_learning_rate)
 
     def loss_fn(raw):
@@ -362,14 +365,13 @@ def _deformable_level(field, fixed_f, moving_f, mask, box, key, *, cfg, level):
     # (2/N)^2 |grad u|^2 per level voxel; the field is `spacing` times coarser.
     spacing = float(np.mean(np.asarray(level_shape, np.float32) / np.asarray(field.shape[:-1], np.float32)))
     lam = cfg.smoothness[level] * cfg.smoothness_scale * (2.0 / n_mean) ** 2 / spacing**2
-    sim = _similarity(cfg)
+    sim = similarity_fn(cfg)
     opt = optax.adam(lr)
     n_vox = int(np.prod(level_shape))
     sampled = cfg.similarity in _SAMPLED and 0 < cfg.num_samples < n_vox
 
     def field_disp(field):
-        field = _gaussian_blur(field, cfg.field_sigma)
-        return integrate(field, steps=cfg.integration_steps) if cfg.transform == "svf" else field
+        return _integrate_field(_gaussian_blur(field, cfg.field_sigma), cfg)
 
     def loss_fn(field, step_key):
         disp_field = field_disp(field)
@@ -399,9 +401,13 @@ def _deformable_level(field, fixed_f, moving_f, mask, box, key, *, cfg, level):
     return _gaussian_blur(field, cfg.field_sigma), curve
 
 
+def _integrate_field(field, cfg: InstanceConfig):
+    """Displacement of a (smoothed) field: ``exp(v)`` for ``svf``, the field itself for ``disp``."""
+    return integrate(field, steps=cfg.integration_steps) if cfg.transform == "svf" else field
+
+
 def _field_to_disp(field, level_shape, cfg: InstanceConfig):
-    disp = integrate(field, steps=cfg.integration_steps) if cfg.transform == "svf" else field
-    return resize_disp(disp, level_shape)
+    return resize_disp(_integrate_field(field, cfg), level_shape)
 
 
 def _foreground_box(fixed, moving, margin=4):
