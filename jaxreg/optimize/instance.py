@@ -94,15 +94,30 @@ class InstanceConfig:
         registration (Klein et al., IEEE TIP 2009); 0 uses every voxel.
         LNCC and NGF always use the whole grid.
       integration_steps: scaling-and-squaring steps (7, as VoxelMorph).
-      mind_radius, mind_dilation: MIND-SSC patch radius and neighbour distance.
+      mind_radius, mind_dilation: MIND-SSC patch radius and neighbour
+        distance. Default dilation 1 (the SSC pairs 1 voxel apart): on the
+        brats known-deformation pairs at 2 mm (benchmark part a, 3 levels)
+        dilation 1 reduced the endpoint error by 39-46 % of the error
+        before, dilation 2 by 26-32 %.
       feature_sigma: Gaussian smoothing (level voxels) of descriptor features
         before optimisation (DNS Sec. 4: instance optimisation on
         Gaussian-smoothed descriptors), which widens their capture range.
+        Default 0: smoothing the descriptors (sigma 1) or the images
+        blurred the alignment of fine structure and cost 10-15 points of
+        endpoint-error reduction on the brats pairs; the capture range
+        comes from the pyramid and the smooth control-grid velocity.
       lncc_window: LNCC window (voxels).
       mi_bins: Parzen histogram bins for MI/NMI.
       ngf_epsilon: NGF edge parameter (relative to the image range).
       affine_iterations: Adam steps of the affine stage at each of its levels.
-      affine_levels: number of coarsest levels used by the affine stage.
+      affine_levels: number of pyramid levels of the affine stage, coarse to
+        fine, downsampled by ``2 ** (affine_levels - 1 - i) *
+        affine_finest_factor`` (defaults: factors 8 and 4), independent of
+        ``levels``.
+      affine_finest_factor: downsampling of the affine stage's finest level
+        (12 parameters are well determined at 8 mm on a 2 mm grid; factor 2
+        took 6 s more per brats pair on 2 cores for no gain in the
+        known-deformation error).
       affine_similarity: similarity of the affine stage (default ``"mi"``,
         global Parzen MI as ANTs' Mattes-MI affine stage; None = the
         deformable similarity). Measured on an IXI pair: the MIND affine
@@ -124,13 +139,14 @@ class InstanceConfig:
     num_samples: int = 2 ** 15
     integration_steps: int = 7
     mind_radius: int = 1
-    feature_sigma: float = 1.0
-    mind_dilation: int = 2
+    feature_sigma: float = 0.0
+    mind_dilation: int = 1
     lncc_window: int = 5
     mi_bins: int = 32
     ngf_epsilon: float = 0.05
     affine_iterations: tuple = (100, 50)
     affine_levels: int = 2
+    affine_finest_factor: int = 4
     affine_learning_rate: float = 1e-2
     affine_similarity: str | None = "mi"
 
@@ -148,6 +164,9 @@ class InstanceConfig:
                 raise ValueError(f"{name} needs one value per level ({self.levels}), got {getattr(self, name)}")
         if self.control_spacing < 1:
             raise ValueError(f"control_spacing must be >= 1, got {self.control_spacing}")
+        if self.affine_levels < 1 or self.affine_finest_factor < 1:
+            raise ValueError(f"affine_levels and affine_finest_factor must be >= 1, got "
+                             f"{self.affine_levels}, {self.affine_finest_factor}")
         if self.num_samples < 0:
             raise ValueError(f"num_samples must be >= 0, got {self.num_samples}")
 
@@ -250,11 +269,21 @@ def normalize_intensity(image: Float[Array, "*spatial C"], *, lower=0.5, upper=9
 
     Returns:
       ``(*spatial, C)`` float32 image in ``[0, 1]`` (constant channels map to 0).
+
+    Concrete inputs take the percentiles on the host (``np.percentile``,
+    partition-based: ~20 ms for a 2 mm brain, where XLA's CPU sort took
+    0.7 s); traced inputs use ``jnp.percentile``. Both interpolate linearly.
     """
-    x = jnp.asarray(image, jnp.float32)
-    axes = tuple(range(x.ndim - 1))
-    lo = jnp.percentile(x, lower, axis=axes, keepdims=True)
-    hi = jnp.percentile(x, upper, axis=axes, keepdims=True)
+    axes = tuple(range(jnp.ndim(image) - 1))
+    if isinstance(image, jax.core.Tracer):
+        x = jnp.asarray(image, jnp.float32)
+        lo = jnp.percentile(x, lower, axis=axes, keepdims=True)
+        hi = jnp.percentile(x, upper, axis=axes, keepdims=True)
+    else:
+        host = np.asarray(image, np.float32)
+        lo, hi = np.percentile(host, [lower, upper], axis=axes, keepdims=True)
+        x = jnp.asarray(host)
+        lo, hi = jnp.asarray(lo, jnp.float32), jnp.asarray(hi, jnp.float32)
     span = hi - lo
     safe = jnp.where(span > 0, span, 1.0)
     return jnp.where(span > 0, jnp.clip((x - lo) / safe, 0.0, 1.0), 0.0)
@@ -492,13 +521,14 @@ def register_instance(
     if cfg.affine or cfg.transform in ("affine", "rigid"):
         rigid = cfg.transform == "rigid"
         acfg = dataclasses.replace(cfg, similarity=cfg.affine_similarity or cfg.similarity)
-        n_aff = min(cfg.affine_levels, cfg.levels)
+        aff_factors = [2 ** (cfg.affine_levels - 1 - i) * cfg.affine_finest_factor for i in range(cfg.affine_levels)]
+        n_aff = cfg.affine_levels
         raw = jnp.zeros(sum(num_params(d).values()), jnp.float32)
         # Resample moving by the initial matrix at full resolution once; the
         # affine being optimised acts on top of it.
         moving_init = sample(moving, identity_grid(fine_shape) + affine_to_disp(matrix, fine_shape))
         for i in range(n_aff):
-            factor = factors[i]
+            factor = aff_factors[i]
             fixed_f = _level_features(fixed, factor=factor, cfg=acfg)
             moving_f = _level_features(moving_init, factor=factor, cfg=acfg)
             raw, curve = _affine_level(raw, fixed_f, moving_f, level_mask(factor), center, cfg=acfg,

@@ -26,7 +26,7 @@ def _phantom(shape=SHAPE):
 
 FAST = dict(levels=2, iterations=(60, 60), learning_rates=(1e-2, 5e-3), smoothness=(0.5, 0.4),
             control_spacing=2, field_sigma=1.0,
-            affine_iterations=(60, 40))
+            affine_iterations=(60, 40), affine_finest_factor=1)
 
 
 def test_affine_stage_recovers_translation():
@@ -103,6 +103,8 @@ def test_3d_runs_and_recovers_translation():
     (dict(control_spacing=0), "control_spacing"),
     (dict(num_samples=-1), "num_samples"),
     (dict(affine_similarity="cc"), "affine_similarity"),
+    (dict(affine_finest_factor=0), "affine_finest_factor"),
+    (dict(affine_levels=0), "affine_levels"),
 ])
 def test_config_errors(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -119,3 +121,14 @@ def test_shape_errors():
 def test_config_is_hashable_static():
     cfg = InstanceConfig()
     assert hash(cfg) == hash(dataclasses.replace(cfg))
+
+
+def test_normalize_intensity_host_and_traced_paths_agree():
+    x = jax.random.gamma(jax.random.key(3), 2.0, (20, 18, 2)) * jnp.asarray([1.0, 50.0])
+    host = inst.normalize_intensity(x)
+    traced = jax.jit(inst.normalize_intensity)(x)
+    np.testing.assert_allclose(np.asarray(host), np.asarray(traced), atol=1e-6)
+    ref = np.clip((np.asarray(x) - np.percentile(x, 0.5, axis=(0, 1))) /
+                  (np.percentile(x, 99.5, axis=(0, 1)) - np.percentile(x, 0.5, axis=(0, 1))), 0, 1)
+    np.testing.assert_allclose(np.asarray(host), ref, atol=1e-5)
+    assert float(jnp.max(inst.normalize_intensity(jnp.ones((5, 5, 1))))) == 0.0  # constant -> 0
