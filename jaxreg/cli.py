@@ -1,4 +1,4 @@
-"""``jaxreg`` console script: register, apply, demo.
+"""``jaxreg`` console script: register, apply, evaluate, demo.
 
 Every command validates its inputs before any work, exits non-zero with a
 one-line message on bad input, never leaves partial outputs (files are
@@ -25,6 +25,8 @@ class CLIError(Exception):
         self.code = code
 
 
+METHOD_CHOICES = ["io-mind", "io-mi", "io-nmi", "io-ngf", "io-lncc", "io-mse", "vxm"]
+EVALUATE_OUTPUTS = ("per_pair.csv", "summary.json", "summary.md")
 REGISTER_OUTPUTS = ("warped.nii.gz", "warp.nii.gz", "inverse_warp.nii.gz", "warped_labels.nii.gz",
                     "metrics.json", "qc.png")
 
@@ -47,17 +49,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--fixed", required=True, help="fixed NIfTI (defines the output grid)")
     r.add_argument("--moving", required=True, help="moving NIfTI (any grid/orientation)")
     r.add_argument("--out", required=True, help="output directory")
-    r.add_argument("--method", default="io-mind",
-                   choices=["io-mind", "io-mi", "io-nmi", "io-ngf", "io-lncc", "io-mse"],
-                   help="similarity for instance optimisation (default io-mind)")
+    r.add_argument("--method", default="io-mind", choices=METHOD_CHOICES,
+                   help="io-*: instance optimisation with that similarity (default io-mind); "
+                        "vxm: a trained VoxelMorph-style network (--checkpoint)")
+    r.add_argument("--checkpoint", help="training run directory (train.main --workdir) for --method vxm")
+    r.add_argument("--lambda", dest="lam", type=float, default=None,
+                   help="regularisation weight in [0, 1] for a lambda-conditioned network")
     r.add_argument("--transform", default="svf", choices=["svf", "disp", "affine", "rigid"],
                    help="transform model (default svf: diffeomorphic)")
     r.add_argument("--no-affine", action="store_true", help="skip the affine pre-alignment")
     r.add_argument("--levels", type=int, default=None, help="pyramid levels (default 3)")
     r.add_argument("--iterations", type=_parse_levels, default=None,
                    help="Adam steps per level, coarse to fine, e.g. 100,80,50")
-    r.add_argument("--resolution", type=float, default=2.0,
-                   help="working-grid spacing in mm (default 2; 0 = the fixed grid)")
+    r.add_argument("--resolution", type=float, default=None,
+                   help="working-grid spacing in mm (default 2, or the network's training resolution for vxm; "
+                        "0 = the fixed grid)")
     r.add_argument("--fixed-labels", help="fixed label map (integer NIfTI) for Dice/HD95")
     r.add_argument("--moving-labels", help="moving label map, warped with the moving scan")
     r.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -70,6 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", required=True, help="output NIfTI path")
     a.add_argument("--labels", action="store_true", help="integer labels: nearest-neighbour")
     a.add_argument("--overwrite", action="store_true")
+
+    e = sub.add_parser("evaluate", help="register every pair of a CSV and write per-pair and summary metrics")
+    e.add_argument("--pairs", required=True,
+                   help="CSV with columns fixed, moving [, fixed_labels, moving_labels, name]")
+    e.add_argument("--method", default="io-mind", choices=METHOD_CHOICES)
+    e.add_argument("--checkpoint", help="training run directory for --method vxm")
+    e.add_argument("--lambda", dest="lam", type=float, default=None)
+    e.add_argument("--resolution", type=float, default=None,
+                   help="working-grid spacing in mm (default as for register)")
+    e.add_argument("--out", required=True, help="output directory (per_pair.csv, summary.json, summary.md)")
+    e.add_argument("--overwrite", action="store_true")
+    e.add_argument("--quiet", action="store_true")
 
     d = sub.add_parser("demo", help="register a synthetic second contrast of the ICBM152 template back")
     d.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
@@ -133,13 +151,11 @@ def run_register(args) -> dict:
     from jaxreg.metrics import jacobian_det
     from jaxreg.viz import qc_figure
 
-    config = pipeline.config_for(args.method, transform=args.transform, affine=not args.no_affine,
-                                 levels=args.levels, iterations=args.iterations)
     report = _progress(args.quiet)
+    runner, config = _registration_runner(args, report)
     report(f"jaxreg register: {args.method}, {config.transform}, fixed {fixed.data.shape}, "
            f"moving {moving.data.shape}")
-    reg = pipeline.register_volumes(fixed, moving, config=config, resolution=args.resolution or None,
-                                    progress=report)
+    reg = runner(fixed, moving)
     warped_labels = moving_labels_on_fixed = None
     if moving_labels is not None:
         warped_labels = pipeline.warp_labels_to_fixed(moving_labels, fixed, reg)
@@ -169,6 +185,129 @@ def run_register(args) -> dict:
     report(f"wrote {out}: runtime {metrics['runtime_s']:.1f} s, folding {metrics['folding_percent']:.3f} %"
            + (f", Dice {metrics['dice_mean']:.3f}" if "dice_mean" in metrics else ""))
     return metrics
+
+
+def _registration_runner(args, report):
+    """``(run(fixed, moving) -> Registration, config)`` for ``args.method`` (validated before any work)."""
+    from jaxreg import pipeline
+
+    resolution = getattr(args, "resolution", None)
+    if args.method == "vxm":
+        if not args.checkpoint:
+            raise CLIError("--method vxm needs --checkpoint DIR (a training run directory)", EXIT_USAGE)
+        from jaxreg.io.checkpoint import load_trained
+        from jaxreg.methods import restore_model
+        from jaxreg.optimize import InstanceConfig
+
+        run_cfg, params, step = load_trained(args.checkpoint)
+        module, model = restore_model(run_cfg, params)
+        if model.config.hyper and args.lam is None:
+            raise CLIError("this network is lambda-conditioned: pass --lambda in [0, 1]", EXIT_USAGE)
+        if not model.config.hyper and args.lam is not None:
+            raise CLIError("--lambda given but the network is not lambda-conditioned", EXIT_USAGE)
+        if args.lam is not None and not 0.0 <= args.lam <= 1.0:
+            raise CLIError(f"--lambda must be in [0, 1], got {args.lam}", EXIT_USAGE)
+        train_res = float(run_cfg.get("data", {}).get("resolution", 2.0))
+        if resolution is not None and resolution != train_res:
+            report(f"note: the network was trained at {train_res} mm; registering at {resolution or 'native'} mm")
+        res = train_res if resolution is None else (resolution or None)
+        report(f"loaded {run_cfg.get('method')} from {args.checkpoint} (step {step})")
+        config = InstanceConfig(similarity=model.config.similarity)
+        return (lambda f, m: pipeline.register_volumes_learned(f, m, module=module, model=model, lam=args.lam,
+                                                               resolution=res, progress=report)), config
+    if getattr(args, "checkpoint", None):
+        raise CLIError("--checkpoint is only used with --method vxm", EXIT_USAGE)
+    config = pipeline.config_for(args.method, transform=getattr(args, "transform", "svf"),
+                                 affine=not getattr(args, "no_affine", False), levels=getattr(args, "levels", None),
+                                 iterations=getattr(args, "iterations", None))
+    res = 2.0 if resolution is None else (resolution or None)
+    return (lambda f, m: pipeline.register_volumes(f, m, config=config, resolution=res,
+                                                   progress=report)), config
+
+
+def _read_pairs(path):
+    import csv
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise CLIError(f"--pairs {path} does not exist")
+    with path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or not {"fixed", "moving"} <= set(rows[0]):
+        raise CLIError(f"--pairs {path} needs a header with at least 'fixed' and 'moving' and one row")
+    out = []
+    for n, r in enumerate(rows, start=2):
+        r = {k.strip(): (v or "").strip() for k, v in r.items() if k}
+        for k in ("fixed", "moving", "fixed_labels", "moving_labels"):
+            if r.get(k):
+                q = pathlib.Path(r[k])
+                q = q if q.is_absolute() else path.parent / q
+                if not q.is_file():
+                    raise CLIError(f"{path}:{n}: {k} {q} does not exist")
+                r[k] = str(q)
+        if not r.get("fixed") or not r.get("moving"):
+            raise CLIError(f"{path}:{n}: empty fixed or moving")
+        r["name"] = r.get("name") or f"{pathlib.Path(r['moving']).name}->{pathlib.Path(r['fixed']).name}"
+        out.append(r)
+    return out
+
+
+SUMMARY_KEYS = ("dice_mean", "dice_mean_before", "dice30", "hd95_mm", "folding_percent", "sdlogj", "runtime_s")
+
+
+def run_evaluate(args) -> dict:
+    """Implementation of ``jaxreg evaluate``; returns the summary dict."""
+    import csv
+    import io
+
+    import numpy as np
+
+    out = pathlib.Path(args.out)
+    _check_out_dir(out, EVALUATE_OUTPUTS, args.overwrite)
+    pairs = _read_pairs(args.pairs)
+    report = _progress(args.quiet)
+    runner, config = _registration_runner(args, report)
+    from jaxreg import pipeline
+
+    rows = []
+    for k, p in enumerate(pairs):
+        a = argparse.Namespace(fixed=p["fixed"], moving=p["moving"], fixed_labels=p.get("fixed_labels") or None,
+                               moving_labels=p.get("moving_labels") or None)
+        fixed, moving, fixed_labels, moving_labels = _load_inputs(a)
+        reg = runner(fixed, moving)
+        warped_labels = before = None
+        if moving_labels is not None:
+            warped_labels = pipeline.warp_labels_to_fixed(moving_labels, fixed, reg)
+            before = pipeline.warp_labels_to_fixed(moving_labels, fixed, reg._replace(disp_fixed=0 * reg.disp_fixed))
+        m = pipeline.registration_metrics(args.method, config, reg, fixed, fixed_labels, warped_labels, before)
+        row = {"name": p["name"], **{key: m.get(key) for key in SUMMARY_KEYS}}
+        rows.append(row)
+        report(f"pair {k + 1}/{len(pairs)} {p['name']}: "
+               + ", ".join(f"{key} {v:.4g}" for key, v in row.items() if isinstance(v, float)))
+    summary = {"method": args.method, "checkpoint": args.checkpoint, "lambda": args.lam, "pairs": len(rows),
+               **{f"{key}_mean": (float(np.mean([r[key] for r in rows if r[key] is not None]))
+                                  if any(r[key] is not None for r in rows) else None) for key in SUMMARY_KEYS}}
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=["name", *SUMMARY_KEYS])
+    w.writeheader()
+    w.writerows(rows)
+    md = [f"# jaxreg evaluate: {args.method}" + (f" ({args.checkpoint})" if args.checkpoint else ""), "",
+          "| pair | " + " | ".join(SUMMARY_KEYS) + " |", "|---" * (len(SUMMARY_KEYS) + 1) + "|"]
+    fmt = lambda v: "–" if v is None else f"{v:.4g}"  # noqa: E731
+    md += [f"| {r['name']} | " + " | ".join(fmt(r[k]) for k in SUMMARY_KEYS) + " |" for r in rows]
+    md.append("| **mean** | " + " | ".join(fmt(summary[f"{k}_mean"]) for k in SUMMARY_KEYS) + " |")
+    out_parent = out.resolve().parent
+    out_parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out_parent))
+    try:
+        (tmp / "per_pair.csv").write_text(buf.getvalue())
+        (tmp / "summary.json").write_text(json.dumps({"summary": summary, "pairs": rows}, indent=1))
+        (tmp / "summary.md").write_text("\n".join(md) + "\n")
+        _commit_outputs(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    report(f"wrote {out}")
+    return summary
 
 
 def run_apply(args):
@@ -218,6 +357,8 @@ def main(argv=None) -> int:
             run_register(args)
         elif args.command == "apply":
             run_apply(args)
+        elif args.command == "evaluate":
+            run_evaluate(args)
         elif args.command == "demo":
             from jaxreg.demo import run_demo
 

@@ -1,0 +1,33 @@
+"""2D VoxelMorph-style SVF network on axial slices of the brats_space contrasts (T2 -> T1, MIND loss).
+
+Command (from the repository root)::
+
+    .venv/bin/python -m train.main --config configs/vxm_brats2d.py --workdir runs/vxm_brats2d
+
+Data: ``$JAXREG_DATA/brats_space`` (2 co-registered glioma cases). Train on
+the first case, validate on the second. A training example is a random
+axial slice (central half of the brain) at 2 mm: fixed = T1, moving = T2 of
+the same slice warped by a random smooth deformation (mean 2 voxels = 4
+mm); the network must undo it across contrasts.
+
+Runtime and result: see docs/design.md "Status" (2 CPU cores).
+"""
+import os
+
+import ml_collections
+
+from configs import vxm_ixi
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = vxm_ixi.get_config()
+    c.num_train_steps = 1000
+    c.batch_size = 8
+    c.eval_every = 200
+    c.model.ndim = 2
+    c.data = ml_collections.ConfigDict(dict(
+        source="brats_space", root=os.environ.get("JAXREG_DATA", "../shared/data"), manifest="",
+        contrasts=("t1", "t2"), resolution=2.0, prealign=False, mode="intra", fixed_contrast="t1",
+        moving_contrast="t2", deform_voxels=2.0, remap_fixed="", train_subjects="0:1", val_subjects="1:2",
+        val_remaps=("",), crop=(), slice_axis=2, num_val=8))
+    return c

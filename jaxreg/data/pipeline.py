@@ -1,0 +1,267 @@
+"""Training data: subjects on a common grid and a deterministic grain pipeline of registration pairs.
+
+* :func:`load_subjects` resamples every subject's images (and labels) through
+  their NIfTI affines onto one common grid whose size is a multiple of
+  ``2 ** levels`` (the grid is enlarged symmetrically, so nothing is cropped
+  away), normalises intensities to [0, 1] (0.5-99.5 percentiles), and
+  optionally pre-aligns every subject to the first one with jaxreg's affine
+  stage (Mattes-style MI), as VoxelMorph assumes affinely aligned inputs.
+* :class:`PairSource` is a random-access source: example ``i`` is a function
+  of ``(seed, i)`` only, so a grain pipeline over it is deterministic, and
+  its iterator state (one index) is checkpointed with the model.
+* :func:`make_dataset` batches it with grain.
+
+Pair modes: ``inter`` (two different subjects), ``intra`` (one subject, two
+contrasts), ``self`` (one image with itself); any mode can add a random
+smooth deformation to the moving image (``deform_voxels``, needed for
+``intra``/``self`` since co-registered images are already aligned) and a
+random intensity remap of the fixed image (``remap_fixed='random'``: a
+cross-contrast pair from one contrast).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import grain
+import numpy as np
+from scipy import ndimage as ndi
+
+from jaxreg.data.manifest import Subject
+from jaxreg.io import load_image, load_labels, resample_to_grid
+
+MODES = ("inter", "intra", "self")
+
+
+@dataclasses.dataclass
+class SubjectData:
+    """A subject on the common grid: ``images`` contrast -> ``(*spatial, 1)`` float32 in [0, 1]; ``labels`` ``(*spatial)`` int32 or None."""
+
+    name: str
+    images: dict
+    labels: np.ndarray | None
+
+
+def padded_grid(shape, affine, multiple: int):
+    """``(shape', affine')``: the grid enlarged symmetrically to sizes divisible by ``multiple``.
+
+    The voxel spacing and orientation stay; the origin moves by the padding
+    before each axis so existing voxel centres keep their world positions
+    (shifted by an integer number of voxels).
+    """
+    shape = tuple(int(s) for s in shape)
+    new = tuple(int(math.ceil(s / multiple) * multiple) for s in shape)
+    before = np.asarray([(n - s) // 2 for n, s in zip(new, shape)], np.float64)
+    shift = np.eye(4)
+    shift[: len(shape), 3] = -before
+    return new, np.asarray(affine, np.float64) @ shift
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+    """0.5-99.5 percentile window to [0, 1] (float32, constant images -> 0)."""
+    lo, hi = np.percentile(x, [0.5, 99.5])
+    if hi <= lo:
+        return np.zeros_like(x, np.float32)
+    return np.clip((x - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def load_subjects(subjects: list[Subject], *, contrasts, resolution: float = 2.0, multiple: int = 16,
+                  prealign: bool = True, reference: tuple | None = None) -> tuple[list[SubjectData], tuple, np.ndarray]:
+    """Load subjects onto a common 3D grid.
+
+    Args:
+      subjects: manifest rows.
+      contrasts: contrasts to load (each subject must have them).
+      resolution: voxel size (mm) of the common grid.
+      multiple: grid sizes are padded to a multiple of this (``2 ** levels``).
+      prealign: affinely register each subject's first contrast to the
+        reference subject's (jaxreg affine stage, MI) before resampling.
+      reference: ``(shape, affine)`` of the common grid; default: the first
+        subject's first contrast at ``resolution``, padded.
+
+    Returns:
+      ``(data, shape, affine)``: the subjects on the grid and the grid.
+
+    Raises:
+      ValueError: missing contrasts, non-3D images.
+    """
+    from jaxreg.optimize import InstanceConfig, register_instance
+    from jaxreg.pipeline import working_grid
+
+    contrasts = tuple(contrasts)
+    for s in subjects:
+        missing = [c for c in contrasts if c not in s.images]
+        if missing:
+            raise ValueError(f"subject {s.name} lacks contrasts {missing}")
+    if reference is None:
+        first = load_image(subjects[0].images[contrasts[0]])
+        shape, affine, _ = working_grid(first.data.shape, first.affine, resolution)
+        shape, affine = padded_grid(shape, affine, multiple)
+    else:
+        shape, affine = tuple(reference[0]), np.asarray(reference[1], np.float64)
+    out = []
+    ref_img = None
+    cfg = InstanceConfig(transform="affine", similarity="mi", levels=1, iterations=(1,), learning_rates=(1e-2,),
+                         smoothness=(0.0,), affine_iterations=(150, 100), affine_finest_factor=2)
+    for k, s in enumerate(subjects):
+        vols = {c: load_image(s.images[c]) for c in contrasts}
+        for c, v in vols.items():
+            if v.data.ndim != 3:
+                raise ValueError(f"subject {s.name} {c}: need a 3D image, got {v.data.shape}")
+        lab = load_labels(s.labels) if s.labels is not None else None
+        matrix = None
+        if prealign and k > 0:
+            first = vols[contrasts[0]]
+            mov = normalize(resample_to_grid(first.data, first.affine, shape, affine))[..., None]
+            matrix = np.asarray(register_instance(ref_img, mov, config=cfg).matrix, np.float64)
+        images = {c: normalize(resample_to_grid(v.data, v.affine, shape, affine, matrix=matrix))[..., None]
+                  for c, v in vols.items()}
+        labels = None if lab is None else resample_to_grid(lab.data, lab.affine, shape, affine, order=0,
+                                                           matrix=matrix).astype(np.int32)
+        if k == 0:
+            ref_img = images[contrasts[0]]
+        out.append(SubjectData(s.name, images, labels))
+    return out, shape, affine
+
+
+# ----------------------------------------------------------------------------- augmentation (numpy, host side)
+
+def random_smooth_disp(rng: np.random.Generator, shape, *, magnitude: float, spacing: int = 16) -> np.ndarray:
+    """``(*shape, D)`` smooth random displacement (voxels), mean |u| about ``magnitude``.
+
+    Gaussian noise on a control grid (``spacing`` voxels), cubic-upsampled.
+    Small magnitudes relative to ``spacing`` keep it invertible.
+    """
+    d = len(shape)
+    coarse = tuple(max(2, int(math.ceil(s / spacing)) + 1) for s in shape)
+    noise = rng.standard_normal((d, *coarse)).astype(np.float32)
+    zoom = [s / c for s, c in zip(shape, coarse)]
+    u = np.stack([ndi.zoom(noise[k], zoom, order=3, grid_mode=True, mode="grid-constant")[tuple(slice(0, s) for s in shape)]
+                  for k in range(d)], axis=-1)
+    mean = float(np.mean(np.linalg.norm(u, axis=-1)))
+    return (u * (magnitude / max(mean, 1e-6))).astype(np.float32)
+
+
+def warp_numpy(image: np.ndarray, disp: np.ndarray, *, order: int = 1) -> np.ndarray:
+    """``image(x + disp(x))`` for ``(*spatial[, C])`` numpy arrays (zeros outside; order 0 for labels)."""
+    d = disp.shape[-1]
+    coords = np.indices(disp.shape[:-1], dtype=np.float32) + np.moveaxis(disp, -1, 0)
+    if image.ndim == d:
+        return ndi.map_coordinates(image, coords, order=order, mode="constant", cval=0)
+    return np.stack([ndi.map_coordinates(image[..., c], coords, order=order, mode="constant", cval=0)
+                     for c in range(image.shape[-1])], axis=-1)
+
+
+def random_remap(rng: np.random.Generator, image: np.ndarray, *, knots: int = 6) -> np.ndarray:
+    """Random non-monotone intensity curve on [0, 1] (background 0 stays 0): a synthetic contrast."""
+    xs = np.linspace(0.0, 1.0, knots)
+    ys = rng.uniform(0.0, 1.0, knots)
+    out = np.interp(image, xs, ys).astype(np.float32)
+    return np.where(image > 0, out, 0.0).astype(np.float32)
+
+
+def sin_remap(image: np.ndarray) -> np.ndarray:
+    """The fixed remap of ``benchmarks/io_registration.py``'s cross-contrast IXI case: ``sin(0.9 pi x)``."""
+    return np.where(image > 0, np.sin(0.9 * np.pi * np.clip(image, 0, 1)), 0.0).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- pairs
+
+class PairSource:
+    """Random-access registration pairs; example ``i`` depends only on ``(seed, i)``.
+
+    Each example is a dict of numpy arrays: ``fixed``/``moving`` ``(*spatial,
+    1)`` float32 and, when every subject has labels, ``fixed_labels`` /
+    ``moving_labels`` ``(*spatial)`` int32 (the moving labels follow the
+    moving image's deformation). ``slice_axis`` turns 3D subjects into 2D
+    examples (a random slice through the central half of the foreground).
+
+    Raises:
+      ValueError: unknown mode/contrasts, or too few subjects for ``inter``.
+    """
+
+    def __init__(self, subjects: list[SubjectData], *, mode: str = "inter", fixed_contrast: str = "t1",
+                 moving_contrast: str = "t1", seed: int = 0, deform_voxels: float = 0.0,
+                 deform_spacing: int = 16, remap_fixed: str | None = None, slice_axis: int | None = None,
+                 length: int = 2 ** 31 - 1):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "inter" and len(subjects) < 2:
+            raise ValueError("mode 'inter' needs at least 2 subjects")
+        for s in subjects:
+            for c in (fixed_contrast, moving_contrast):
+                if c not in s.images:
+                    raise ValueError(f"subject {s.name} has no contrast {c!r} (has {sorted(s.images)})")
+        if remap_fixed not in (None, "random", "sin"):
+            raise ValueError(f"remap_fixed must be None, 'random' or 'sin', got {remap_fixed!r}")
+        self.subjects, self.mode, self.seed = subjects, mode, int(seed)
+        self.fixed_contrast, self.moving_contrast = fixed_contrast, moving_contrast
+        self.deform_voxels, self.deform_spacing = float(deform_voxels), int(deform_spacing)
+        self.remap_fixed, self.slice_axis, self.length = remap_fixed, slice_axis, int(length)
+        self.with_labels = all(s.labels is not None for s in subjects)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        rng = np.random.default_rng([self.seed, int(index)])
+        n = len(self.subjects)
+        if self.mode == "inter":
+            i, j = rng.choice(n, size=2, replace=False)
+        else:
+            i = j = int(rng.integers(n))
+        fs, ms = self.subjects[i], self.subjects[j]
+        fixed = fs.images[self.fixed_contrast]
+        moving = ms.images[self.moving_contrast if self.mode != "self" else self.fixed_contrast]
+        fl, ml = (fs.labels, ms.labels) if self.with_labels else (None, None)
+        if self.slice_axis is not None:
+            fg = np.nonzero(np.any(fixed[..., 0] > 0.05, axis=tuple(a for a in range(3) if a != self.slice_axis)))[0]
+            lo, hi = (fg.min(), fg.max()) if fg.size else (0, fixed.shape[self.slice_axis] - 1)
+            q = (hi - lo) // 4
+            k = int(rng.integers(lo + q, max(lo + q + 1, hi - q + 1)))
+            take = lambda a: None if a is None else np.take(a, k, axis=self.slice_axis)  # noqa: E731
+            fixed, moving, fl, ml = take(fixed), take(moving), take(fl), take(ml)
+        fixed = np.array(fixed, np.float32)
+        moving = np.array(moving, np.float32)
+        if self.deform_voxels > 0:
+            u = random_smooth_disp(rng, moving.shape[:-1], magnitude=self.deform_voxels, spacing=self.deform_spacing)
+            moving = warp_numpy(moving, u)
+            ml = None if ml is None else warp_numpy(ml, u, order=0)
+        if self.remap_fixed == "random":
+            fixed = random_remap(rng, fixed)
+        elif self.remap_fixed == "sin":
+            fixed = sin_remap(fixed)
+        out = {"fixed": fixed, "moving": moving}
+        if self.with_labels:
+            out["fixed_labels"] = np.asarray(fl, np.int32)
+            out["moving_labels"] = np.asarray(ml, np.int32)
+        return out
+
+
+def make_dataset(source: PairSource, *, batch_size: int, start: int = 0) -> grain.IterDataset:
+    """Deterministic grain pipeline: batches ``[start + b * batch_size, ...)`` of ``source``.
+
+    Iterate with ``it = iter(ds)``; ``it.get_state()`` / ``it.set_state()``
+    save and restore the position (checkpointed with the model by ``train/``).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    ds = grain.MapDataset.source(source)
+    if start:
+        ds = ds[start:]
+    return ds.batch(batch_size, drop_remainder=True).to_iter_dataset()
+
+
+def fixed_pairs(subjects: list[SubjectData], pairs, *, fixed_contrast="t1", moving_contrast="t1",
+                remap_fixed: str | None = None) -> list[dict]:
+    """Validation examples for explicit ``(moving_index, fixed_index)`` pairs (no randomness)."""
+    out = []
+    for mi, fi in pairs:
+        fs, ms = subjects[fi], subjects[mi]
+        fixed = fs.images[fixed_contrast]
+        fixed = sin_remap(fixed) if remap_fixed == "sin" else np.array(fixed)
+        ex = {"fixed": fixed, "moving": np.array(ms.images[moving_contrast]), "name": f"{ms.name}->{fs.name}"}
+        if fs.labels is not None and ms.labels is not None:
+            ex["fixed_labels"], ex["moving_labels"] = fs.labels, ms.labels
+        out.append(ex)
+    return out

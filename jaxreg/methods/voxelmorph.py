@@ -1,0 +1,228 @@
+"""VoxelMorph-style learned baseline: an SVF U-Net trained with any similarity + smoothness.
+
+Sources: Balakrishnan et al., "VoxelMorph: a learning framework for
+deformable medical image registration", IEEE TMI 2019 (U-Net, loss
+``L_sim + lambda * |grad u|^2``, Eq. 2-4); Dalca et al., MedIA 2019
+(diffeomorphic SVF integrated by scaling and squaring); Hoopes et al.,
+"HyperMorph", IPMI 2021 and Dey et al., "ContraReg", MICCAI 2022 (lambda
+conditioning: loss ``(1 - lambda) L_sim + lambda L_reg``, lambda sampled per
+example during training and chosen at test time).
+
+API (docs/design.md "Methods"): :class:`Config`, :func:`init`,
+:func:`loss_fn`, :func:`register`. Batches are dicts of ``(B, *spatial, C)``
+arrays: ``fixed``, ``moving`` and optionally ``mask`` ``(B, *spatial)``
+(where the similarity is evaluated).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float
+
+from jaxreg import losses as L
+from jaxreg.nn import HyperFiLM, SVFNet, sample_lambda
+from jaxreg.spatial import warp
+
+SIMILARITIES = ("mse", "lncc", "mi", "nmi", "mind", "ngf")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """VoxelMorph-style model and loss.
+
+    Attributes:
+      ndim: 2 or 3.
+      in_channels: channels of each image.
+      enc_features, dec_features, final_features: U-Net widths (VoxelMorph
+        defaults, TMI 2019 Fig. 3).
+      norm: instance norm in the conv blocks (off in VoxelMorph).
+      int_steps, int_downsize: scaling-and-squaring steps (7) and the
+        downsampling of the integration grid (2), as the voxelmorph package.
+      bidirectional: also return ``exp(-v)`` and add the symmetric
+        similarity term ``L_sim(moving, fixed o exp(-v))`` (Dalca 2019).
+      similarity: one of ``SIMILARITIES`` (``mind`` = MSE of MIND-SSC
+        descriptors, radius 1, dilation 1, the instance-optimisation default).
+      lncc_window, mi_bins: similarity parameters.
+      reg_weight: smoothness weight (diffusion ``|grad u|^2`` of the
+        displacement in voxels) when not lambda-conditioned.
+      hyper: condition the network on lambda by a FiLM hypernetwork; the loss
+        is ``(1 - lambda) L_sim + lambda * reg_scale * L_reg`` with lambda
+        drawn per example from ``lambda_range`` (``lambda_distribution``:
+        ``uniform`` or ``loguniform``).
+      reg_scale: brings ``L_reg`` to the similarity's scale under ``hyper``.
+    """
+
+    ndim: int = 3
+    in_channels: int = 1
+    enc_features: tuple = (16, 32, 32, 32)
+    dec_features: tuple = (32, 32, 32, 32)
+    final_features: tuple = (32, 16, 16)
+    norm: bool = False
+    int_steps: int = 7
+    int_downsize: int = 2
+    bidirectional: bool = False
+    similarity: str = "mind"
+    lncc_window: int = 9
+    mi_bins: int = 32
+    reg_weight: float = 1.0
+    hyper: bool = False
+    lambda_range: tuple = (0.0, 1.0)
+    lambda_distribution: str = "uniform"
+    reg_scale: float = 1.0
+
+    def __post_init__(self):
+        if self.ndim not in (2, 3):
+            raise ValueError(f"ndim must be 2 or 3, got {self.ndim}")
+        if self.similarity not in SIMILARITIES:
+            raise ValueError(f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
+        if self.lambda_distribution not in ("uniform", "loguniform"):
+            raise ValueError(f"lambda_distribution must be 'uniform' or 'loguniform', got {self.lambda_distribution!r}")
+        if len(self.lambda_range) != 2 or not 0.0 <= self.lambda_range[0] <= self.lambda_range[1] <= 1.0:
+            raise ValueError(f"lambda_range must be (low, high) with 0 <= low <= high <= 1, got {self.lambda_range}")
+        if self.reg_weight < 0:
+            raise ValueError(f"reg_weight must be >= 0, got {self.reg_weight}")
+
+
+class VoxelMorph(nnx.Module):
+    """SVF network plus (if ``config.hyper``) the lambda hypernetwork."""
+
+    def __init__(self, config: Config, *, rngs: nnx.Rngs):
+        self.config = config
+        self.net = SVFNet(config.ndim, config.in_channels, enc_features=config.enc_features,
+                          dec_features=config.dec_features, final_features=config.final_features,
+                          norm=config.norm, int_steps=config.int_steps, int_downsize=config.int_downsize,
+                          bidirectional=config.bidirectional, rngs=rngs)
+        self.hyper = HyperFiLM(self.net.conditioned_features, rngs=rngs) if config.hyper else None
+
+    def __call__(self, fixed, moving, lam=None):
+        """``(velocity, disp, inverse_disp)`` for a batch; ``lam`` ``(B,)`` is required iff ``hyper``."""
+        if (self.hyper is None) != (lam is None):
+            raise ValueError("lam must be given exactly when the model is lambda-conditioned (config.hyper)")
+        film = None if lam is None else self.hyper(lam)
+        return self.net(fixed, moving, film)
+
+
+def init(key, config: Config) -> VoxelMorph:
+    """A freshly initialised :class:`VoxelMorph` (deterministic for ``key``)."""
+    return VoxelMorph(config, rngs=nnx.Rngs(params=key))
+
+
+def similarity(config: Config, fixed, warped, mask=None) -> Float[Array, ""]:
+    """The configured similarity loss of one unbatched pair ``(*spatial, C)`` (lower is better)."""
+    s = config.similarity
+    if s == "mind":
+        return L.descriptor_mse(L.mind_ssc(fixed, radius=1, dilation=1), L.mind_ssc(warped, radius=1, dilation=1),
+                                mask=mask)
+    if s == "lncc":
+        return L.lncc(fixed, warped, window=config.lncc_window, mask=mask)
+    if s == "mi":
+        return L.mutual_information(fixed, warped, bins=config.mi_bins, mask=mask)
+    if s == "nmi":
+        return L.nmi(fixed, warped, bins=config.mi_bins, mask=mask)
+    if s == "ngf":
+        return L.ngf(fixed, warped, mask=mask)
+    return L.mse(fixed, warped, mask=mask)
+
+
+def _check_batch(batch, config):
+    for k in ("fixed", "moving"):
+        if k not in batch:
+            raise ValueError(f"batch needs 'fixed' and 'moving', got keys {sorted(batch)}")
+        x = batch[k]
+        if x.ndim != config.ndim + 2 or x.shape[-1] != config.in_channels:
+            raise ValueError(f"batch[{k!r}] must be (B, *spatial[{config.ndim}], {config.in_channels}), got {x.shape}")
+    if batch["fixed"].shape != batch["moving"].shape:
+        raise ValueError(f"fixed {batch['fixed'].shape} and moving {batch['moving'].shape} differ")
+
+
+def loss_fn(model: VoxelMorph, batch: dict, *, key) -> tuple[Float[Array, ""], dict]:
+    """Training loss of a batch; returns ``(loss, aux)``.
+
+    ``loss = mean_b [L_sim + reg_weight * L_reg]`` or, lambda-conditioned,
+    ``mean_b [(1 - lam_b) L_sim + lam_b * reg_scale * L_reg]`` with ``lam_b``
+    drawn from ``key``. ``L_reg`` = diffusion ``mean |grad u|^2`` of the
+    displacement (voxels). ``aux``: ``similarity``, ``smoothness`` (batch
+    means, float32 scalars) and ``lam`` ``(B,)`` (or None).
+
+    Raises:
+      ValueError: on missing keys or mismatched shapes (at trace time).
+    """
+    cfg = model.config
+    _check_batch(batch, cfg)
+    fixed, moving = batch["fixed"], batch["moving"]
+    b = fixed.shape[0]
+    mask = batch.get("mask")
+    lam = sample_lambda(key, b, low=cfg.lambda_range[0], high=cfg.lambda_range[1],
+                        distribution=cfg.lambda_distribution) if cfg.hyper else None
+    _, disp, inv = model(fixed, moving, lam)
+    warped = jax.vmap(warp)(moving, disp)
+    masks = mask if mask is not None else jnp.ones(fixed.shape[:-1], fixed.dtype)
+    sim = jax.vmap(lambda f, w, m: similarity(cfg, f, w, m))(fixed, warped, masks)
+    if cfg.bidirectional:
+        warped_f = jax.vmap(warp)(fixed, inv)
+        sim = 0.5 * (sim + jax.vmap(lambda f, w: similarity(cfg, f, w))(moving, warped_f))
+    reg = jax.vmap(L.diffusion)(disp)
+    if cfg.hyper:
+        per = (1.0 - lam) * sim + lam * cfg.reg_scale * reg
+    else:
+        per = sim + cfg.reg_weight * reg
+    return jnp.mean(per), {"similarity": jnp.mean(sim), "smoothness": jnp.mean(reg), "lam": lam}
+
+
+class Result(NamedTuple):
+    """Output of :func:`register` (batched, voxel units of the input grid).
+
+    Attributes:
+      disp: ``(B, *spatial, D)`` ``exp(v)``; ``warped(x) = moving(x + disp(x))``.
+      inverse_disp: ``(B, *spatial, D)`` ``exp(-v)``.
+      velocity: ``(B, *spatial, D)``.
+      warped: ``(B, *spatial, C)`` moving warped onto the fixed grid.
+    """
+
+    disp: Array
+    inverse_disp: Array
+    velocity: Array
+    warped: Array
+
+
+def register(model: VoxelMorph, fixed, moving, *, lam: float | None = None) -> Result:
+    """Register ``moving`` to ``fixed`` with a trained model (one forward pass).
+
+    Args:
+      fixed, moving: ``(B, *spatial, C)`` or unbatched ``(*spatial, C)``
+        float32 images on the same grid, normalised as in training
+        (``[0, 1]``), spatial sizes divisible by ``2 ** levels``.
+      lam: the regularisation weight for a lambda-conditioned model (required
+        then; ignored otherwise is an error).
+
+    Returns:
+      :class:`Result` (unbatched if the inputs were).
+
+    Raises:
+      ValueError: bad shapes, or ``lam`` given/missing against ``config.hyper``.
+    """
+    cfg = model.config
+    unbatched = jnp.ndim(fixed) == cfg.ndim + 1
+    f = jnp.asarray(fixed, jnp.float32)[None] if unbatched else jnp.asarray(fixed, jnp.float32)
+    m = jnp.asarray(moving, jnp.float32)[None] if unbatched else jnp.asarray(moving, jnp.float32)
+    _check_batch({"fixed": f, "moving": m}, cfg)
+    if cfg.hyper and lam is None:
+        raise ValueError("this model is lambda-conditioned: pass lam in [0, 1]")
+    if not cfg.hyper and lam is not None:
+        raise ValueError("lam was given but the model is not lambda-conditioned")
+    lam_b = None if lam is None else jnp.full((f.shape[0],), lam, jnp.float32)
+    v, disp = _forward(model, f, m, lam_b)
+    inv = jax.vmap(model.net._exp)(-v)
+    warped = jax.vmap(warp)(m, disp)
+    out = Result(disp, inv, v, warped)
+    return Result(*(x[0] for x in out)) if unbatched else out
+
+
+@nnx.jit
+def _forward(model, f, m, lam):
+    v, disp, _ = model(f, m, lam)
+    return v, disp

@@ -1,0 +1,116 @@
+"""Data: manifest validation, deterministic pairs and grain pipeline, grid padding."""
+import numpy as np
+import pytest
+
+from jaxreg.data import (PairSource, SubjectData, make_dataset, padded_grid, random_remap, random_smooth_disp,
+                         read_manifest, warp_numpy, write_manifest)
+from jaxreg.data.manifest import Subject
+
+
+def _subjects(n=3, shape=(16, 20, 12), labels=True):
+    rng = np.random.default_rng(0)
+    out = []
+    for k in range(n):
+        img = rng.uniform(0, 1, shape + (1,)).astype(np.float32)
+        lab = rng.integers(0, 4, shape).astype(np.int32) if labels else None
+        out.append(SubjectData(f"s{k}", {"t1": img, "t2": 1 - img}, lab))
+    return out
+
+
+def test_manifest_roundtrip_and_errors(tmp_path):
+    for name in ("a_t1.nii.gz", "a_lab.nii.gz", "b_t1.nii.gz"):
+        (tmp_path / name).write_bytes(b"x")
+    m = write_manifest(tmp_path / "m.csv", [Subject("a", {"t1": tmp_path / "a_t1.nii.gz"}, tmp_path / "a_lab.nii.gz"),
+                                            Subject("b", {"t1": tmp_path / "b_t1.nii.gz"})])
+    rows = read_manifest(m, contrasts=("t1",))
+    assert [r.name for r in rows] == ["a", "b"] and rows[0].labels.name == "a_lab.nii.gz" and rows[1].labels is None
+    with pytest.raises(ValueError, match="no label map"):
+        read_manifest(m, require_labels=True)
+    with pytest.raises(ValueError, match="'t2'"):
+        read_manifest(m, contrasts=("t2",))
+    (tmp_path / "dup.csv").write_text(f"subject,t1\na,{tmp_path / 'a_t1.nii.gz'}\na,{tmp_path / 'b_t1.nii.gz'}\n")
+    with pytest.raises(ValueError, match="duplicate"):
+        read_manifest(tmp_path / "dup.csv")
+    (tmp_path / "nocol.csv").write_text("name,t1\na,x\n")
+    with pytest.raises(ValueError, match="'subject' column"):
+        read_manifest(tmp_path / "nocol.csv")
+    (tmp_path / "missing.csv").write_text("subject,t1\na,does_not_exist.nii.gz\n")
+    with pytest.raises(FileNotFoundError, match="does_not_exist"):
+        read_manifest(tmp_path / "missing.csv")
+    with pytest.raises(FileNotFoundError):
+        read_manifest(tmp_path / "nope.csv")
+
+
+def test_pairs_are_deterministic_per_seed_and_index():
+    subs = _subjects()
+    a = PairSource(subs, seed=3, deform_voxels=1.0, remap_fixed="random")
+    b = PairSource(subs, seed=3, deform_voxels=1.0, remap_fixed="random")
+    for i in (0, 7, 12345):
+        for k in a[i]:
+            np.testing.assert_array_equal(a[i][k], b[i][k])
+    assert not np.array_equal(a[0]["moving"], a[1]["moving"]) or not np.array_equal(a[0]["fixed"], a[1]["fixed"])
+    c = PairSource(subs, seed=4, deform_voxels=1.0, remap_fixed="random")
+    assert not np.array_equal(a[0]["fixed"], c[0]["fixed"])
+
+
+def test_grain_pipeline_batches_and_resumes():
+    src = PairSource(_subjects(), seed=1, deform_voxels=0.5)
+    it = iter(make_dataset(src, batch_size=2))
+    first = [next(it) for _ in range(3)]
+    assert first[0]["fixed"].shape == (2, 16, 20, 12, 1) and first[0]["moving_labels"].shape == (2, 16, 20, 12)
+    np.testing.assert_array_equal(first[1]["moving"][0], src[2]["moving"])  # batch k holds items 2k, 2k+1
+    it2 = iter(make_dataset(src, batch_size=2))
+    next(it2)
+    state = it2.get_state()
+    it3 = iter(make_dataset(src, batch_size=2))
+    it3.set_state(state)
+    np.testing.assert_array_equal(next(it3)["moving"], first[1]["moving"])
+
+
+def test_modes_slices_and_errors():
+    subs = _subjects()
+    intra = PairSource(subs, mode="intra", fixed_contrast="t1", moving_contrast="t2", seed=0)
+    ex = intra[5]
+    np.testing.assert_allclose(ex["moving"], 1 - ex["fixed"], atol=1e-6)  # same subject, other contrast
+    sl = PairSource(subs, mode="self", seed=0, slice_axis=2, deform_voxels=1.0)[0]
+    assert sl["fixed"].shape == (16, 20, 1) and sl["fixed_labels"].shape == (16, 20)
+    with pytest.raises(ValueError, match="mode"):
+        PairSource(subs, mode="pairs")
+    with pytest.raises(ValueError, match="at least 2"):
+        PairSource(subs[:1], mode="inter")
+    with pytest.raises(ValueError, match="contrast"):
+        PairSource(subs, fixed_contrast="flair")
+    with pytest.raises(ValueError, match="batch_size"):
+        make_dataset(PairSource(subs), batch_size=0)
+
+
+def test_labels_follow_the_moving_deformation():
+    subs = _subjects(labels=True)
+    ex = PairSource(subs, mode="self", seed=0, deform_voxels=1.5)[0]
+    # Self pairs: fixed labels = the subject's labels; moving labels = the same labels warped like the image.
+    src = subs[[s.images["t1"] is not None for s in subs].index(True)]
+    assert ex["moving_labels"].dtype == np.int32 and set(np.unique(ex["moving_labels"])) <= set(range(4))
+    assert not np.array_equal(ex["moving_labels"], ex["fixed_labels"])
+    del src
+
+
+def test_padded_grid_keeps_world_positions():
+    aff = np.diag([2.0, 2.0, 3.0, 1.0])
+    aff[:3, 3] = [10, -4, 7]
+    shape, new = padded_grid((30, 17, 16), aff, 16)
+    assert shape == (32, 32, 16)
+    # Old voxel (0, 0, 0) sits at new voxel ((32-30)//2, (32-17)//2, 0) = (1, 7, 0).
+    np.testing.assert_allclose(new @ [1, 7, 0, 1], aff @ [0, 0, 0, 1])
+
+
+def test_random_smooth_disp_and_remap():
+    rng = np.random.default_rng(0)
+    u = random_smooth_disp(rng, (32, 24), magnitude=1.5)
+    assert u.shape == (32, 24, 2)
+    np.testing.assert_allclose(np.mean(np.linalg.norm(u, axis=-1)), 1.5, rtol=1e-4)
+    img = np.zeros((8, 8, 1), np.float32)
+    img[2:6, 2:6] = 0.5
+    out = random_remap(rng, img)
+    assert np.all(out[img == 0] == 0) and out.shape == img.shape
+    shifted = warp_numpy(img[..., 0], np.full((8, 8, 2), 1.0, np.float32), order=0)
+    np.testing.assert_array_equal(shifted[1:5, 1:5], img[2:6, 2:6, 0])

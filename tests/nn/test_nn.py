@@ -1,0 +1,69 @@
+"""Networks: shapes in 2D/3D, FiLM conditioning, SVF head identity at init and exact inverse."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxreg.nn import HyperFiLM, SVFNet, UNet, sample_lambda
+from jaxreg.spatial import compose
+
+
+@pytest.mark.parametrize("ndim, shape", [(2, (32, 48)), (3, (16, 16, 32))])
+def test_unet_shapes(ndim, shape):
+    net = UNet(ndim, 2, enc_features=(4, 8, 8, 8), dec_features=(8, 8, 8, 8), final_features=(8, 6),
+               rngs=nnx.Rngs(0))
+    y = net(jnp.ones((2, *shape, 2)))
+    assert y.shape == (2, *shape, 6)
+    assert len(net.conditioned_features) == 4 + 4 + 2
+
+
+def test_unet_errors():
+    net = UNet(2, 2, enc_features=(4, 4), dec_features=(4, 4), final_features=(4,), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="divisible"):
+        net(jnp.ones((1, 30, 32, 2)))
+    with pytest.raises(ValueError, match="expects"):
+        net(jnp.ones((1, 32, 32, 3)))
+    with pytest.raises(ValueError, match="same non-zero length"):
+        UNet(2, 1, enc_features=(4,), dec_features=(4, 4), rngs=nnx.Rngs(0))
+
+
+def test_film_changes_output_and_zero_film_is_identity():
+    net = UNet(2, 1, enc_features=(4, 4), dec_features=(4, 4), final_features=(4,), rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (2, 16, 16, 1))
+    base = net(x)
+    zeros = [(jnp.zeros((2, f)), jnp.zeros((2, f))) for f in net.conditioned_features]
+    np.testing.assert_allclose(np.asarray(net(x, zeros)), np.asarray(base), atol=1e-6)
+    hyper = HyperFiLM(net.conditioned_features, head_scale=0.5, rngs=nnx.Rngs(1))
+    y0, y1 = net(x, hyper(jnp.zeros(2))), net(x, hyper(jnp.ones(2)))
+    assert float(jnp.max(jnp.abs(y0 - y1))) > 1e-3
+    assert float(jnp.max(jnp.abs(y1 - base))) > 1e-3
+
+
+def test_sample_lambda_ranges_and_errors():
+    u = sample_lambda(jax.random.key(0), 1000, low=0.2, high=0.6)
+    assert 0.2 <= float(u.min()) and float(u.max()) <= 0.6
+    lu = sample_lambda(jax.random.key(0), 4000, low=1e-3, high=1.0, distribution="loguniform")
+    # log-uniform: the median is the geometric mean of the bounds.
+    assert abs(np.log10(float(jnp.median(lu))) - (-1.5)) < 0.1
+    with pytest.raises(ValueError, match="low > 0"):
+        sample_lambda(jax.random.key(0), 2, low=0.0, distribution="loguniform")
+    with pytest.raises(ValueError, match="distribution"):
+        sample_lambda(jax.random.key(0), 2, distribution="normal")
+
+
+@pytest.mark.parametrize("int_downsize", [1, 2])
+def test_svfnet_identity_at_init_and_inverse(int_downsize):
+    net = SVFNet(2, 1, enc_features=(4, 4), dec_features=(4, 4), final_features=(4,), bidirectional=True,
+                 int_downsize=int_downsize, rngs=nnx.Rngs(0))
+    x = jax.random.uniform(jax.random.key(1), (1, 32, 32, 1))
+    v, disp, inv = net(x, x[:, ::-1])
+    assert v.shape == disp.shape == inv.shape == (1, 32, 32, 2)
+    assert float(jnp.max(jnp.abs(disp))) < 1e-2  # flow conv initialised at N(0, 1e-5)
+    # exp(v) and exp(-v) are inverse maps: check on a larger velocity.
+    v_big = 1.5 * jax.random.normal(jax.random.key(2), (4, 4, 2))
+    v_big = jax.image.resize(v_big, (32, 32, 2), "cubic")
+    d, i = net._exp(v_big), net._exp(-v_big)
+    resid = jnp.linalg.norm(compose(i, d), axis=-1)[6:-6, 6:-6]
+    # Integrating at half resolution adds the error of the linear resize of exp(v) and exp(-v).
+    assert float(jnp.mean(resid)) < (0.05 if int_downsize == 1 else 0.08)

@@ -1,0 +1,301 @@
+"""``train_and_evaluate``: sharded, resumable training of a registration method.
+
+One jitted train step (``jax.jit`` with NamedShardings: batch split over the
+``'data'`` mesh axis, state replicated; the state buffer is donated) runs
+Optax updates on the pure state pytree ``{params, opt_state, step, key}``;
+the Flax NNX model is split into ``(graphdef, params)`` once. Orbax keeps
+checkpoints (state + grain iterator position) under ``WORKDIR/checkpoints``;
+re-running on the same WORKDIR resumes from the latest one exactly. Every
+logged step appends a JSON object to ``WORKDIR/metrics.jsonl`` (and to
+TensorBoard under ``WORKDIR/tb``); validation adds ``val_*`` entries and a QC
+image under ``WORKDIR/qc``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from jaxreg import metrics as M
+from jaxreg.data import PairSource, fixed_pairs, load_subjects, make_dataset, read_manifest, write_manifest
+from jaxreg.data.manifest import Subject
+from jaxreg.methods import voxelmorph
+from jaxreg.spatial import warp, warp_labels
+from train import parallel
+from train.checkpoint import Checkpointer, abstract_like
+
+METHODS = {"voxelmorph": voxelmorph}
+
+
+# ----------------------------------------------------------------------------- data
+
+def builtin_manifest(source: str, root, workdir: pathlib.Path) -> pathlib.Path:
+    """Write a manifest for a folder of ``../shared/data`` (``ixi`` or ``brats_space``) into ``workdir``."""
+    root = pathlib.Path(root)
+    if source == "ixi":
+        ids = sorted(p.name[: -len("_t1.nii.gz")] for p in (root / "ixi").glob("*_t1.nii.gz"))
+        subjects = [Subject(i, {"t1": root / "ixi" / f"{i}_t1.nii.gz"},
+                            (root / "ixi" / f"{i}_labels.nii.gz") if (root / "ixi" / f"{i}_labels.nii.gz").is_file()
+                            else None) for i in ids]
+    elif source == "brats_space":
+        subjects = []
+        for d in sorted(p for p in (root / "brats_space").iterdir() if p.is_dir()):
+            seg = d / "tumor_seg.nii.gz"
+            subjects.append(Subject(d.name, {c: d / f"{c}.nii.gz" for c in ("t1", "t2", "flair", "t1c")},
+                                    seg if seg.is_file() else None))
+    else:
+        raise ValueError(f"unknown data source {source!r} (use 'ixi', 'brats_space' or a manifest path)")
+    if not subjects:
+        raise FileNotFoundError(f"no {source} subjects under {root}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    return write_manifest(workdir / f"manifest_{source}.csv", subjects)
+
+
+def _split(spec: str, n: int) -> list[int]:
+    a, b = (int(x) if x else None for x in spec.split(":"))
+    return list(range(n))[slice(a, b)]
+
+
+def _axis(d):
+    a = d.get("slice_axis", -1)
+    return None if a is None or a < 0 else int(a)
+
+
+def build_data(config, workdir: pathlib.Path):
+    """``(train_source, val_examples, grid)`` from ``config.data`` (see configs/)."""
+    d = config.data
+    manifest = d.manifest or builtin_manifest(d.source, d.root, workdir)
+    subjects = read_manifest(manifest, contrasts=tuple(d.contrasts))
+    loaded, shape, affine = load_subjects(subjects, contrasts=tuple(d.contrasts), resolution=d.resolution,
+                                          multiple=2 ** len(config.model.enc_features), prealign=d.prealign)
+    if d.get("crop"):
+        crop = tuple(d.crop)
+        for s in loaded:
+            sl = tuple(slice((n - c) // 2, (n - c) // 2 + c) for n, c in zip(shape, crop))
+            s.images = {k: v[sl] for k, v in s.images.items()}
+            s.labels = None if s.labels is None else s.labels[sl]
+        shape = crop
+    train_idx, val_idx = _split(d.train_subjects, len(loaded)), _split(d.val_subjects, len(loaded))
+    train_subjects = [loaded[i] for i in train_idx]
+    source = PairSource(train_subjects, mode=d.mode, fixed_contrast=d.fixed_contrast,
+                        moving_contrast=d.moving_contrast, seed=config.seed, deform_voxels=d.deform_voxels,
+                        remap_fixed=d.remap_fixed or None, slice_axis=_axis(d))
+    val_subjects = [loaded[i] for i in val_idx]
+    val = []
+    if len(val_subjects) >= 2 and d.mode == "inter":
+        pairs = [(k, (k + 1) % len(val_subjects)) for k in range(len(val_subjects))]
+        for remap in d.val_remaps:
+            for ex in fixed_pairs(val_subjects, pairs, fixed_contrast=d.fixed_contrast,
+                                  moving_contrast=d.moving_contrast, remap_fixed=remap or None):
+                ex["name"] += f" ({remap or 'mono'})"
+                val.append(ex)
+    elif val_subjects:
+        vsrc = PairSource(val_subjects, mode=d.mode, fixed_contrast=d.fixed_contrast,
+                          moving_contrast=d.moving_contrast, seed=config.seed + 10_000,
+                          deform_voxels=d.deform_voxels, remap_fixed=d.remap_fixed or None,
+                          slice_axis=_axis(d))
+        val = [dict(vsrc[i], name=f"val{i}") for i in range(d.get("num_val", 4))]
+    return source, val, (shape, affine)
+
+
+# ----------------------------------------------------------------------------- model and steps
+
+def model_config(config):
+    mod = METHODS[config.method]
+    fields = {f.name for f in dataclasses.fields(mod.Config)}
+    kw = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in config.model.items() if k in fields}
+    unknown = set(config.model.keys()) - fields
+    if unknown:
+        raise ValueError(f"unknown model options for {config.method}: {sorted(unknown)}")
+    return mod, mod.Config(**kw)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+    lr = config.learning_rate
+    if config.get("schedule", "constant") == "cosine":
+        warm = min(config.get("warmup_steps", 0), config.num_train_steps // 2)
+        lr = optax.warmup_cosine_decay_schedule(0.0, lr, warm, max(config.num_train_steps, warm + 1),
+                                                end_value=0.1 * lr)
+    tx = optax.adam(lr)
+    if config.get("grad_clip"):
+        tx = optax.chain(optax.clip_by_global_norm(config.grad_clip), tx)
+    return tx
+
+
+def create_state(config, mesh):
+    """``(graphdef, state, tx, method_module)``; ``state`` is replicated on ``mesh``."""
+    mod, mcfg = model_config(config)
+    key = jax.random.key(config.seed)
+    model = mod.init(jax.random.fold_in(key, 0), mcfg)
+    graphdef, params = nnx.split(model)
+    tx = make_optimizer(config)
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+             "key": jax.random.key_data(jax.random.fold_in(key, 1))}
+    state = jax.device_put(state, parallel.replicated(mesh))
+    return graphdef, state, tx, mod
+
+
+def make_train_step(graphdef, tx, mod, mesh):
+    """Jitted ``(state, batch) -> (state, metrics)``; state donated, batch sharded over ``'data'``."""
+    repl, bsh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+
+    def step(state, batch):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state["key"]), state["step"])
+
+        def loss(params):
+            return mod.loss_fn(nnx.merge(graphdef, params), batch, key=key)
+
+        (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {"loss": value, "similarity": aux["similarity"], "smoothness": aux["smoothness"],
+                   "grad_norm": optax.global_norm(grads)}
+        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "key": state["key"]}, metrics
+
+    return jax.jit(step, in_shardings=(repl, bsh), out_shardings=(repl, repl), donate_argnums=0)
+
+
+def make_forward(graphdef):
+    """Jitted ``(params, fixed, moving, lam) -> disp`` for evaluation (``lam`` None unless lambda-conditioned)."""
+
+    @jax.jit
+    def forward(params, fixed, moving, lam):
+        _, disp, _ = nnx.merge(graphdef, params)(fixed, moving, lam)
+        return disp
+
+    return forward
+
+
+def evaluate(forward, params, examples, *, lam=None) -> dict:
+    """Mean Dice (labels present in either map), % folding and SDlogJ over validation examples."""
+    dices, folds, sd, per = [], [], [], []
+    for ex in examples:
+        f, m = jnp.asarray(ex["fixed"])[None], jnp.asarray(ex["moving"])[None]
+        lam_b = None if lam is None else jnp.full((1,), lam, jnp.float32)
+        disp = forward(params, f, m, lam_b)[0]
+        row = {"name": ex["name"], "folding_percent": float(M.folding_percent(disp)), "sdlogj": float(M.sdlogj(disp))}
+        if "fixed_labels" in ex:
+            warped = np.asarray(warp_labels(jnp.asarray(ex["moving_labels"]), disp))
+            row["dice"] = float(np.nanmean(M.dice(warped, ex["fixed_labels"])))
+            row["dice_before"] = float(np.nanmean(M.dice(ex["moving_labels"], ex["fixed_labels"])))
+            dices.append(row["dice"])
+        folds.append(row["folding_percent"])
+        sd.append(row["sdlogj"])
+        per.append(row)
+    out = {"val_folding_percent": float(np.mean(folds)), "val_sdlogj": float(np.mean(sd)), "val_pairs": per}
+    if dices:
+        out["val_dice"] = float(np.mean(dices))
+        out["val_dice_before"] = float(np.mean([r["dice_before"] for r in per if "dice_before" in r]))
+    return out
+
+
+# ----------------------------------------------------------------------------- logging
+
+class Logger:
+    """Appends JSON lines to ``metrics.jsonl`` and scalars to TensorBoard."""
+
+    def __init__(self, workdir: pathlib.Path, resume_step: int):
+        self.path = workdir / "metrics.jsonl"
+        if self.path.exists():  # drop lines logged after the checkpoint we resume from
+            keep = [ln for ln in self.path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            self.path.write_text("".join(k + "\n" for k in keep))
+        from tensorboardX import SummaryWriter
+
+        self.tb = SummaryWriter(str(workdir / "tb"))
+
+    def write(self, step: int, values: dict) -> None:
+        row = {"step": int(step), **{k: (None if isinstance(v, float) and not np.isfinite(v) else v)
+                                      for k, v in values.items()}}
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        for k, v in values.items():
+            if isinstance(v, (int, float)) and np.isfinite(v):
+                self.tb.add_scalar(k, v, step)
+
+    def close(self):
+        self.tb.close()
+
+
+def _qc(path, ex, disp):
+    from jaxreg.viz import qc_figure
+
+    warped = np.asarray(warp(jnp.asarray(ex["moving"]), disp))[..., 0]
+    qc_figure(ex["fixed"][..., 0], ex["moving"][..., 0], warped, np.asarray(disp), np.asarray(M.jacobian_det(disp)),
+              path, overwrite=True, title=ex["name"])
+
+
+# ----------------------------------------------------------------------------- main loop
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
+    """Train ``config.method`` on ``config.data``; resume from ``workdir`` if it holds checkpoints.
+
+    Returns the last logged metrics and validation summary (also in
+    ``workdir/metrics.jsonl``).
+
+    Raises:
+      ValueError: batch size not divisible by the number of devices, bad config.
+    """
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = parallel.make_mesh(config.get("num_devices") or None)
+    if config.batch_size % mesh.devices.size:
+        raise ValueError(f"batch_size {config.batch_size} must be divisible by the {mesh.devices.size} devices")
+    source, val, grid = build_data(config, workdir)
+    graphdef, state, tx, mod = create_state(config, mesh)
+    ckpt = Checkpointer(workdir / "checkpoints", keep=config.get("keep_checkpoints", 3))
+    data_state = None
+    if ckpt.latest_step() is not None:
+        state, data_state = ckpt.restore(abstract_like(state, parallel.replicated(mesh)))
+    start = int(state["step"])
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
+    it = iter(make_dataset(source, batch_size=config.batch_size))
+    if data_state is not None:
+        it.set_state(data_state)
+    train_step = make_train_step(graphdef, tx, mod, mesh)
+    forward = make_forward(graphdef)
+    logger = Logger(workdir, start)
+    last, last_val = {}, {}
+    t0, t_last = time.perf_counter(), time.perf_counter()
+    steps_since = 0
+    lam_eval = config.get("eval_lambda") if config.model.get("hyper") else None
+    with tqdm(total=config.num_train_steps, initial=start, desc="train", disable=config.get("quiet", False)) as bar:
+        for step in range(start, config.num_train_steps):
+            batch = next(it)
+            batch = parallel.shard_batch({k: batch[k] for k in ("fixed", "moving")}, mesh)
+            state, metrics = train_step(state, batch)
+            steps_since += 1
+            done = step + 1
+            bar.update(1)
+            if done % config.log_every == 0 or done == config.num_train_steps:
+                vals = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                now = time.perf_counter()
+                vals["steps_per_s"] = steps_since / (now - t_last)
+                t_last, steps_since = now, 0
+                logger.write(done, vals)
+                bar.set_postfix(loss=f"{vals['loss']:.4g}")
+                last = vals
+            if done % config.checkpoint_every == 0 or done == config.num_train_steps:
+                ckpt.save(done, state, it.get_state())
+            if val and config.eval_every and (done % config.eval_every == 0 or done == config.num_train_steps):
+                res = evaluate(forward, state["params"], val, lam=lam_eval)
+                logger.write(done, {k: v for k, v in res.items() if k != "val_pairs"})
+                (workdir / "qc").mkdir(exist_ok=True)
+                ex = val[0]
+                disp = forward(state["params"], jnp.asarray(ex["fixed"])[None], jnp.asarray(ex["moving"])[None],
+                               None if lam_eval is None else jnp.full((1,), lam_eval, jnp.float32))[0]
+                _qc(workdir / "qc" / f"step_{done:07d}.png", ex, disp)
+                last_val = res
+    ckpt.close()
+    logger.close()
+    return {"step": int(state["step"]), "wall_s": time.perf_counter() - t0, **last,
+            **{k: v for k, v in last_val.items()}, "train_step_traces": train_step._cache_size()}
