@@ -227,8 +227,10 @@ def launch(framework, what, shape, args):
            "--threads", str(args.threads)]
     t0 = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
-    if out.returncode != 0:
-        raise RuntimeError(f"{framework} {what} {shape} failed:\n{out.stderr[-3000:]}")
+    if out.returncode != 0:  # e.g. killed for memory: record it instead of losing the other rows
+        print(out.stderr[-2000:], file=sys.stderr)
+        return {"median_s": None, "times_s": [], "peak_rss_mib": None, "failed": f"exit {out.returncode}",
+                "process_s": time.perf_counter() - t0}
     res = json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT "))[7:])
     res["process_s"] = time.perf_counter() - t0
     return res
@@ -257,9 +259,10 @@ def main():
         for fw in ("jax", "torch"):
             res = launch(fw, what, shape, args)
             r[fw] = res
-            print(f"{name} {fw}: {res['median_s']:.3f} s/step, peak RSS {res['peak_rss_mib']:.0f} MiB", flush=True)
-        r["time_ratio_jax_over_torch"] = r["jax"]["median_s"] / r["torch"]["median_s"]
-        r["memory_ratio_jax_over_torch"] = r["jax"]["peak_rss_mib"] / r["torch"]["peak_rss_mib"]
+            print(f"{name} {fw}: {res}", flush=True)
+        ok = r["jax"]["median_s"] is not None and r["torch"]["median_s"] is not None
+        r["time_ratio_jax_over_torch"] = r["jax"]["median_s"] / r["torch"]["median_s"] if ok else None
+        r["memory_ratio_jax_over_torch"] = r["jax"]["peak_rss_mib"] / r["torch"]["peak_rss_mib"] if ok else None
         rows.append(r)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "jax": jax.__version__, "torch": torch.__version__,
             "python": platform.python_version(), "threads": args.threads, "steps": args.steps,
@@ -273,11 +276,12 @@ def main():
           f"median of {args.steps} steps after {args.warmup} warm-up; command `{meta['command']}`", "",
           "| case | shape | JAX s/step | PyTorch s/step | time ratio JAX/PyTorch | JAX peak RSS MiB | "
           "PyTorch peak RSS MiB | memory ratio |", "|---|---|---|---|---|---|---|---|"]
+    f = lambda v, fmt: "failed" if v is None else fmt.format(v)  # noqa: E731
     for r in rows:
-        md.append(f"| {r['case']} ({r['what']}) | {'x'.join(map(str, r['shape']))} | {r['jax']['median_s']:.3f} | "
-                  f"{r['torch']['median_s']:.3f} | {r['time_ratio_jax_over_torch']:.2f} | "
-                  f"{r['jax']['peak_rss_mib']:.0f} | {r['torch']['peak_rss_mib']:.0f} | "
-                  f"{r['memory_ratio_jax_over_torch']:.2f} |")
+        md.append(f"| {r['case']} ({r['what']}) | {'x'.join(map(str, r['shape']))} | "
+                  f"{f(r['jax']['median_s'], '{:.3f}')} | {f(r['torch']['median_s'], '{:.3f}')} | "
+                  f"{f(r['time_ratio_jax_over_torch'], '{:.2f}')} | {f(r['jax']['peak_rss_mib'], '{:.0f}')} | "
+                  f"{f(r['torch']['peak_rss_mib'], '{:.0f}')} | {f(r['memory_ratio_jax_over_torch'], '{:.2f}')} |")
     (args.out / "train_step.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

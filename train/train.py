@@ -158,7 +158,7 @@ def make_train_step(graphdef, tx, mod, mesh):
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {"loss": value, "similarity": aux["similarity"], "smoothness": aux["smoothness"],
-                   "grad_norm": optax.global_norm(grads)}
+                   "grad_norm": optax.tree.norm(grads)}
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "key": state["key"]}, metrics
 
     return jax.jit(step, in_shardings=(repl, bsh), out_shardings=(repl, repl), donate_argnums=0)

@@ -6,6 +6,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
+from jaxreg.nn.conv import conv_general_dilated
+
 LEAKY_SLOPE = 0.2  # VoxelMorph (Balakrishnan et al., IEEE TMI 2019, Sec. III-B)
 
 
@@ -26,7 +28,8 @@ class ConvBlock(nnx.Module):
         if ndim not in (2, 3):
             raise ValueError(f"ndim must be 2 or 3, got {ndim}")
         self.ndim, self.in_features, self.out_features = ndim, in_features, out_features
-        self.conv = nnx.Conv(in_features, out_features, (3,) * ndim, strides=stride, padding="SAME", rngs=rngs)
+        self.conv = nnx.Conv(in_features, out_features, (3,) * ndim, strides=stride, padding="SAME",
+                             conv_general_dilated=conv_general_dilated, rngs=rngs)
         self.norm = nnx.GroupNorm(out_features, num_groups=out_features, use_bias=False, use_scale=False,
                                   epsilon=1e-5, rngs=rngs) if norm else None
 

@@ -17,6 +17,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from jaxreg.nn.blocks import ConvBlock, concat, max_pool, upsample_to
+from jaxreg.nn.conv import conv_general_dilated
 from jaxreg.spatial import integrate, resize_disp
 
 VXM_ENC = (16, 32, 32, 32)
@@ -120,7 +121,7 @@ class SVFNet(nnx.Module):
                          final_features=final_features, norm=norm, rngs=rngs)
         self.flow = nnx.Conv(self.unet.out_features, ndim, (3,) * ndim, padding="SAME",
                              kernel_init=nnx.initializers.normal(1e-5), bias_init=nnx.initializers.zeros,
-                             rngs=rngs)
+                             conv_general_dilated=conv_general_dilated, rngs=rngs)
         self.int_steps, self.int_downsize, self.bidirectional = int_steps, int_downsize, bidirectional
         self.conditioned_features = self.unet.conditioned_features
 

@@ -67,3 +67,33 @@ def test_svfnet_identity_at_init_and_inverse(int_downsize):
     resid = jnp.linalg.norm(compose(i, d), axis=-1)[6:-6, 6:-6]
     # Integrating at half resolution adds the error of the linear resize of exp(v) and exp(-v).
     assert float(jnp.mean(resid)) < (0.05 if int_downsize == 1 else 0.08)
+
+
+@pytest.mark.parametrize("kernel", [(3, 3, 3), (1, 3, 5), (5, 1, 3)])
+def test_conv3d_matches_lax_with_gradients(kernel):
+    from jaxreg.nn.conv import _conv3d_cpu
+
+    x = jax.random.normal(jax.random.key(0), (2, 7, 6, 9, 3))
+    w = jax.random.normal(jax.random.key(1), (*kernel, 3, 4))
+    ref = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1, 1), "SAME",  # noqa: E731
+                                                    dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    np.testing.assert_allclose(np.asarray(_conv3d_cpu(x, w)), np.asarray(ref(x, w)), rtol=1e-4, atol=1e-4)
+    loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))  # noqa: E731
+    ga = jax.grad(loss(ref), argnums=(0, 1))(x, w)
+    gb = jax.grad(loss(_conv3d_cpu), argnums=(0, 1))(x, w)
+    for a, b in zip(ga, gb):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-4)
+
+
+def test_conv3d_errors_and_routing():
+    from jaxreg.nn.conv import conv3d, conv_general_dilated
+
+    with pytest.raises(ValueError, match="odd"):
+        conv3d(jnp.ones((1, 4, 4, 4, 2)), jnp.ones((2, 3, 3, 2, 2)))
+    with pytest.raises(ValueError, match="expects"):
+        conv3d(jnp.ones((4, 4, 4, 2)), jnp.ones((3, 3, 3, 2, 2)))
+    # Strided / 2D convolutions go to XLA unchanged.
+    x = jnp.ones((1, 8, 8, 8, 2))
+    w = jnp.ones((3, 3, 3, 2, 1))
+    out = conv_general_dilated(x, w, (2, 2, 2), "SAME", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    assert out.shape == (1, 4, 4, 4, 1)
