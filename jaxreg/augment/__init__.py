@@ -1,4 +1,7 @@
-"""Data augmentation: random deformations (more in later issues)."""
+"""Data augmentation (keyed, jittable): random deformations, affine, flips; gamma, bias field, noise."""
 from jaxreg.augment.deform import random_deformation, random_velocity
+from jaxreg.augment.intensity import random_bias_field, random_gamma, random_noise
+from jaxreg.augment.spatial import random_affine, random_affine_matrix, random_flip, random_svf
 
-__all__ = ["random_deformation", "random_velocity"]
+__all__ = ["random_affine", "random_affine_matrix", "random_bias_field", "random_deformation", "random_flip",
+           "random_gamma", "random_noise", "random_svf", "random_velocity"]
