@@ -26,6 +26,12 @@ from jaxreg.optimize import InstanceConfig, normalize_intensity, register_instan
 from jaxreg.optimize.instance import InstanceResult
 from jaxreg.spatial import identity_grid, resize_disp, sample, voxel_spacing
 
+# Affine-only MI registration used to pre-align training subjects (jaxreg.data.load_subjects) and the
+# inputs of learned methods (register_volumes_learned), so both see the same kind of alignment.
+PREALIGN_CONFIG = InstanceConfig(transform="affine", similarity="mi", levels=1, iterations=(1,),
+                                 learning_rates=(1e-2,), smoothness=(0.0,), affine_iterations=(150, 100),
+                                 affine_finest_factor=2)
+
 METHODS = {"io-mind": "mind", "io-mi": "mi", "io-nmi": "nmi", "io-ngf": "ngf", "io-lncc": "lncc", "io-mse": "mse"}
 
 
@@ -209,9 +215,7 @@ def register_volumes_learned(fixed: Volume, moving: Volume, *, module, model, la
     d = len(work_shape)
     matrix = np.eye(d + 1)
     if affine:
-        acfg = InstanceConfig(transform="affine", similarity="mi", levels=1, iterations=(1,), learning_rates=(1e-2,),
-                              smoothness=(0.0,), affine_iterations=(150, 100), affine_finest_factor=2)
-        matrix = np.asarray(register_instance(fixed_w, moving_w, config=acfg).matrix, np.float64)
+        matrix = np.asarray(register_instance(fixed_w, moving_w, config=PREALIGN_CONFIG).matrix, np.float64)
         report("affine pre-alignment done")
     grid = identity_grid(work_shape)
     m32 = jnp.asarray(matrix, jnp.float32)

@@ -85,8 +85,8 @@ def load_subjects(subjects: list[Subject], *, contrasts, resolution: float = 2.0
     Raises:
       ValueError: missing contrasts, non-3D images.
     """
-    from jaxreg.optimize import InstanceConfig, register_instance
-    from jaxreg.pipeline import working_grid
+    from jaxreg.optimize import register_instance
+    from jaxreg.pipeline import PREALIGN_CONFIG, working_grid
 
     contrasts = tuple(contrasts)
     for s in subjects:
@@ -101,8 +101,7 @@ def load_subjects(subjects: list[Subject], *, contrasts, resolution: float = 2.0
         shape, affine = tuple(reference[0]), np.asarray(reference[1], np.float64)
     out = []
     ref_img = None
-    cfg = InstanceConfig(transform="affine", similarity="mi", levels=1, iterations=(1,), learning_rates=(1e-2,),
-                         smoothness=(0.0,), affine_iterations=(150, 100), affine_finest_factor=2)
+    cfg = PREALIGN_CONFIG
     for k, s in enumerate(subjects):
         vols = {c: load_image(s.images[c]) for c in contrasts}
         for c, v in vols.items():
