@@ -18,8 +18,8 @@ at 2 mm (128x128x96) one train step takes ~20 s (U-Net step at 96x112x96: 14.2 s
 benchmarks/results/train_step.md), so the 2000 steps here need ~11 h on such a
 machine (minutes on a GPU). A CPU run at 3 mm
 (``--config.data.resolution=3.0 --config.num_train_steps=400 --config.model.reg_weight=0.02``,
-6.3 s/step) stopped after 200 steps (21 min) had learned no Dice gain yet on the
-validation pairs (affine 0.461 -> network 0.461 mono / 0.457 cross; io-mind 0.532 /
+6.3 s/step, 400 steps in 43 min) had learned almost no Dice gain on the validation
+pairs (affine 0.461 -> network 0.462 mono / 0.463 cross, 0 % folding; io-mind 0.532 /
 0.523 on the same pairs; benchmarks/results/learned_vs_io.md). ``reg_weight`` is
 not swept yet.
 """
