@@ -12,7 +12,6 @@ image under ``WORKDIR/qc``.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import pathlib
 import time
@@ -28,13 +27,10 @@ from tqdm import tqdm
 from jaxreg import metrics as M
 from jaxreg.data import PairSource, fixed_pairs, load_subjects, make_dataset, read_manifest, write_manifest
 from jaxreg.data.manifest import Subject
-from jaxreg.methods import voxelmorph
+from jaxreg.methods import method_config
 from jaxreg.spatial import warp, warp_labels
 from train import parallel
 from train.checkpoint import Checkpointer, abstract_like
-
-METHODS = {"voxelmorph": voxelmorph}
-
 
 # ----------------------------------------------------------------------------- data
 
@@ -109,16 +105,6 @@ def build_data(config, workdir: pathlib.Path):
 
 # ----------------------------------------------------------------------------- model and steps
 
-def model_config(config):
-    mod = METHODS[config.method]
-    fields = {f.name for f in dataclasses.fields(mod.Config)}
-    kw = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in config.model.items() if k in fields}
-    unknown = set(config.model.keys()) - fields
-    if unknown:
-        raise ValueError(f"unknown model options for {config.method}: {sorted(unknown)}")
-    return mod, mod.Config(**kw)
-
-
 def make_optimizer(config) -> optax.GradientTransformation:
     lr = config.learning_rate
     if config.get("schedule", "constant") == "cosine":
@@ -133,7 +119,7 @@ def make_optimizer(config) -> optax.GradientTransformation:
 
 def create_state(config, mesh):
     """``(graphdef, state, tx, method_module)``; ``state`` is replicated on ``mesh``."""
-    mod, mcfg = model_config(config)
+    mod, mcfg = method_config(config.method, dict(config.model))
     key = jax.random.key(config.seed)
     model = mod.init(jax.random.fold_in(key, 0), mcfg)
     graphdef, params = nnx.split(model)
@@ -176,12 +162,17 @@ def make_forward(graphdef):
 
 
 def evaluate(forward, params, examples, *, lam=None) -> dict:
-    """Mean Dice (labels present in either map), % folding and SDlogJ over validation examples."""
+    """Mean Dice (labels present in either map), % folding and SDlogJ over validation examples.
+
+    Also returns ``first_disp``, the first example's displacement (for the QC image).
+    """
     dices, folds, sd, per = [], [], [], []
     for ex in examples:
         f, m = jnp.asarray(ex["fixed"])[None], jnp.asarray(ex["moving"])[None]
         lam_b = None if lam is None else jnp.full((1,), lam, jnp.float32)
         disp = forward(params, f, m, lam_b)[0]
+        if not per:
+            first_disp = disp
         row = {"name": ex["name"], "folding_percent": float(M.folding_percent(disp)), "sdlogj": float(M.sdlogj(disp))}
         if "fixed_labels" in ex:
             warped = np.asarray(warp_labels(jnp.asarray(ex["moving_labels"]), disp))
@@ -191,7 +182,8 @@ def evaluate(forward, params, examples, *, lam=None) -> dict:
         folds.append(row["folding_percent"])
         sd.append(row["sdlogj"])
         per.append(row)
-    out = {"val_folding_percent": float(np.mean(folds)), "val_sdlogj": float(np.mean(sd)), "val_pairs": per}
+    out = {"val_folding_percent": float(np.mean(folds)), "val_sdlogj": float(np.mean(sd)), "val_pairs": per,
+           "first_disp": first_disp}
     if dices:
         out["val_dice"] = float(np.mean(dices))
         out["val_dice_before"] = float(np.mean([r["dice_before"] for r in per if "dice_before" in r]))
@@ -288,12 +280,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
                 ckpt.save(done, state, it.get_state())
             if val and config.eval_every and (done % config.eval_every == 0 or done == config.num_train_steps):
                 res = evaluate(forward, state["params"], val, lam=lam_eval)
+                disp = res.pop("first_disp")
                 logger.write(done, {k: v for k, v in res.items() if k != "val_pairs"})
                 (workdir / "qc").mkdir(exist_ok=True)
-                ex = val[0]
-                disp = forward(state["params"], jnp.asarray(ex["fixed"])[None], jnp.asarray(ex["moving"])[None],
-                               None if lam_eval is None else jnp.full((1,), lam_eval, jnp.float32))[0]
-                _qc(workdir / "qc" / f"step_{done:07d}.png", ex, disp)
+                _qc(workdir / "qc" / f"step_{done:07d}.png", val[0], disp)
                 last_val = res
     ckpt.close()
     logger.close()

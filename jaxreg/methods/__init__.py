@@ -9,6 +9,22 @@ from jaxreg.methods import voxelmorph
 METHODS = {"voxelmorph": voxelmorph}
 
 
+def method_config(name: str, model: dict):
+    """``(module, module.Config)`` for method ``name`` from a mapping of its model options (lists -> tuples).
+
+    Raises:
+      ValueError: unknown method or unknown options.
+    """
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r} (known: {sorted(METHODS)})")
+    mod = METHODS[name]
+    fields = {f.name for f in dataclasses.fields(mod.Config)}
+    unknown = set(model.keys()) - fields
+    if unknown:
+        raise ValueError(f"unknown model options for {name}: {sorted(unknown)}")
+    return mod, mod.Config(**{k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in model.items()})
+
+
 def restore_model(config: dict, params: dict):
     """``(module, model)`` from a run's config dict and its pure-dict parameters (:func:`jaxreg.io.load_trained`).
 
@@ -16,11 +32,7 @@ def restore_model(config: dict, params: dict):
       ValueError: unknown method, or parameters that do not fit the configured model.
     """
     name = config.get("method")
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r} in the run's config (known: {sorted(METHODS)})")
-    mod = METHODS[name]
-    fields = {f.name for f in dataclasses.fields(mod.Config)}
-    cfg = mod.Config(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in config["model"].items() if k in fields})
+    mod, cfg = method_config(name, config["model"])
     abstract = nnx.eval_shape(lambda: mod.init(jax.random.key(0), cfg))
     graphdef, state = nnx.split(abstract)
     try:
