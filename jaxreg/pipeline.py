@@ -23,7 +23,7 @@ from jaxreg import losses as L
 from jaxreg import metrics as M
 from jaxreg.io import Volume, grid_to_grid_matrix, resample_to_grid, voxel_disp_to_world
 from jaxreg.optimize import InstanceConfig, normalize_intensity, register_instance, similarity_fn
-from jaxreg.optimize.instance import InstanceResult
+from jaxreg.optimize.instance import InstanceResult, compose_affine_deformable
 from jaxreg.spatial import identity_grid, resize_disp, sample, voxel_spacing
 
 # Affine-only MI registration used to pre-align training subjects (jaxreg.data.load_subjects) and the
@@ -184,7 +184,7 @@ def register_volumes_learned(fixed: Volume, moving: Volume, *, module, model, la
     The scans are resampled onto the working grid (fixed field of view,
     ``resolution`` mm), the moving scan is affinely pre-aligned by jaxreg's
     affine stage (MI, as the training data were), both are normalised to
-    [0, 1] (0.5-99.5 percentiles, as :func:`jaxreg.data.normalize`) and
+    [0, 1] (0.5-99.5 percentiles, ``normalize_intensity``, as the training data were) and
     zero-padded to sizes divisible by ``2 ** levels``; one forward pass of
     ``module.register`` gives the deformable part, which is composed with the
     affine and handled exactly as :func:`register_volumes`' result.
@@ -202,8 +202,6 @@ def register_volumes_learned(fixed: Volume, moving: Volume, *, module, model, la
     Raises:
       ValueError: non-3D scans, or ``lam`` inconsistent with the model.
     """
-    from jaxreg.data.pipeline import normalize
-
     for name, vol in (("fixed", fixed), ("moving", moving)):
         if vol.data.ndim != 3:
             raise ValueError(f"{name} must be a 3D scan, got shape {vol.data.shape}")
@@ -221,20 +219,15 @@ def register_volumes_learned(fixed: Volume, moving: Volume, *, module, model, la
     m32 = jnp.asarray(matrix, jnp.float32)
     aff_coords = grid @ m32[:d, :d].T + m32[:d, d]
     moving_aff = _sample(moving_w, aff_coords, padding="zeros")
-    f = jnp.asarray(normalize(np.asarray(fixed_w)))
-    m = jnp.asarray(normalize(np.asarray(moving_aff)))
+    f, m = normalize_intensity(fixed_w), normalize_intensity(moving_aff)
     mult = 2 ** len(model.config.enc_features)
     padded = tuple(int(np.ceil(s / mult) * mult) for s in work_shape)
     before = [(p - s) // 2 for p, s in zip(padded, work_shape)]
     pad = [(b, p - s - b) for b, p, s in zip(before, padded, work_shape)] + [(0, 0)]
     out = module.register(model, jnp.pad(f, pad), jnp.pad(m, pad), lam=lam)
     crop = tuple(slice(b, b + s) for b, s in zip(before, work_shape))
-    u, u_inv = out.disp[crop], out.inverse_disp[crop]
-    y = grid + u
-    total = y @ m32[:d, :d].T + m32[:d, d] - grid
-    inv_m = jnp.asarray(np.linalg.inv(matrix), jnp.float32)
-    pre = grid @ inv_m[:d, :d].T + inv_m[:d, d]
-    inverse = pre + _sample(u_inv, pre, padding="border") - grid
+    u = out.disp[crop]
+    total, inverse = compose_affine_deformable(matrix, u, out.inverse_disp[crop])
     jax.block_until_ready(total)
     runtime = time.perf_counter() - t0
     report(f"network forward done ({runtime:.1f} s with the affine stage)")

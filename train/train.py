@@ -84,7 +84,8 @@ def build_data(config, workdir: pathlib.Path):
     train_subjects = [loaded[i] for i in train_idx]
     source = PairSource(train_subjects, mode=d.mode, fixed_contrast=d.fixed_contrast,
                         moving_contrast=d.moving_contrast, seed=config.seed, deform_voxels=d.deform_voxels,
-                        remap_fixed=d.remap_fixed or None, slice_axis=_axis(d))
+                        remap_fixed=d.remap_fixed or None, slice_axis=_axis(d),
+                        keep_target=d.get("loss_on_original_fixed", False))
     val_subjects = [loaded[i] for i in val_idx]
     val = []
     if len(val_subjects) >= 2 and d.mode == "inter":
@@ -263,7 +264,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     with tqdm(total=config.num_train_steps, initial=start, desc="train", disable=config.get("quiet", False)) as bar:
         for step in range(start, config.num_train_steps):
             batch = next(it)
-            batch = parallel.shard_batch({k: batch[k] for k in ("fixed", "moving")}, mesh)
+            batch = parallel.shard_batch({k: batch[k] for k in ("fixed", "moving", "fixed_target") if k in batch},
+                                         mesh)
             state, metrics = train_step(state, batch)
             steps_since += 1
             done = step + 1

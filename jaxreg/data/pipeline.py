@@ -29,6 +29,7 @@ from scipy import ndimage as ndi
 
 from jaxreg.data.manifest import Subject
 from jaxreg.io import load_image, load_labels, resample_to_grid
+from jaxreg.optimize import normalize_intensity
 
 MODES = ("inter", "intra", "self")
 
@@ -58,11 +59,12 @@ def padded_grid(shape, affine, multiple: int):
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
-    """0.5-99.5 percentile window to [0, 1] (float32, constant images -> 0)."""
-    lo, hi = np.percentile(x, [0.5, 99.5])
-    if hi <= lo:
-        return np.zeros_like(x, np.float32)
-    return np.clip((x - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+    """0.5-99.5 percentile window of a single-channel ``(*spatial)`` image to [0, 1] (float32; constant -> 0).
+
+    The same normalisation as :func:`jaxreg.optimize.normalize_intensity`
+    (which the instance-optimisation methods and ``jaxreg register`` use).
+    """
+    return np.asarray(normalize_intensity(np.asarray(x, np.float32)[..., None]))[..., 0]
 
 
 def load_subjects(subjects: list[Subject], *, contrasts, resolution: float = 2.0, multiple: int = 16,
@@ -160,7 +162,13 @@ def random_remap(rng: np.random.Generator, image: np.ndarray, *, knots: int = 6)
 
 
 def sin_remap(image: np.ndarray) -> np.ndarray:
-    """The fixed remap of ``benchmarks/io_registration.py``'s cross-contrast IXI case: ``sin(0.9 pi x)``."""
+    """``sin(0.9 pi x)`` of a [0, 1]-normalised image (background 0 stays 0).
+
+    The curve of ``benchmarks/io_registration.py``'s cross-contrast IXI case;
+    there ``x`` is the raw scan divided by its 99th foreground percentile,
+    here the image normalised by :func:`normalize` (0.5-99.5 percentiles of
+    all voxels), so the two remapped images differ by that intensity scaling.
+    """
     return np.where(image > 0, np.sin(0.9 * np.pi * np.clip(image, 0, 1)), 0.0).astype(np.float32)
 
 
@@ -174,6 +182,10 @@ class PairSource:
     ``moving_labels`` ``(*spatial)`` int32 (the moving labels follow the
     moving image's deformation). ``slice_axis`` turns 3D subjects into 2D
     examples (a random slice through the central half of the foreground).
+    With ``remap_fixed`` and ``keep_target`` an example also holds
+    ``fixed_target``, the fixed image before its intensity remap: a loss may
+    compare the warped moving image with it while the network sees the
+    remapped contrast (contrast augmentation of the input only).
 
     Raises:
       ValueError: unknown mode/contrasts, or too few subjects for ``inter``.
@@ -182,7 +194,7 @@ class PairSource:
     def __init__(self, subjects: list[SubjectData], *, mode: str = "inter", fixed_contrast: str = "t1",
                  moving_contrast: str = "t1", seed: int = 0, deform_voxels: float = 0.0,
                  deform_spacing: int = 16, remap_fixed: str | None = None, slice_axis: int | None = None,
-                 length: int = 2 ** 31 - 1):
+                 keep_target: bool = False, length: int = 2 ** 31 - 1):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "inter" and len(subjects) < 2:
@@ -198,6 +210,7 @@ class PairSource:
         self.deform_voxels, self.deform_spacing = float(deform_voxels), int(deform_spacing)
         self.remap_fixed, self.slice_axis, self.length = remap_fixed, slice_axis, int(length)
         self.with_labels = all(s.labels is not None for s in subjects)
+        self.keep_target = bool(keep_target) and remap_fixed is not None
 
     def __len__(self) -> int:
         return self.length
@@ -226,11 +239,14 @@ class PairSource:
             u = random_smooth_disp(rng, moving.shape[:-1], magnitude=self.deform_voxels, spacing=self.deform_spacing)
             moving = warp_numpy(moving, u)
             ml = None if ml is None else warp_numpy(ml, u, order=0)
+        target = fixed
         if self.remap_fixed == "random":
             fixed = random_remap(rng, fixed)
         elif self.remap_fixed == "sin":
             fixed = sin_remap(fixed)
         out = {"fixed": fixed, "moving": moving}
+        if self.keep_target:
+            out["fixed_target"] = target
         if self.with_labels:
             out["fixed_labels"] = np.asarray(fl, np.int32)
             out["moving_labels"] = np.asarray(ml, np.int32)

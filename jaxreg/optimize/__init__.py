@@ -5,10 +5,11 @@ from jaxreg.optimize.instance import (
     InstanceConfig,
     InstanceResult,
     center_of_mass,
+    gaussian_blur,
     normalize_intensity,
     register_instance,
     similarity_fn,
 )
 
-__all__ = ["SIMILARITIES", "TRANSFORMS", "InstanceConfig", "InstanceResult", "center_of_mass",
+__all__ = ["SIMILARITIES", "TRANSFORMS", "InstanceConfig", "InstanceResult", "center_of_mass", "gaussian_blur",
            "normalize_intensity", "register_instance", "similarity_fn"]

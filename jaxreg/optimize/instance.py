@@ -199,8 +199,11 @@ class InstanceResult(NamedTuple):
 # ----------------------------------------------------------------------------- pyramid and features
 
 
-def _gaussian_blur(image, sigma):
+def gaussian_blur(image, sigma):
     """Separable Gaussian blur of ``(*spatial, C)`` (border replicated, radius ``ceil(2.5 sigma)``).
+
+    ``sigma`` is a Python float in voxels (``<= 0``: the image unchanged);
+    returns an array of the input's shape and dtype.
 
     Each axis is a weighted sum of shifted slices: a handful of fused
     multiply-adds per voxel, much faster on CPU than a vmapped 1D convolution.
@@ -227,7 +230,7 @@ def _downsample(image, factor):
     """Anti-aliased downsampling of ``(*spatial, C)`` by ``factor``."""
     if factor == 1:
         return image
-    blurred = _gaussian_blur(image, 0.5 * factor)
+    blurred = gaussian_blur(image, 0.5 * factor)
     shape = _level_shape(image.shape[:-1], factor)
     return jax.image.resize(blurred, shape + image.shape[-1:], method="linear", antialias=False)
 
@@ -237,7 +240,7 @@ def _level_features(image, *, factor, cfg: InstanceConfig):
     """Features of ``image`` at pyramid level ``factor`` (MIND-SSC or the image itself)."""
     image = _downsample(image, factor)
     if cfg.similarity == "mind":
-        return _gaussian_blur(L.mind_ssc(image, radius=cfg.mind_radius, dilation=cfg.mind_dilation),
+        return gaussian_blur(L.mind_ssc(image, radius=cfg.mind_radius, dilation=cfg.mind_dilation),
                               cfg.feature_sigma)
     return image
 
@@ -400,7 +403,7 @@ def _deformable_level(field, fixed_f, moving_f, mask, box, key, *, cfg, level):
     sampled = cfg.similarity in _SAMPLED and 0 < cfg.num_samples < n_vox
 
     def field_disp(field):
-        return _integrate_field(_gaussian_blur(field, cfg.field_sigma), cfg)
+        return _integrate_field(gaussian_blur(field, cfg.field_sigma), cfg)
 
     def loss_fn(field, step_key):
         disp_field = field_disp(field)
@@ -427,7 +430,7 @@ def _deformable_level(field, fixed_f, moving_f, mask, box, key, *, cfg, level):
         return (optax.apply_updates(field, upd), state), loss
 
     (field, _), curve = jax.lax.scan(step, (field, opt.init(field)), jnp.arange(cfg.iterations[level]))
-    return _gaussian_blur(field, cfg.field_sigma), curve
+    return gaussian_blur(field, cfg.field_sigma), curve
 
 
 def _integrate_field(field, cfg: InstanceConfig):
@@ -570,16 +573,39 @@ def register_instance(
         report(f"deformable level {lvl + 1}/{cfg.levels} {level_shape}: loss {float(curve[0]):.4g} -> {float(curve[-1]):.4g}")
 
     disp = _field_to_disp(field, fine_shape, cfg)
-    y = grid + disp
-    m32 = jnp.asarray(matrix, jnp.float32)
-    total = y @ m32[:d, :d].T + m32[:d, d] - grid
-    inv_m = jnp.asarray(np.linalg.inv(matrix), jnp.float32)
-    pre = grid @ inv_m[:d, :d].T + inv_m[:d, d]  # A^-1 y on the fixed grid
     if cfg.transform == "svf":
         inv_local = resize_disp(integrate(-field, steps=cfg.integration_steps), fine_shape)
         velocity = field
     else:
         inv_local = invert(disp)
         velocity = None
-    inverse = pre + sample(inv_local, pre, padding="border") - grid
+    total, inverse = compose_affine_deformable(matrix, disp, inv_local)
     return InstanceResult(matrix, disp, total, inverse, velocity, tuple(curves))
+
+
+def compose_affine_deformable(matrix, disp: Float[Array, "*spatial D"], inverse_disp: Float[Array, "*spatial D"]):
+    """Whole map of an affine pre-alignment followed by a deformable stage, and its inverse.
+
+    The deformable stage registers the affinely resampled moving image
+    ``moving(A x)``, so the whole map is ``x -> A (x + disp(x))`` and its
+    inverse ``y -> A^-1 y + inverse_disp(A^-1 y)``.
+
+    Args:
+      matrix: ``(D+1, D+1)`` voxel-space affine ``A`` (fixed voxel -> moving voxel).
+      disp, inverse_disp: ``(*spatial, D)`` deformable displacement and its
+        inverse (voxels), on the same grid.
+
+    Returns:
+      ``(total_disp, inverse_total_disp)``, both ``(*spatial, D)`` float32
+      displacements (``y - x``) on that grid; ``inverse_disp`` is sampled
+      with border padding where ``A^-1`` leaves the grid.
+    """
+    shape = disp.shape[:-1]
+    d = len(shape)
+    grid = identity_grid(shape)
+    m32 = jnp.asarray(matrix, jnp.float32)
+    total = (grid + disp) @ m32[:d, :d].T + m32[:d, d] - grid
+    inv_m = jnp.asarray(np.linalg.inv(np.asarray(matrix, np.float64)), jnp.float32)
+    pre = grid @ inv_m[:d, :d].T + inv_m[:d, d]  # A^-1 y on the fixed grid
+    inverse = pre + sample(inverse_disp, pre, padding="border") - grid
+    return total, inverse

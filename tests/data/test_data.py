@@ -53,6 +53,19 @@ def test_pairs_are_deterministic_per_seed_and_index():
     assert not np.array_equal(a[0]["fixed"], c[0]["fixed"])
 
 
+def test_keep_target_holds_the_fixed_image_before_its_remap():
+    subs = _subjects()
+    plain = PairSource(subs, seed=3)
+    kept = PairSource(subs, seed=3, remap_fixed="random", keep_target=True)
+    for i in (0, 5):
+        ex = kept[i]
+        np.testing.assert_array_equal(ex["fixed_target"], plain[i]["fixed"])  # same pair, no remap
+        assert not np.allclose(ex["fixed"], ex["fixed_target"])
+        np.testing.assert_array_equal(ex["moving"], plain[i]["moving"])
+    # Without a remap there is nothing to keep.
+    assert "fixed_target" not in PairSource(subs, seed=3, keep_target=True)[0]
+
+
 def test_grain_pipeline_batches_and_resumes():
     src = PairSource(_subjects(), seed=1, deform_voxels=0.5)
     it = iter(make_dataset(src, batch_size=2))

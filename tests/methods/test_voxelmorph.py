@@ -35,6 +35,38 @@ def test_unconditioned_loss_adds_weighted_smoothness():
     assert aux["lam"] is None
 
 
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_similarity_compares_with_fixed_target_when_given(bidirectional):
+    cfg = V.Config(**SMALL, reg_weight=0.0, similarity="mse", bidirectional=bidirectional)
+    model = V.init(jax.random.key(0), cfg)  # ~identity transform at init
+    batch = _batch()
+    _, aux = V.loss_fn(model, batch, key=jax.random.key(1))
+    assert float(aux["similarity"]) > 1e-3  # fixed and moving differ by a shift
+    # With the moving image itself as the loss target the (near-identity) warp matches it exactly,
+    # though the network still sees the shifted fixed image.
+    _, aux_t = V.loss_fn(model, dict(batch, fixed_target=batch["moving"]), key=jax.random.key(1))
+    assert float(aux_t["similarity"]) < 1e-6
+    with pytest.raises(ValueError, match="fixed_target"):
+        V.loss_fn(model, dict(batch, fixed_target=batch["moving"][:, :16]), key=jax.random.key(1))
+
+
+def test_loss_sigma_smooths_target_and_moving_before_the_similarity():
+    from jaxreg import losses as L
+    from jaxreg.optimize import gaussian_blur
+    cfg = V.Config(**SMALL, reg_weight=0.0, similarity="mse", loss_sigma=1.5)
+    model = V.init(jax.random.key(0), cfg)
+    model.net.flow.kernel.value = jnp.zeros_like(model.net.flow.kernel.value)  # exact identity
+    batch = _batch()
+    _, aux = V.loss_fn(model, batch, key=jax.random.key(1))
+    blur = jax.vmap(lambda x: gaussian_blur(x, 1.5))
+    expected = jnp.mean(jax.vmap(L.mse)(blur(batch["fixed"]), blur(batch["moving"])))
+    np.testing.assert_allclose(float(aux["similarity"]), float(expected), rtol=1e-5)
+    unsmoothed = jnp.mean(jax.vmap(L.mse)(batch["fixed"], batch["moving"]))
+    assert float(expected) < 0.5 * float(unsmoothed)  # the smoothing really acts
+    with pytest.raises(ValueError, match="loss_sigma"):
+        V.Config(**SMALL, loss_sigma=-1.0)
+
+
 @pytest.mark.parametrize("similarity", V.SIMILARITIES)
 def test_every_similarity_has_finite_gradients(similarity):
     from flax import nnx

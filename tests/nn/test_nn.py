@@ -18,6 +18,23 @@ def test_unet_shapes(ndim, shape):
     assert len(net.conditioned_features) == 4 + 4 + 2
 
 
+@pytest.mark.parametrize("out_level", [1, 2])
+def test_unet_out_level_leaves_out_the_fine_decoder(out_level):
+    kw = dict(enc_features=(4, 8, 8), dec_features=(8, 8, 8), final_features=(6,), rngs=nnx.Rngs(0))
+    full, coarse = UNet(3, 2, **kw), UNet(3, 2, out_level=out_level, **kw)
+    x = jax.random.normal(jax.random.key(0), (1, 16, 16, 32, 2))
+    y = coarse(x)
+    assert y.shape == (1, 16 >> out_level, 16 >> out_level, 32 >> out_level, 6)
+    # The encoder is shared; the decoder blocks after the dropped joins see no skip channels.
+    n_params = lambda m: sum(a.size for a in jax.tree.leaves(nnx.state(m, nnx.Param)))
+    assert n_params(coarse) < n_params(full)
+    cost = lambda m: jax.jit(lambda a: m(a)).lower(x).compile().cost_analysis()
+    ca_full, ca_coarse = cost(full), cost(coarse)
+    if isinstance(ca_full, list):  # older JAX returns one dict per computation
+        ca_full, ca_coarse = ca_full[0], ca_coarse[0]
+    assert ca_coarse["flops"] < 0.5 * ca_full["flops"]
+
+
 def test_unet_errors():
     net = UNet(2, 2, enc_features=(4, 4), dec_features=(4, 4), final_features=(4,), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="divisible"):
@@ -26,6 +43,8 @@ def test_unet_errors():
         net(jnp.ones((1, 32, 32, 3)))
     with pytest.raises(ValueError, match="same non-zero length"):
         UNet(2, 1, enc_features=(4,), dec_features=(4, 4), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="out_level"):
+        UNet(2, 1, enc_features=(4, 4), dec_features=(4, 4), out_level=3, rngs=nnx.Rngs(0))
 
 
 def test_film_changes_output_and_zero_film_is_identity():
@@ -52,10 +71,10 @@ def test_sample_lambda_ranges_and_errors():
         sample_lambda(jax.random.key(0), 2, distribution="normal")
 
 
-@pytest.mark.parametrize("int_downsize", [1, 2])
-def test_svfnet_identity_at_init_and_inverse(int_downsize):
+@pytest.mark.parametrize("int_downsize, out_level", [(1, 0), (2, 0), (2, 1)])
+def test_svfnet_identity_at_init_and_inverse(int_downsize, out_level):
     net = SVFNet(2, 1, enc_features=(4, 4), dec_features=(4, 4), final_features=(4,), bidirectional=True,
-                 int_downsize=int_downsize, rngs=nnx.Rngs(0))
+                 int_downsize=int_downsize, out_level=out_level, rngs=nnx.Rngs(0))
     x = jax.random.uniform(jax.random.key(1), (1, 32, 32, 1))
     v, disp, inv = net(x, x[:, ::-1])
     assert v.shape == disp.shape == inv.shape == (1, 32, 32, 2)
@@ -63,10 +82,15 @@ def test_svfnet_identity_at_init_and_inverse(int_downsize):
     # exp(v) and exp(-v) are inverse maps: check on a larger velocity.
     v_big = 1.5 * jax.random.normal(jax.random.key(2), (4, 4, 2))
     v_big = jax.image.resize(v_big, (32, 32, 2), "cubic")
-    d, i = net._exp(v_big), net._exp(-v_big)
+    d, i = net._exp(v_big, (32, 32)), net._exp(-v_big, (32, 32))
     resid = jnp.linalg.norm(compose(i, d), axis=-1)[6:-6, 6:-6]
     # Integrating at half resolution adds the error of the linear resize of exp(v) and exp(-v).
     assert float(jnp.mean(resid)) < (0.05 if int_downsize == 1 else 0.08)
+    if out_level:
+        # A velocity predicted on the half grid is integrated there, exactly as a full-grid one resized to it.
+        from jaxreg.spatial import resize_disp
+        v_half = resize_disp(v_big, (16, 16))
+        np.testing.assert_allclose(np.asarray(net._exp(v_half, (32, 32))), np.asarray(d), atol=1e-5)
 
 
 @pytest.mark.parametrize("kernel", [(3, 3, 3), (1, 3, 5), (5, 1, 3)])
