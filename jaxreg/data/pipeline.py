@@ -186,6 +186,8 @@ class PairSource:
     ``fixed_target``, the fixed image before its intensity remap: a loss may
     compare the warped moving image with it while the network sees the
     remapped contrast (contrast augmentation of the input only).
+    ``remap_prob`` < 1 remaps only that fraction of the examples (the rest
+    keep the fixed contrast; ``fixed_target`` is then the fixed image itself).
 
     Raises:
       ValueError: unknown mode/contrasts, or too few subjects for ``inter``.
@@ -194,7 +196,7 @@ class PairSource:
     def __init__(self, subjects: list[SubjectData], *, mode: str = "inter", fixed_contrast: str = "t1",
                  moving_contrast: str = "t1", seed: int = 0, deform_voxels: float = 0.0,
                  deform_spacing: int = 16, remap_fixed: str | None = None, slice_axis: int | None = None,
-                 keep_target: bool = False, length: int = 2 ** 31 - 1):
+                 keep_target: bool = False, remap_prob: float = 1.0, length: int = 2 ** 31 - 1):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "inter" and len(subjects) < 2:
@@ -211,6 +213,9 @@ class PairSource:
         self.remap_fixed, self.slice_axis, self.length = remap_fixed, slice_axis, int(length)
         self.with_labels = all(s.labels is not None for s in subjects)
         self.keep_target = bool(keep_target) and remap_fixed is not None
+        if not 0.0 <= remap_prob <= 1.0:
+            raise ValueError(f"remap_prob must be in [0, 1], got {remap_prob}")
+        self.remap_prob = float(remap_prob)
 
     def __len__(self) -> int:
         return self.length
@@ -240,9 +245,10 @@ class PairSource:
             moving = warp_numpy(moving, u)
             ml = None if ml is None else warp_numpy(ml, u, order=0)
         target = fixed
-        if self.remap_fixed == "random":
+        remap = self.remap_fixed if self.remap_prob >= 1.0 or rng.uniform() < self.remap_prob else None
+        if remap == "random":
             fixed = random_remap(rng, fixed)
-        elif self.remap_fixed == "sin":
+        elif remap == "sin":
             fixed = sin_remap(fixed)
         out = {"fixed": fixed, "moving": moving}
         if self.keep_target:

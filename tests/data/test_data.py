@@ -62,6 +62,12 @@ def test_keep_target_holds_the_fixed_image_before_its_remap():
         np.testing.assert_array_equal(ex["fixed_target"], plain[i]["fixed"])  # same pair, no remap
         assert not np.allclose(ex["fixed"], ex["fixed_target"])
         np.testing.assert_array_equal(ex["moving"], plain[i]["moving"])
+    # remap_prob: about that fraction of the examples is remapped; the others keep their contrast.
+    half = PairSource(subs, seed=3, remap_fixed="random", keep_target=True, remap_prob=0.5)
+    remapped = [not np.array_equal(half[i]["fixed"], half[i]["fixed_target"]) for i in range(200)]
+    assert 0.35 < np.mean(remapped) < 0.65
+    with pytest.raises(ValueError, match="remap_prob"):
+        PairSource(subs, remap_fixed="random", remap_prob=1.5)
     # Without a remap there is nothing to keep.
     assert "fixed_target" not in PairSource(subs, seed=3, keep_target=True)[0]
 

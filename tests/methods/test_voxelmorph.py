@@ -67,6 +67,24 @@ def test_loss_sigma_smooths_target_and_moving_before_the_similarity():
         V.Config(**SMALL, loss_sigma=-1.0)
 
 
+def test_multiscale_similarity_averages_downsampled_levels():
+    cfg1 = V.Config(**SMALL, similarity="mse")
+    cfg3 = V.Config(**SMALL, similarity="mse", loss_scales=3)
+    x = jax.random.uniform(jax.random.key(0), (32, 32, 1))
+    y = jnp.roll(x, 3, axis=0)
+    down = lambda a, n: jax.image.resize(a, (n, n, 1), "linear")
+    expected = (V.similarity(cfg1, x, y) + V.similarity(cfg1, down(x, 16), down(y, 16))
+                + V.similarity(cfg1, down(down(x, 16), 8), down(down(y, 16), 8))) / 3
+    np.testing.assert_allclose(float(V.multiscale_similarity(cfg3, x, y)), float(expected), rtol=1e-5)
+    # A level below 8 voxels is skipped: 16x16 input gives levels 16 and 8 only.
+    x16, y16 = x[:16, :16], y[:16, :16]
+    expected2 = (V.similarity(cfg1, x16, y16) + V.similarity(cfg1, down(x16, 8), down(y16, 8))) / 2
+    np.testing.assert_allclose(float(V.multiscale_similarity(cfg3, x16, y16)), float(expected2), rtol=1e-5)
+    assert float(V.multiscale_similarity(cfg3, x, x)) == 0.0
+    with pytest.raises(ValueError, match="loss_scales"):
+        V.Config(**SMALL, loss_scales=0)
+
+
 @pytest.mark.parametrize("similarity", V.SIMILARITIES)
 def test_every_similarity_has_finite_gradients(similarity):
     from flax import nnx
