@@ -63,6 +63,12 @@ class Config:
         target and the warped image downsampled by 2 per scale, antialiased
         linear resize), widening its capture range for large displacements
         (multi-resolution losses, e.g. LapIRN, Mok & Chung, MICCAI 2020).
+      loss_mask_threshold: if > 0, the similarity is averaged only over the
+        target's foreground, ``target > threshold`` (images in [0, 1]; after
+        ``loss_sigma`` smoothing), times any ``batch["mask"]``. On 3 mm IXI
+        T1 pairs half of the unmasked MIND-SSC loss sits in the air around
+        the head (noise, contrast-normalised by MIND), which a network can
+        lower by moving background noise.
       reg_weight: smoothness weight (diffusion ``|grad u|^2`` of the
         displacement in voxels) when not lambda-conditioned.
       hyper: condition the network on lambda by a FiLM hypernetwork; the loss
@@ -85,6 +91,7 @@ class Config:
     similarity: str = "mind"
     loss_sigma: float = 0.0
     loss_scales: int = 1
+    loss_mask_threshold: float = 0.0
     lncc_window: int = 9
     mi_bins: int = 32
     reg_weight: float = 1.0
@@ -215,6 +222,9 @@ def loss_fn(model: VoxelMorph, batch: dict, *, key) -> tuple[Float[Array, ""], d
         target, moving = blur(target), blur(moving)
     warped = jax.vmap(warp)(moving, disp)
     masks = mask if mask is not None else jnp.ones(fixed.shape[:-1], fixed.dtype)
+    if cfg.loss_mask_threshold > 0:
+        fg = jax.lax.stop_gradient(jnp.mean(target, axis=-1) > cfg.loss_mask_threshold)
+        masks = masks * fg.astype(masks.dtype)
     sim = jax.vmap(lambda f, w, m: multiscale_similarity(cfg, f, w, m))(target, warped, masks)
     if cfg.bidirectional:
         warped_f = jax.vmap(warp)(target, inv)

@@ -67,6 +67,23 @@ def test_loss_sigma_smooths_target_and_moving_before_the_similarity():
         V.Config(**SMALL, loss_sigma=-1.0)
 
 
+def test_loss_mask_threshold_restricts_the_similarity_to_the_target_foreground():
+    from jaxreg import losses as L
+    cfg = V.Config(**SMALL, reg_weight=0.0, similarity="mse", loss_mask_threshold=0.5)
+    model = V.init(jax.random.key(0), cfg)
+    model.net.flow.kernel.value = jnp.zeros_like(model.net.flow.kernel.value)  # exact identity
+    batch = _batch()
+    _, aux = V.loss_fn(model, batch, key=jax.random.key(1))
+    f, m = batch["fixed"], batch["moving"]
+    expected = jnp.mean(jax.vmap(lambda a, b: L.mse(a, b, mask=(a[..., 0] > 0.5).astype(a.dtype)))(f, m))
+    np.testing.assert_allclose(float(aux["similarity"]), float(expected), rtol=1e-5)
+    # Differences only in the background do not count.
+    bg = batch["fixed"] <= 0.5
+    batch2 = {"fixed": f, "moving": jnp.where(bg, 0.0, f)}
+    _, aux2 = V.loss_fn(model, batch2, key=jax.random.key(1))
+    assert float(aux2["similarity"]) < 1e-10
+
+
 def test_multiscale_similarity_averages_downsampled_levels():
     cfg1 = V.Config(**SMALL, similarity="mse")
     cfg3 = V.Config(**SMALL, similarity="mse", loss_scales=3)
