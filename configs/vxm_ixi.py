@@ -13,15 +13,22 @@ Training pairs are inter-subject; the fixed image gets a random
 non-monotone intensity curve (a new contrast every step), so the network
 and the MIND-SSC loss must work across contrasts.
 
+Loss: MIND-SSC (radius 1, dilation 1) on Gaussian-smoothed images (sigma 1
+voxel), over the target's foreground (> 0.05), averaged over 3 resolutions,
+compared with the fixed T1 before its remap (``loss_on_original_fixed``; half
+of the pairs are remapped, ``remap_prob``); the U-Net predicts the velocity at
+half resolution (``out_level=1``). See docs/design.md for the measurements
+behind each choice.
+
 Runtime and result, measured on 2 CPU cores (2026-11-30), NOT yet the intended result:
-at 2 mm (128x128x96) one train step takes ~20 s (U-Net step at 96x112x96: 14.2 s,
-benchmarks/results/train_step.md), so the 2000 steps here need ~11 h on such a
-machine (minutes on a GPU). A CPU run at 3 mm
-(``--config.data.resolution=3.0 --config.num_train_steps=400 --config.model.reg_weight=0.02``,
-6.3 s/step, 400 steps in 43 min) had learned almost no Dice gain on the validation
-pairs (affine 0.461 -> network 0.462 mono / 0.463 cross, 0 % folding; io-mind 0.532 /
-0.523 on the same pairs; benchmarks/results/learned_vs_io.md). ``reg_weight`` is
-not swept yet.
+at 2 mm (128x128x96) one train step takes ~8.5 s (~4.7 h for 2000 steps). The
+CPU run at 3 mm (``--config.data.resolution=3.0 --config.num_train_steps=800
+--config.eval_every=200 --config.model.reg_weight=0.02``, 2.1-2.5 s/step) was
+stopped after 600 steps (~30 min): validation Dice affine 0.461 -> network
+0.461 mono / 0.462 cross, 0 % folding; io-mind 0.533 / 0.524 on the same
+pairs (benchmarks/results/learned_vs_io.md). Trained on a single pair, the
+same network and loss reach io-mind's Dice in 100 steps, so what is missing is
+training length and data diversity, not the loss.
 """
 import os
 
