@@ -24,7 +24,7 @@ from jaxreg import metrics as M
 from jaxreg.io import Volume, grid_to_grid_matrix, resample_to_grid, voxel_disp_to_world
 from jaxreg.optimize import InstanceConfig, normalize_intensity, register_instance, similarity_fn
 from jaxreg.optimize.instance import InstanceResult, compose_affine_deformable
-from jaxreg.spatial import identity_grid, resize_disp, sample, voxel_spacing
+from jaxreg.spatial import affine_to_disp, identity_grid, resize_disp, sample, voxel_spacing
 
 # Affine-only MI registration used to pre-align training subjects (jaxreg.data.load_subjects) and the
 # inputs of learned methods (register_volumes_learned), so both see the same kind of alignment.
@@ -144,6 +144,16 @@ def config_for(method: str, *, transform: str = "svf", affine: bool = True, leve
     return dataclasses.replace(base, **kw)
 
 
+def _working_images(fixed: Volume, moving: Volume, resolution: float | None):
+    """``(shape, affine, fixed_w, moving_w)``: both 3D scans resampled onto the working grid (ValueError if not 3D)."""
+    for name, vol in (("fixed", fixed), ("moving", moving)):
+        if vol.data.ndim != 3:
+            raise ValueError(f"{name} must be a 3D scan, got shape {vol.data.shape}")
+    work_shape, work_affine, _ = working_grid(fixed.data.shape, fixed.affine, resolution)
+    return (work_shape, work_affine, resample_smooth(fixed, work_shape, work_affine),
+            resample_smooth(moving, work_shape, work_affine))
+
+
 def register_volumes(fixed: Volume, moving: Volume, *, config: InstanceConfig, resolution: float | None = 2.0,
                      progress: Callable[[str], None] | None = None) -> Registration:
     """Register two 3D scans in world space (see module docstring).
@@ -161,13 +171,7 @@ def register_volumes(fixed: Volume, moving: Volume, *, config: InstanceConfig, r
     Raises:
       ValueError: if either scan is not 3D.
     """
-    for name, vol in (("fixed", fixed), ("moving", moving)):
-        if vol.data.ndim != 3:
-            raise ValueError(f"{name} must be a 3D scan, got shape {vol.data.shape}")
-    shape_f = fixed.data.shape
-    work_shape, work_affine, _ = working_grid(shape_f, fixed.affine, resolution)
-    fixed_w = resample_smooth(fixed, work_shape, work_affine)
-    moving_w = resample_smooth(moving, work_shape, work_affine)
+    work_shape, work_affine, fixed_w, moving_w = _working_images(fixed, moving, resolution)
 
     t0 = time.perf_counter()
     res = register_instance(fixed_w, moving_w, config=config, progress=progress)
@@ -202,22 +206,15 @@ def register_volumes_learned(fixed: Volume, moving: Volume, *, module, model, la
     Raises:
       ValueError: non-3D scans, or ``lam`` inconsistent with the model.
     """
-    for name, vol in (("fixed", fixed), ("moving", moving)):
-        if vol.data.ndim != 3:
-            raise ValueError(f"{name} must be a 3D scan, got shape {vol.data.shape}")
     report = progress or (lambda _: None)
-    work_shape, work_affine, _ = working_grid(fixed.data.shape, fixed.affine, resolution)
-    fixed_w = resample_smooth(fixed, work_shape, work_affine)
-    moving_w = resample_smooth(moving, work_shape, work_affine)
+    work_shape, work_affine, fixed_w, moving_w = _working_images(fixed, moving, resolution)
     t0 = time.perf_counter()
     d = len(work_shape)
     matrix = np.eye(d + 1)
     if affine:
         matrix = np.asarray(register_instance(fixed_w, moving_w, config=PREALIGN_CONFIG).matrix, np.float64)
         report("affine pre-alignment done")
-    grid = identity_grid(work_shape)
-    m32 = jnp.asarray(matrix, jnp.float32)
-    aff_coords = grid @ m32[:d, :d].T + m32[:d, d]
+    aff_coords = identity_grid(work_shape) + affine_to_disp(jnp.asarray(matrix, jnp.float32), work_shape)
     moving_aff = _sample(moving_w, aff_coords, padding="zeros")
     f, m = normalize_intensity(fixed_w), normalize_intensity(moving_aff)
     mult = 2 ** len(model.config.enc_features)

@@ -144,14 +144,14 @@ class SVFNet(nnx.Module):
         self.conditioned_features = self.unet.conditioned_features
 
     def _exp(self, v, shape):
-        """``exp(v)`` on the grid ``shape`` for a velocity ``v`` on its own (possibly coarser) grid."""
-        small = tuple(max(2, math.ceil(s / self.int_downsize)) for s in shape)
+        """``exp(v)`` on the grid ``shape`` for a velocity ``v`` on its own (possibly coarser) grid.
+
+        ``resize_disp`` is the identity when the grids already match.
+        """
         if self.int_steps == 0:
-            return resize_disp(v, shape) if v.shape[:-1] != shape else v
-        if small != v.shape[:-1]:
-            v = resize_disp(v, small)
-        u = integrate(v, steps=self.int_steps)
-        return resize_disp(u, shape) if small != shape else u
+            return resize_disp(v, shape)
+        small = tuple(max(2, math.ceil(s / self.int_downsize)) for s in shape)
+        return resize_disp(integrate(resize_disp(v, small), steps=self.int_steps), shape)
 
     def __call__(self, fixed: Float[Array, "B *spatial C"], moving: Float[Array, "B *spatial C"], film=None,
                  *, inverse: bool | None = None):
@@ -163,6 +163,4 @@ class SVFNet(nnx.Module):
         disp = jax.vmap(lambda x: self._exp(x, shape))(v)
         want_inverse = self.bidirectional if inverse is None else inverse
         inv = jax.vmap(lambda x: self._exp(-x, shape))(v) if want_inverse else None
-        if v.shape[1:-1] != shape:
-            v = jax.vmap(lambda x: resize_disp(x, shape))(v)
-        return v, disp, inv
+        return jax.vmap(lambda x: resize_disp(x, shape))(v), disp, inv

@@ -50,12 +50,18 @@ def test_similarity_compares_with_fixed_target_when_given(bidirectional):
         V.loss_fn(model, dict(batch, fixed_target=batch["moving"][:, :16]), key=jax.random.key(1))
 
 
+def _identity_model(cfg):
+    """A model whose flow conv is zero: exactly the identity transform."""
+    model = V.init(jax.random.key(0), cfg)
+    model.net.flow.kernel.value = jnp.zeros_like(model.net.flow.kernel.value)
+    return model
+
+
 def test_loss_sigma_smooths_target_and_moving_before_the_similarity():
     from jaxreg import losses as L
     from jaxreg.optimize import gaussian_blur
     cfg = V.Config(**SMALL, reg_weight=0.0, similarity="mse", loss_sigma=1.5)
-    model = V.init(jax.random.key(0), cfg)
-    model.net.flow.kernel.value = jnp.zeros_like(model.net.flow.kernel.value)  # exact identity
+    model = _identity_model(cfg)
     batch = _batch()
     _, aux = V.loss_fn(model, batch, key=jax.random.key(1))
     blur = jax.vmap(lambda x: gaussian_blur(x, 1.5))
@@ -70,8 +76,7 @@ def test_loss_sigma_smooths_target_and_moving_before_the_similarity():
 def test_loss_mask_threshold_restricts_the_similarity_to_the_target_foreground():
     from jaxreg import losses as L
     cfg = V.Config(**SMALL, reg_weight=0.0, similarity="mse", loss_mask_threshold=0.5)
-    model = V.init(jax.random.key(0), cfg)
-    model.net.flow.kernel.value = jnp.zeros_like(model.net.flow.kernel.value)  # exact identity
+    model = _identity_model(cfg)
     batch = _batch()
     _, aux = V.loss_fn(model, batch, key=jax.random.key(1))
     f, m = batch["fixed"], batch["moving"]
