@@ -60,6 +60,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(
         source="ixi", root=os.environ.get("JAXREG_DATA", "../shared/data"), manifest="", contrasts=("t1",),
         resolution=2.0, prealign=True, mode="inter", fixed_contrast="t1", moving_contrast="t1",
-        deform_voxels=0.0, remap_fixed="random", remap_prob=0.5, loss_on_original_fixed=True, train_subjects="0:5", val_subjects="5:7",
+        deform_voxels=0.0, deform_fixed=False, deform_spacing=16, remap_fixed="random", remap_prob=0.5, loss_on_original_fixed=True, train_subjects="0:5", val_subjects="5:7",
         val_remaps=("", "sin"), crop=(), slice_axis=-1, num_val=4))
     return c

@@ -85,7 +85,8 @@ def build_data(config, workdir: pathlib.Path):
     source = PairSource(train_subjects, mode=d.mode, fixed_contrast=d.fixed_contrast,
                         moving_contrast=d.moving_contrast, seed=config.seed, deform_voxels=d.deform_voxels,
                         remap_fixed=d.remap_fixed or None, slice_axis=_axis(d),
-                        keep_target=d.get("loss_on_original_fixed", False), remap_prob=d.get("remap_prob", 1.0))
+                        keep_target=d.get("loss_on_original_fixed", False), remap_prob=d.get("remap_prob", 1.0),
+                        deform_fixed=d.get("deform_fixed", False), deform_spacing=d.get("deform_spacing", 16))
     val_subjects = [loaded[i] for i in val_idx]
     val = []
     if len(val_subjects) >= 2 and d.mode == "inter":
@@ -162,12 +163,18 @@ def make_forward(graphdef):
     return forward
 
 
-def evaluate(forward, params, examples, *, lam=None) -> dict:
+def evaluate(forward, params, examples, *, lam=None, spacing: float = 1.0) -> dict:
     """Mean Dice (labels present in either map), % folding and SDlogJ over validation examples.
 
+    Pairs without labels in either map (Dice NaN, e.g. slices without tumour)
+    are left out of the mean Dice.
+    Examples with a known deformation (``disp_true``) also give the mean
+    endpoint error in mm (``spacing`` mm voxels) over the fixed image's
+    foreground (> 0.05), after (``val_epe_mm``) and before
+    (``val_epe_before_mm``, i.e. of the identity) registration.
     Also returns ``first_disp``, the first example's displacement (for the QC image).
     """
-    dices, folds, sd, per = [], [], [], []
+    dices, folds, sd, per, epes = [], [], [], [], []
     for ex in examples:
         f, m = jnp.asarray(ex["fixed"])[None], jnp.asarray(ex["moving"])[None]
         lam_b = None if lam is None else jnp.full((1,), lam, jnp.float32)
@@ -180,14 +187,23 @@ def evaluate(forward, params, examples, *, lam=None) -> dict:
             row["dice"] = float(np.nanmean(M.dice(warped, ex["fixed_labels"])))
             row["dice_before"] = float(np.nanmean(M.dice(ex["moving_labels"], ex["fixed_labels"])))
             dices.append(row["dice"])
+        if "disp_true" in ex:
+            truth, fg = np.asarray(ex["disp_true"]), np.asarray(ex["fixed"])[..., 0] > 0.05
+            sp = [spacing] * truth.shape[-1]
+            row["epe_mm"] = M.endpoint_error_stats(np.asarray(disp), truth, spacing=sp, mask=fg)["mean"]
+            row["epe_before_mm"] = M.endpoint_error_stats(np.zeros_like(truth), truth, spacing=sp, mask=fg)["mean"]
+            epes.append((row["epe_mm"], row["epe_before_mm"]))
         folds.append(row["folding_percent"])
         sd.append(row["sdlogj"])
         per.append(row)
     out = {"val_folding_percent": float(np.mean(folds)), "val_sdlogj": float(np.mean(sd)), "val_pairs": per,
            "first_disp": first_disp}
     if dices:
-        out["val_dice"] = float(np.mean(dices))
-        out["val_dice_before"] = float(np.mean([r["dice_before"] for r in per if "dice_before" in r]))
+        scored = [r for r in per if "dice" in r and np.isfinite(r["dice"])]
+        out["val_dice"] = float(np.mean([r["dice"] for r in scored])) if scored else float("nan")
+        out["val_dice_before"] = float(np.mean([r["dice_before"] for r in scored])) if scored else float("nan")
+    if epes:
+        out["val_epe_mm"], out["val_epe_before_mm"] = (float(v) for v in np.mean(epes, axis=0))
     return out
 
 
@@ -281,7 +297,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
             if done % config.checkpoint_every == 0 or done == config.num_train_steps:
                 ckpt.save(done, state, it.get_state())
             if val and config.eval_every and (done % config.eval_every == 0 or done == config.num_train_steps):
-                res = evaluate(forward, state["params"], val, lam=lam_eval)
+                res = evaluate(forward, state["params"], val, lam=lam_eval, spacing=config.data.resolution)
                 disp = res.pop("first_disp")
                 logger.write(done, {k: v for k, v in res.items() if k != "val_pairs"})
                 (workdir / "qc").mkdir(exist_ok=True)

@@ -14,7 +14,9 @@
 Pair modes: ``inter`` (two different subjects), ``intra`` (one subject, two
 contrasts), ``self`` (one image with itself); any mode can add a random
 smooth deformation to the moving image (``deform_voxels``, needed for
-``intra``/``self`` since co-registered images are already aligned) and a
+``intra``/``self`` since co-registered images are already aligned; with
+``deform_fixed`` the fixed image gets an independent one too, so few
+subjects still give ever-new inter-subject pairs) and a
 random intensity remap of the fixed image (``remap_fixed='random'``: a
 cross-contrast pair from one contrast).
 """
@@ -127,18 +129,28 @@ def load_subjects(subjects: list[Subject], *, contrasts, resolution: float = 2.0
 
 # ----------------------------------------------------------------------------- augmentation (numpy, host side)
 
-def random_smooth_disp(rng: np.random.Generator, shape, *, magnitude: float, spacing: int = 16) -> np.ndarray:
-    """``(*shape, D)`` smooth random displacement (voxels), mean |u| about ``magnitude``.
+def _bspline_matrix(n: int, spacing: int) -> np.ndarray:
+    """``(n, c)`` cubic B-spline weights of ``c`` control points ``spacing`` voxels apart, centred on ``n`` voxels."""
+    c = int(math.ceil((n - 1) / spacing)) + 3
+    centres = (np.arange(c) - 1.0) * spacing - ((c - 3) * spacing - (n - 1)) / 2.0
+    t = np.abs(np.arange(n, dtype=np.float64)[:, None] - centres[None, :]) / spacing
+    return np.where(t < 1, 2.0 / 3.0 - t ** 2 + t ** 3 / 2.0, np.where(t < 2, (2.0 - t) ** 3 / 6.0, 0.0))
 
-    Gaussian noise on a control grid (``spacing`` voxels), cubic-upsampled.
-    Small magnitudes relative to ``spacing`` keep it invertible.
+
+def random_smooth_disp(rng: np.random.Generator, shape, *, magnitude: float, spacing: int = 16) -> np.ndarray:
+    """``(*shape, D)`` smooth random displacement (voxels), mean |u| equal to ``magnitude``.
+
+    Gaussian noise on a control grid ``spacing`` voxels apart, interpolated
+    by cubic B-splines (separable, so a 3D field costs a few small matrix
+    products); small magnitudes relative to ``spacing`` keep it invertible.
     """
     d = len(shape)
-    coarse = tuple(max(2, int(math.ceil(s / spacing)) + 1) for s in shape)
-    noise = rng.standard_normal((d, *coarse)).astype(np.float32)
-    zoom = [s / c for s, c in zip(shape, coarse)]
-    u = np.stack([ndi.zoom(noise[k], zoom, order=3, grid_mode=True, mode="grid-constant")[tuple(slice(0, s) for s in shape)]
-                  for k in range(d)], axis=-1)
+    mats = [_bspline_matrix(int(n), int(spacing)) for n in shape]
+    noise = rng.standard_normal((d, *(m.shape[1] for m in mats)))
+    u = noise
+    for ax, m in enumerate(mats):  # contract control axis ax+1 with its B-spline matrix
+        u = np.moveaxis(np.tensordot(m, u, axes=([1], [ax + 1])), 0, ax + 1)
+    u = np.moveaxis(u, 0, -1)
     mean = float(np.mean(np.linalg.norm(u, axis=-1)))
     return (u * (magnitude / max(mean, 1e-6))).astype(np.float32)
 
@@ -151,6 +163,22 @@ def warp_numpy(image: np.ndarray, disp: np.ndarray, *, order: int = 1) -> np.nda
         return ndi.map_coordinates(image, coords, order=order, mode="constant", cval=0)
     return np.stack([ndi.map_coordinates(image[..., c], coords, order=order, mode="constant", cval=0)
                      for c in range(image.shape[-1])], axis=-1)
+
+
+def invert_numpy(disp: np.ndarray, *, iterations: int = 20) -> np.ndarray:
+    """Inverse ``w`` of a ``(*spatial, D)`` displacement (voxels): ``w(x) + disp(x + w(x)) = 0``.
+
+    Fixed-point iteration ``w <- -disp(x + w)`` (linear interpolation, edge
+    values outside), which converges for fields with Jacobian norm < 1 like
+    :func:`random_smooth_disp`'s.
+    """
+    d = disp.shape[-1]
+    grid = np.indices(disp.shape[:-1], dtype=np.float32)
+    w = -disp.copy()
+    for _ in range(iterations):
+        coords = grid + np.moveaxis(w, -1, 0)
+        w = -np.stack([ndi.map_coordinates(disp[..., k], coords, order=1, mode="nearest") for k in range(d)], axis=-1)
+    return w.astype(np.float32)
 
 
 def random_remap(rng: np.random.Generator, image: np.ndarray, *, knots: int = 6) -> np.ndarray:
@@ -180,7 +208,12 @@ class PairSource:
     Each example is a dict of numpy arrays: ``fixed``/``moving`` ``(*spatial,
     1)`` float32 and, when every subject has labels, ``fixed_labels`` /
     ``moving_labels`` ``(*spatial)`` int32 (the moving labels follow the
-    moving image's deformation). ``slice_axis`` turns 3D subjects into 2D
+    moving image's deformation, the fixed labels the fixed image's when
+    ``deform_fixed``). ``self``/``intra`` examples with a deformation of the
+    moving image only also hold ``disp_true`` ``(*spatial, D)`` float32, the
+    displacement (voxels) that registers them (``moving(x + disp_true(x))``
+    lies on the fixed image: the inverse of the applied deformation, by
+    fixed-point iteration), for endpoint errors. ``slice_axis`` turns 3D subjects into 2D
     examples (a random slice through the central half of the foreground).
     With ``remap_fixed`` and ``keep_target`` an example also holds
     ``fixed_target``, the fixed image before its intensity remap: a loss may
@@ -196,7 +229,8 @@ class PairSource:
     def __init__(self, subjects: list[SubjectData], *, mode: str = "inter", fixed_contrast: str = "t1",
                  moving_contrast: str = "t1", seed: int = 0, deform_voxels: float = 0.0,
                  deform_spacing: int = 16, remap_fixed: str | None = None, slice_axis: int | None = None,
-                 keep_target: bool = False, remap_prob: float = 1.0, length: int = 2 ** 31 - 1):
+                 keep_target: bool = False, remap_prob: float = 1.0, deform_fixed: bool = False,
+                 length: int = 2 ** 31 - 1):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "inter" and len(subjects) < 2:
@@ -210,6 +244,7 @@ class PairSource:
         self.subjects, self.mode, self.seed = subjects, mode, int(seed)
         self.fixed_contrast, self.moving_contrast = fixed_contrast, moving_contrast
         self.deform_voxels, self.deform_spacing = float(deform_voxels), int(deform_spacing)
+        self.deform_fixed = bool(deform_fixed)
         self.remap_fixed, self.slice_axis, self.length = remap_fixed, slice_axis, int(length)
         self.with_labels = all(s.labels is not None for s in subjects)
         self.keep_target = bool(keep_target) and remap_fixed is not None
@@ -240,10 +275,16 @@ class PairSource:
             fixed, moving, fl, ml = take(fixed), take(moving), take(fl), take(ml)
         fixed = np.array(fixed, np.float32)
         moving = np.array(moving, np.float32)
+        disp_true = None
         if self.deform_voxels > 0:
             u = random_smooth_disp(rng, moving.shape[:-1], magnitude=self.deform_voxels, spacing=self.deform_spacing)
             moving = warp_numpy(moving, u)
             ml = None if ml is None else warp_numpy(ml, u, order=0)
+            disp_true = invert_numpy(u) if self.mode != "inter" and not self.deform_fixed else None
+            if self.deform_fixed:
+                u = random_smooth_disp(rng, fixed.shape[:-1], magnitude=self.deform_voxels, spacing=self.deform_spacing)
+                fixed = warp_numpy(fixed, u)
+                fl = None if fl is None else warp_numpy(fl, u, order=0)
         target = fixed
         remap = self.remap_fixed if self.remap_prob >= 1.0 or rng.uniform() < self.remap_prob else None
         if remap == "random":
@@ -253,6 +294,8 @@ class PairSource:
         out = {"fixed": fixed, "moving": moving}
         if self.keep_target:
             out["fixed_target"] = target
+        if disp_true is not None:
+            out["disp_true"] = disp_true
         if self.with_labels:
             out["fixed_labels"] = np.asarray(fl, np.int32)
             out["moving_labels"] = np.asarray(ml, np.int32)

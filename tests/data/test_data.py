@@ -107,10 +107,31 @@ def test_labels_follow_the_moving_deformation():
     subs = _subjects(labels=True)
     ex = PairSource(subs, mode="self", seed=0, deform_voxels=1.5)[0]
     # Self pairs: fixed labels = the subject's labels; moving labels = the same labels warped like the image.
-    src = subs[[s.images["t1"] is not None for s in subs].index(True)]
     assert ex["moving_labels"].dtype == np.int32 and set(np.unique(ex["moving_labels"])) <= set(range(4))
     assert not np.array_equal(ex["moving_labels"], ex["fixed_labels"])
-    del src
+    assert "disp_true" not in PairSource(subs, mode="self", seed=0, deform_voxels=1.5, deform_fixed=True)[0]
+    assert "disp_true" not in PairSource(subs, mode="inter", seed=0, deform_voxels=1.5)[0]
+
+
+def test_disp_true_registers_a_deformed_self_pair():
+    from scipy import ndimage as ndi
+    from jaxreg.data.pipeline import invert_numpy
+
+    u = random_smooth_disp(np.random.default_rng(5), (24, 20, 16), magnitude=1.5, spacing=8)
+    w = invert_numpy(u)
+    coords = np.indices(u.shape[:-1], dtype=np.float32) + np.moveaxis(w, -1, 0)
+    composed = w + np.stack([ndi.map_coordinates(u[..., k], coords, order=1, mode="nearest") for k in range(3)], -1)
+    inner = (slice(4, -4),) * 3
+    assert np.abs(composed[inner]).max() < 0.02  # w is u's inverse (up to interpolation)
+    # In a pair: the moving image warped by disp_true is the fixed one again (smooth image: small
+    # interpolation error), while the unregistered pair differs.
+    img = ndi.gaussian_filter(np.random.default_rng(0).uniform(size=(24, 20, 16)), 2).astype(np.float32)[..., None]
+    img = (img - img.min()) / (img.max() - img.min())
+    ex = PairSource([SubjectData("s", {"t1": img}, None)], mode="self", seed=1, deform_voxels=1.5,
+                    deform_spacing=8)[0]
+    back = warp_numpy(ex["moving"], ex["disp_true"])
+    err, before = np.abs(back - ex["fixed"])[inner].mean(), np.abs(ex["moving"] - ex["fixed"])[inner].mean()
+    assert err < 0.15 * before, (err, before)
 
 
 def test_padded_grid_keeps_world_positions():
@@ -133,3 +154,31 @@ def test_random_smooth_disp_and_remap():
     assert np.all(out[img == 0] == 0) and out.shape == img.shape
     shifted = warp_numpy(img[..., 0], np.full((8, 8, 2), 1.0, np.float32), order=0)
     np.testing.assert_array_equal(shifted[1:5, 1:5], img[2:6, 2:6, 0])
+
+
+def test_deform_fixed_moves_fixed_image_labels_and_target_together():
+    shape = (16, 20, 12)
+    lab = (np.indices(shape).sum(0) // 6 % 4).astype(np.int32)  # slabs 6 voxels thick, labels 0..3
+    subs = [SubjectData(f"s{k}", {"t1": (lab[..., None] / 3.0).astype(np.float32)}, lab) for k in range(2)]
+    plain = PairSource(subs, mode="self", seed=2, deform_voxels=1.5)[0]
+    both = PairSource(subs, mode="self", seed=2, deform_voxels=1.5, deform_fixed=True,
+                      remap_fixed="random", remap_prob=0.0, keep_target=True)[0]
+    np.testing.assert_array_equal(plain["fixed_labels"], lab)  # without deform_fixed the fixed pair is untouched
+    assert not np.array_equal(both["fixed_labels"], lab)
+    # Image and labels follow one deformation: the linearly warped slab image rounds to the warped labels
+    # except at the slab boundaries.
+    agree = np.mean(np.round(both["fixed"][..., 0] * 3) == both["fixed_labels"])
+    assert agree > 0.8, agree
+    np.testing.assert_array_equal(both["fixed_target"], both["fixed"])  # remap_prob 0: target = deformed fixed
+    assert not np.array_equal(both["fixed"], both["moving"])  # independent deformations
+
+
+def test_bspline_basis_is_a_smooth_partition_of_unity():
+    from jaxreg.data.pipeline import _bspline_matrix
+    for n, spacing in ((80, 16), (17, 4), (5, 16)):
+        m = _bspline_matrix(n, spacing)
+        np.testing.assert_allclose(m.sum(1), 1.0, atol=1e-12)
+        assert (m >= 0).all() and m.shape[1] == int(np.ceil((n - 1) / spacing)) + 3
+    # The interpolated field is smooth: its second difference is tiny against its range.
+    u = random_smooth_disp(np.random.default_rng(1), (64,), magnitude=1.0, spacing=16)[:, 0]
+    assert np.abs(np.diff(u, 2)).max() < 0.02 * (u.max() - u.min())

@@ -65,6 +65,21 @@ def test_validation_logs_dice_and_folding(make_config, tmp_path):
     assert 0.0 <= res["val_folding_percent"] <= 100.0
     assert any("val_folding_percent" in r for r in _metrics(tmp_path))
     assert (tmp_path / "qc" / "step_0000002.png").is_file()
+    # brats2d pairs are one slice and its known deformation: the endpoint error is logged too.
+    assert res["val_epe_before_mm"] > 0 and np.isfinite(res["val_epe_mm"])
+
+
+def test_evaluate_endpoint_error_oracles():
+    rng = np.random.default_rng(0)
+    truth = rng.normal(size=(12, 10, 2)).astype(np.float32)
+    fixed = np.ones((12, 10, 1), np.float32)
+    ex = {"fixed": fixed, "moving": fixed, "disp_true": truth, "name": "p"}
+    zero = T.evaluate(lambda p, f, m, lam: np.zeros((1, 12, 10, 2), np.float32), None, [ex], spacing=2.0)
+    exact = T.evaluate(lambda p, f, m, lam: truth[None], None, [ex], spacing=2.0)
+    expected = float(np.mean(np.linalg.norm(truth * 2.0, axis=-1)))  # identity: the truth's own length in mm
+    np.testing.assert_allclose([zero["val_epe_mm"], zero["val_epe_before_mm"], exact["val_epe_before_mm"]],
+                               expected, rtol=1e-5)
+    assert exact["val_epe_mm"] < 1e-6
 
 
 def test_batch_not_divisible_by_devices(make_config, tmp_path):
