@@ -36,6 +36,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(
         source="brats_space", root=os.environ.get("JAXREG_DATA", "../shared/data"), manifest="",
         contrasts=("t1", "t2"), resolution=2.0, prealign=False, mode="intra", fixed_contrast="t1",
-        moving_contrast="t2", deform_voxels=2.0, deform_fixed=False, deform_spacing=16, remap_fixed="", train_subjects="0:1", val_subjects="1:2",
+        moving_contrast="t2", deform_voxels=2.0, deform_fixed=False, deform_spacing=16, flip=False, remap_fixed="", train_subjects="0:1", val_subjects="1:2",
         val_remaps=("",), crop=(), slice_axis=2, num_val=8))
     return c

@@ -54,12 +54,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.quiet = False
     c.model = ml_collections.ConfigDict(dict(
         ndim=3, in_channels=1, enc_features=(16, 32, 32, 32), dec_features=(32, 32, 32, 32),
-        final_features=(32, 16, 16), norm=False, out_level=1, int_steps=7, int_downsize=2, bidirectional=False,
+        final_features=(32, 16, 16), norm=False, out_level=1, int_steps=7, int_downsize=2, velocity_sigma=0.0, bidirectional=False,
         similarity="mind", loss_sigma=1.0, loss_scales=3, loss_mask_threshold=0.05, lncc_window=9, mi_bins=32, reg_weight=1.0, hyper=False,
         lambda_range=(0.0, 1.0), lambda_distribution="uniform", reg_scale=1.0))
     c.data = ml_collections.ConfigDict(dict(
         source="ixi", root=os.environ.get("JAXREG_DATA", "../shared/data"), manifest="", contrasts=("t1",),
         resolution=2.0, prealign=True, mode="inter", fixed_contrast="t1", moving_contrast="t1",
-        deform_voxels=0.0, deform_fixed=False, deform_spacing=16, remap_fixed="random", remap_prob=0.5, loss_on_original_fixed=True, train_subjects="0:5", val_subjects="5:7",
+        deform_voxels=0.0, deform_fixed=False, deform_spacing=16, flip=False, remap_fixed="random", remap_prob=0.5, loss_on_original_fixed=True, train_subjects="0:5", val_subjects="5:7",
         val_remaps=("", "sin"), crop=(), slice_axis=-1, num_val=4))
     return c

@@ -86,7 +86,8 @@ def build_data(config, workdir: pathlib.Path):
                         moving_contrast=d.moving_contrast, seed=config.seed, deform_voxels=d.deform_voxels,
                         remap_fixed=d.remap_fixed or None, slice_axis=_axis(d),
                         keep_target=d.get("loss_on_original_fixed", False), remap_prob=d.get("remap_prob", 1.0),
-                        deform_fixed=d.get("deform_fixed", False), deform_spacing=d.get("deform_spacing", 16))
+                        deform_fixed=d.get("deform_fixed", False), deform_spacing=d.get("deform_spacing", 16),
+                        flip=d.get("flip", False))
     val_subjects = [loaded[i] for i in val_idx]
     val = []
     if len(val_subjects) >= 2 and d.mode == "inter":

@@ -25,8 +25,7 @@ from jaxtyping import Array, Float
 
 from jaxreg import losses as L
 from jaxreg.nn import HyperFiLM, SVFNet, sample_lambda
-from jaxreg.optimize import gaussian_blur
-from jaxreg.spatial import warp
+from jaxreg.spatial import gaussian_blur, warp
 
 SIMILARITIES = ("mse", "lncc", "mi", "nmi", "mind", "ngf")
 
@@ -47,6 +46,10 @@ class Config:
         ``int_downsize = 2`` the velocity is integrated where it is predicted).
       int_steps, int_downsize: scaling-and-squaring steps (7) and the
         downsampling of the integration grid (2), as the voxelmorph package.
+      velocity_sigma: Gaussian smoothing (voxels of the velocity's grid) of
+        the predicted velocity before integration (0 = none), as the
+        instance optimiser's ``field_sigma``: the network can only output
+        smooth fields.
       bidirectional: also return ``exp(-v)`` and add the symmetric
         similarity term ``L_sim(moving, fixed o exp(-v))`` (Dalca 2019).
       similarity: one of ``SIMILARITIES`` (``mind`` = MSE of MIND-SSC
@@ -87,6 +90,7 @@ class Config:
     out_level: int = 0
     int_steps: int = 7
     int_downsize: int = 2
+    velocity_sigma: float = 0.0
     bidirectional: bool = False
     similarity: str = "mind"
     loss_sigma: float = 0.0
@@ -125,7 +129,7 @@ class VoxelMorph(nnx.Module):
         self.net = SVFNet(config.ndim, config.in_channels, enc_features=config.enc_features,
                           dec_features=config.dec_features, final_features=config.final_features,
                           norm=config.norm, out_level=config.out_level, int_steps=config.int_steps,
-                          int_downsize=config.int_downsize,
+                          int_downsize=config.int_downsize, velocity_sigma=config.velocity_sigma,
                           bidirectional=config.bidirectional, rngs=rngs)
         self.hyper = HyperFiLM(self.net.conditioned_features, rngs=rngs) if config.hyper else None
 

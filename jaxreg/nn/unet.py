@@ -18,7 +18,7 @@ from jaxtyping import Array, Float
 
 from jaxreg.nn.blocks import ConvBlock, concat, max_pool, upsample_to
 from jaxreg.nn.conv import conv_general_dilated
-from jaxreg.spatial import integrate, resize_disp
+from jaxreg.spatial import gaussian_blur, integrate, resize_disp
 
 VXM_ENC = (16, 32, 32, 32)
 VXM_DEC = (32, 32, 32, 32)
@@ -125,15 +125,23 @@ class SVFNet(nnx.Module):
     velocity is predicted there (voxels of that grid) and integrated there
     when ``int_downsize == 2 ** k`` (no full-resolution decoder).
 
+    ``velocity_sigma > 0`` smooths the predicted velocity with a Gaussian
+    (voxels of the grid it is predicted on) before integration: the network
+    can only output smooth fields, the parametrisation ``v = G * p`` of the
+    instance optimiser (``field_sigma``).
+
     The flow convolution starts at N(0, 1e-5) weights and zero bias, so an
     untrained network is close to the identity (VoxelMorph).
     """
 
     def __init__(self, ndim: int, in_channels: int = 1, *, enc_features=VXM_ENC, dec_features=VXM_DEC,
                  final_features=VXM_FINAL, norm: bool = False, int_steps: int = 7, int_downsize: int = 2,
-                 bidirectional: bool = False, out_level: int = 0, rngs: nnx.Rngs):
+                 bidirectional: bool = False, out_level: int = 0, velocity_sigma: float = 0.0, rngs: nnx.Rngs):
         if int_steps < 0 or int_downsize < 1:
             raise ValueError(f"int_steps must be >= 0 and int_downsize >= 1, got {int_steps}, {int_downsize}")
+        if velocity_sigma < 0:
+            raise ValueError(f"velocity_sigma must be >= 0, got {velocity_sigma}")
+        self.velocity_sigma = float(velocity_sigma)
         self.ndim, self.in_channels = ndim, in_channels
         self.unet = UNet(ndim, 2 * in_channels, enc_features=enc_features, dec_features=dec_features,
                          final_features=final_features, norm=norm, out_level=out_level, rngs=rngs)
@@ -160,6 +168,8 @@ class SVFNet(nnx.Module):
             raise ValueError(f"fixed and moving must have the same shape, got {fixed.shape} and {moving.shape}")
         shape = fixed.shape[1:-1]
         v = self.flow(self.unet(jnp.concatenate([moving, fixed], axis=-1), film))
+        if self.velocity_sigma > 0:
+            v = jax.vmap(lambda x: gaussian_blur(x, self.velocity_sigma))(v)
         disp = jax.vmap(lambda x: self._exp(x, shape))(v)
         want_inverse = self.bidirectional if inverse is None else inverse
         inv = jax.vmap(lambda x: self._exp(-x, shape))(v) if want_inverse else None

@@ -182,3 +182,23 @@ def test_bspline_basis_is_a_smooth_partition_of_unity():
     # The interpolated field is smooth: its second difference is tiny against its range.
     u = random_smooth_disp(np.random.default_rng(1), (64,), magnitude=1.0, spacing=16)[:, 0]
     assert np.abs(np.diff(u, 2)).max() < 0.02 * (u.max() - u.min())
+
+
+def test_flip_mirrors_the_whole_pair_and_its_true_displacement():
+    from jaxreg.data.pipeline import flip_example
+
+    img = np.random.default_rng(0).uniform(size=(16, 12, 10, 1)).astype(np.float32)
+    src = PairSource([SubjectData("s", {"t1": img}, (img[..., 0] > 0.5).astype(np.int32))], mode="self", seed=4,
+                     deform_voxels=1.0, deform_spacing=4)
+    ex = src[0]
+    fl = flip_example(ex, [True, False, True])
+    np.testing.assert_array_equal(fl["fixed"], ex["fixed"][::-1, :, ::-1])
+    np.testing.assert_array_equal(fl["moving_labels"], ex["moving_labels"][::-1, :, ::-1])
+    # The flipped field registers the flipped pair: warping by it equals flipping the warped image.
+    np.testing.assert_allclose(warp_numpy(fl["moving"], fl["disp_true"]),
+                               warp_numpy(ex["moving"], ex["disp_true"])[::-1, :, ::-1], atol=1e-5)
+    assert flip_example(ex, [False] * 3) is ex
+    # In the source: some examples are flipped, deterministically per (seed, index).
+    flipped = PairSource(src.subjects, mode="self", seed=4, deform_voxels=1.0, deform_spacing=4, flip=True)
+    assert not all(np.array_equal(flipped[i]["fixed"], img) for i in range(8))
+    np.testing.assert_array_equal(flipped[3]["moving"], flipped[3]["moving"])

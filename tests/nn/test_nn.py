@@ -93,6 +93,31 @@ def test_svfnet_identity_at_init_and_inverse(int_downsize, out_level):
         np.testing.assert_allclose(np.asarray(net._exp(v_half, (32, 32))), np.asarray(d), atol=1e-5)
 
 
+def test_svfnet_velocity_sigma_smooths_the_predicted_velocity():
+    from jaxreg.spatial import gaussian_blur
+
+    kw = dict(enc_features=(4, 4), dec_features=(4, 4), final_features=(4,), out_level=1)
+    plain = SVFNet(2, 1, **kw, rngs=nnx.Rngs(0))
+    smooth = SVFNet(2, 1, **kw, velocity_sigma=1.5, rngs=nnx.Rngs(0))  # same weights
+    big = jax.tree.map(lambda a: 1e4 * a, nnx.state(plain.flow))  # a visible velocity
+    nnx.update(plain.flow, big)
+    nnx.update(smooth.flow, big)
+    x = jax.random.uniform(jax.random.key(1), (1, 32, 32, 1))
+    y = jax.random.uniform(jax.random.key(3), (1, 32, 32, 1))
+    v_half = plain.flow(plain.unet(jnp.concatenate([y, x], axis=-1)))  # the raw half-grid velocity
+    v_s, d_s, _ = smooth(x, y)
+    from jaxreg.spatial import resize_disp
+    expected = resize_disp(gaussian_blur(v_half[0], 1.5), (32, 32))
+    np.testing.assert_allclose(np.asarray(v_s[0]), np.asarray(expected), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(d_s[0]), np.asarray(smooth._exp(gaussian_blur(v_half[0], 1.5), (32, 32))),
+                               rtol=1e-4, atol=1e-5)
+    v_p, _, _ = plain(x, y)
+    grad = lambda v: float(jnp.mean(jnp.abs(jnp.diff(v[0], axis=0))))  # noqa: E731
+    assert grad(v_s) < 0.7 * grad(v_p)  # smoother
+    with pytest.raises(ValueError, match="velocity_sigma"):
+        SVFNet(2, 1, **kw, velocity_sigma=-1.0, rngs=nnx.Rngs(0))
+
+
 @pytest.mark.parametrize("kernel", [(3, 3, 3), (1, 3, 5), (5, 1, 3)])
 def test_conv3d_matches_lax_with_gradients(kernel):
     from jaxreg.nn.conv import _conv3d_cpu
