@@ -12,13 +12,18 @@ mm); the network must undo it across contrasts.
 
 Runtime and result, measured on 2 CPU cores (2026-11-30, the code of commit
 c0219b0 with this config: half-resolution decoder, loss_sigma 1, single-scale
-loss, i.e. ``--config.model.loss_scales=1`` now): 1000 steps
-in 2017 s wall while sharing the machine with an IXI training run at a
-higher priority (so an upper bound). Training MIND-SSC loss (mean of the
-first / last five logged values) 0.059 -> 0.050 (-15 %), validation 0.000 %
-folding, SDlogJ 0.046. The validation case (brats_gli_00001) has no label
-map, so validation Dice is undefined; the run is NOT yet evaluated against
-the known deformation (endpoint error), so its accuracy is not measured.
+loss, i.e. ``--config.model.loss_scales=1`` now): 1000 steps in 2017 s wall
+while sharing the machine with an IXI training run (so an upper bound).
+Training MIND-SSC loss (mean of the first / last five logged values) 0.059 ->
+0.050 (-15 %), validation 0.000 % folding, SDlogJ 0.046. Endpoint error
+against the known deformation (``val_epe_mm``, 32 validation slices of the
+second case, fixed-image foreground): 4.04 -> 3.58 mm (-11 %); io-mind
+(``InstanceConfig(affine=False)``) on the first 8 of those slices: 4.15 ->
+1.05 mm (-75 %). NOT a useful registration network yet; see docs/design.md
+("what the CPU runs learned") for why: with ``reg_weight=0.02`` the network's
+fields make the error worse (4.18 -> 5.29 mm after 300 steps), and even a
+supervised regression of the true field only reached 4.15 -> 3.74 mm in 300
+steps.
 """
 import os
 

@@ -27,8 +27,14 @@ CPU run at 3 mm (``--config.data.resolution=3.0 --config.num_train_steps=800
 stopped after 600 steps (~30 min): validation Dice affine 0.461 -> network
 0.461 mono / 0.462 cross, 0 % folding; io-mind 0.533 / 0.524 on the same
 pairs (benchmarks/results/learned_vs_io.md). Trained on a single pair, the
-same network and loss reach io-mind's Dice in 100 steps, so what is missing is
-training length and data diversity, not the loss.
+same network and loss reach io-mind's Dice in 100 steps. With both images
+randomly deformed (``--config.data.deform_voxels=1.5
+--config.data.deform_fixed=True``, 2800-step schedule) validation Dice fell
+to 0.460 / 0.407 at steps 400 / 800 (stopped at 930, ~75 min): the network
+lowered the training loss with fields that do not follow anatomy (on 4 IXI
+pairs the loss fell 17-23 % from the identity's, io-mind's 35-45 %, with Dice
+-0.04 to +0.004 vs io-mind's +0.06 to +0.13). See docs/design.md ("what the
+CPU runs learned").
 """
 import os
 
