@@ -26,12 +26,14 @@ import dataclasses
 import math
 
 import grain
+import jax.numpy as jnp
 import numpy as np
 from scipy import ndimage as ndi
 
 from jaxreg.data.manifest import Subject
 from jaxreg.io import load_image, load_labels, resample_to_grid
 from jaxreg.optimize import normalize_intensity
+from jaxreg.spatial import invert
 
 MODES = ("inter", "intra", "self")
 
@@ -165,22 +167,6 @@ def warp_numpy(image: np.ndarray, disp: np.ndarray, *, order: int = 1) -> np.nda
                      for c in range(image.shape[-1])], axis=-1)
 
 
-def invert_numpy(disp: np.ndarray, *, iterations: int = 20) -> np.ndarray:
-    """Inverse ``w`` of a ``(*spatial, D)`` displacement (voxels): ``w(x) + disp(x + w(x)) = 0``.
-
-    Fixed-point iteration ``w <- -disp(x + w)`` (linear interpolation, edge
-    values outside), which converges for fields with Jacobian norm < 1 like
-    :func:`random_smooth_disp`'s.
-    """
-    d = disp.shape[-1]
-    grid = np.indices(disp.shape[:-1], dtype=np.float32)
-    w = -disp.copy()
-    for _ in range(iterations):
-        coords = grid + np.moveaxis(w, -1, 0)
-        w = -np.stack([ndi.map_coordinates(disp[..., k], coords, order=1, mode="nearest") for k in range(d)], axis=-1)
-    return w.astype(np.float32)
-
-
 def random_remap(rng: np.random.Generator, image: np.ndarray, *, knots: int = 6) -> np.ndarray:
     """Random non-monotone intensity curve on [0, 1] (background 0 stays 0): a synthetic contrast."""
     xs = np.linspace(0.0, 1.0, knots)
@@ -209,11 +195,13 @@ class PairSource:
     1)`` float32 and, when every subject has labels, ``fixed_labels`` /
     ``moving_labels`` ``(*spatial)`` int32 (the moving labels follow the
     moving image's deformation, the fixed labels the fixed image's when
-    ``deform_fixed``). ``self``/``intra`` examples with a deformation of the
-    moving image only also hold ``disp_true`` ``(*spatial, D)`` float32, the
-    displacement (voxels) that registers them (``moving(x + disp_true(x))``
-    lies on the fixed image: the inverse of the applied deformation, by
-    fixed-point iteration), for endpoint errors. ``slice_axis`` turns 3D subjects into 2D
+    ``deform_fixed``). With ``keep_truth``, ``self``/``intra`` examples with a
+    deformation of the moving image only also hold ``disp_true`` ``(*spatial,
+    D)`` float32, the displacement (voxels) that registers them
+    (``moving(x + disp_true(x))`` lies on the fixed image: the inverse of the
+    applied deformation, :func:`jaxreg.spatial.invert`), for endpoint errors
+    in validation; training sources leave it out (20 resampling passes per
+    example). ``slice_axis`` turns 3D subjects into 2D
     examples (a random slice through the central half of the foreground).
     With ``remap_fixed`` and ``keep_target`` an example also holds
     ``fixed_target``, the fixed image before its intensity remap: a loss may
@@ -234,7 +222,7 @@ class PairSource:
                  moving_contrast: str = "t1", seed: int = 0, deform_voxels: float = 0.0,
                  deform_spacing: int = 16, remap_fixed: str | None = None, slice_axis: int | None = None,
                  keep_target: bool = False, remap_prob: float = 1.0, deform_fixed: bool = False,
-                 flip: bool = False, length: int = 2 ** 31 - 1):
+                 flip: bool = False, keep_truth: bool = False, length: int = 2 ** 31 - 1):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "inter" and len(subjects) < 2:
@@ -249,6 +237,7 @@ class PairSource:
         self.fixed_contrast, self.moving_contrast = fixed_contrast, moving_contrast
         self.deform_voxels, self.deform_spacing = float(deform_voxels), int(deform_spacing)
         self.deform_fixed, self.flip = bool(deform_fixed), bool(flip)
+        self.keep_truth = bool(keep_truth) and mode != "inter" and not deform_fixed
         self.remap_fixed, self.slice_axis, self.length = remap_fixed, slice_axis, int(length)
         self.with_labels = all(s.labels is not None for s in subjects)
         self.keep_target = bool(keep_target) and remap_fixed is not None
@@ -284,7 +273,8 @@ class PairSource:
             u = random_smooth_disp(rng, moving.shape[:-1], magnitude=self.deform_voxels, spacing=self.deform_spacing)
             moving = warp_numpy(moving, u)
             ml = None if ml is None else warp_numpy(ml, u, order=0)
-            disp_true = invert_numpy(u) if self.mode != "inter" and not self.deform_fixed else None
+            if self.keep_truth:
+                disp_true = np.asarray(invert(jnp.asarray(u)), np.float32)
             if self.deform_fixed:
                 u = random_smooth_disp(rng, fixed.shape[:-1], magnitude=self.deform_voxels, spacing=self.deform_spacing)
                 fixed = warp_numpy(fixed, u)
@@ -300,11 +290,11 @@ class PairSource:
             out["fixed_target"] = target
         if disp_true is not None:
             out["disp_true"] = disp_true
-        if self.flip:
-            out = flip_example(out, rng.integers(0, 2, size=fixed.ndim - 1).astype(bool))
         if self.with_labels:
             out["fixed_labels"] = np.asarray(fl, np.int32)
             out["moving_labels"] = np.asarray(ml, np.int32)
+        if self.flip:
+            out = flip_example(out, rng.integers(0, 2, size=fixed.ndim - 1).astype(bool))
         return out
 
 
@@ -320,9 +310,6 @@ def flip_example(example: dict, axes) -> dict:
         return example
     out = {}
     for k, v in example.items():
-        if not isinstance(v, np.ndarray):
-            out[k] = v
-            continue
         v = np.flip(v, axis=axes)
         if k == "disp_true":
             sign = np.ones(v.shape[-1], v.dtype)

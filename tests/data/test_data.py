@@ -109,16 +109,18 @@ def test_labels_follow_the_moving_deformation():
     # Self pairs: fixed labels = the subject's labels; moving labels = the same labels warped like the image.
     assert ex["moving_labels"].dtype == np.int32 and set(np.unique(ex["moving_labels"])) <= set(range(4))
     assert not np.array_equal(ex["moving_labels"], ex["fixed_labels"])
-    assert "disp_true" not in PairSource(subs, mode="self", seed=0, deform_voxels=1.5, deform_fixed=True)[0]
-    assert "disp_true" not in PairSource(subs, mode="inter", seed=0, deform_voxels=1.5)[0]
+    assert "disp_true" not in ex  # only validation sources ask for it
+    for kw in (dict(mode="self", deform_fixed=True), dict(mode="inter")):
+        assert "disp_true" not in PairSource(subs, seed=0, deform_voxels=1.5, keep_truth=True, **kw)[0]
 
 
 def test_disp_true_registers_a_deformed_self_pair():
     from scipy import ndimage as ndi
-    from jaxreg.data.pipeline import invert_numpy
+    import jax.numpy as jnp
+    from jaxreg.spatial import invert
 
     u = random_smooth_disp(np.random.default_rng(5), (24, 20, 16), magnitude=1.5, spacing=8)
-    w = invert_numpy(u)
+    w = np.asarray(invert(jnp.asarray(u)))
     coords = np.indices(u.shape[:-1], dtype=np.float32) + np.moveaxis(w, -1, 0)
     composed = w + np.stack([ndi.map_coordinates(u[..., k], coords, order=1, mode="nearest") for k in range(3)], -1)
     inner = (slice(4, -4),) * 3
@@ -128,7 +130,7 @@ def test_disp_true_registers_a_deformed_self_pair():
     img = ndi.gaussian_filter(np.random.default_rng(0).uniform(size=(24, 20, 16)), 2).astype(np.float32)[..., None]
     img = (img - img.min()) / (img.max() - img.min())
     ex = PairSource([SubjectData("s", {"t1": img}, None)], mode="self", seed=1, deform_voxels=1.5,
-                    deform_spacing=8)[0]
+                    deform_spacing=8, keep_truth=True)[0]
     back = warp_numpy(ex["moving"], ex["disp_true"])
     err, before = np.abs(back - ex["fixed"])[inner].mean(), np.abs(ex["moving"] - ex["fixed"])[inner].mean()
     assert err < 0.15 * before, (err, before)
@@ -189,7 +191,7 @@ def test_flip_mirrors_the_whole_pair_and_its_true_displacement():
 
     img = np.random.default_rng(0).uniform(size=(16, 12, 10, 1)).astype(np.float32)
     src = PairSource([SubjectData("s", {"t1": img}, (img[..., 0] > 0.5).astype(np.int32))], mode="self", seed=4,
-                     deform_voxels=1.0, deform_spacing=4)
+                     deform_voxels=1.0, deform_spacing=4, keep_truth=True)
     ex = src[0]
     fl = flip_example(ex, [True, False, True])
     np.testing.assert_array_equal(fl["fixed"], ex["fixed"][::-1, :, ::-1])
@@ -201,4 +203,6 @@ def test_flip_mirrors_the_whole_pair_and_its_true_displacement():
     # In the source: some examples are flipped, deterministically per (seed, index).
     flipped = PairSource(src.subjects, mode="self", seed=4, deform_voxels=1.0, deform_spacing=4, flip=True)
     assert not all(np.array_equal(flipped[i]["fixed"], img) for i in range(8))
+    for i in range(8):  # labels are mirrored with their image
+        np.testing.assert_array_equal(flipped[i]["fixed_labels"], (flipped[i]["fixed"][..., 0] > 0.5).astype(np.int32))
     np.testing.assert_array_equal(flipped[3]["moving"], flipped[3]["moving"])
