@@ -94,7 +94,13 @@ class InstanceConfig:
         ``mi``, ``nmi``) on large levels, as in stochastic-gradient
         registration (Klein et al., IEEE TIP 2009); 0 uses every voxel.
         LNCC and NGF always use the whole grid.
-      integration_steps: scaling-and-squaring steps (7, as VoxelMorph).
+      integration_steps: scaling-and-squaring steps (VoxelMorph uses 7).
+        Default 5: the velocity lives on the smooth control grid, where
+        ``v / 2^5`` is a small fraction of a control voxel; on the brats
+        known-deformation pairs (benchmark part a) 7, 5 and 4 steps gave
+        the same endpoint error (1.423 / 1.423 / 1.422 mm) and 5 steps
+        took 1.4 s less per pair than 7 (integration under ``grad`` is
+        most of an Adam step's cost).
       mind_radius, mind_dilation: MIND-SSC patch radius and neighbour
         distance. Default dilation 1 (the SSC pairs 1 voxel apart): on the
         brats known-deformation pairs at 2 mm (benchmark part a, 3 levels)
@@ -138,7 +144,7 @@ class InstanceConfig:
     control_spacing: int = 4
     field_sigma: float = 2.0
     num_samples: int = 2 ** 15
-    integration_steps: int = 7
+    integration_steps: int = 5
     mind_radius: int = 1
     feature_sigma: float = 0.0
     mind_dilation: int = 1
@@ -211,6 +217,9 @@ def _downsample(image, factor):
     blurred = gaussian_blur(image, 0.5 * factor)
     shape = _level_shape(image.shape[:-1], factor)
     return jax.image.resize(blurred, shape + image.shape[-1:], method="linear", antialias=False)
+
+
+_downsample_jit = jax.jit(_downsample, static_argnames=("factor",))
 
 
 @functools.partial(jax.jit, static_argnames=("factor", "cfg"))
@@ -487,7 +496,7 @@ def register_instance(
     def level_mask(factor):
         if mask_f is None:
             return None
-        m = _downsample(mask_f[..., None], factor)[..., 0]
+        m = _downsample_jit(mask_f[..., None], factor=factor)[..., 0]
         return (m > 0.5).astype(jnp.float32)
 
     # -- affine stage
@@ -507,7 +516,7 @@ def register_instance(
         raw = jnp.zeros(sum(num_params(d).values()), jnp.float32)
         # Resample moving by the initial matrix at full resolution once; the
         # affine being optimised acts on top of it.
-        moving_init = sample(moving, identity_grid(fine_shape) + affine_to_disp(matrix, fine_shape))
+        moving_init = _resample_affine(moving, matrix, padding="zeros")
         for i in range(n_aff):
             factor = aff_factors[i]
             fixed_f = _level_features(fixed, factor=factor, cfg=acfg)
@@ -520,15 +529,14 @@ def register_instance(
         matrix = matrix @ _raw_to_matrix(raw, fine_shape, center, rigid)
 
     matrix = np.asarray(matrix, np.float64)
-    grid = identity_grid(fine_shape)
-    affine_disp = affine_to_disp(jnp.asarray(matrix, jnp.float32), fine_shape)
     if cfg.transform in ("affine", "rigid"):
+        affine_disp = affine_to_disp(jnp.asarray(matrix, jnp.float32), fine_shape)
         inv = np.linalg.inv(matrix)
         return InstanceResult(matrix, jnp.zeros_like(affine_disp), affine_disp,
                               affine_to_disp(jnp.asarray(inv, jnp.float32), fine_shape), None, tuple(curves))
 
     # -- deformable stage on the affinely resampled moving image
-    moving_aff = sample(moving, grid + affine_disp, padding="zeros")
+    moving_aff = _resample_affine(moving, jnp.asarray(matrix, jnp.float32), padding="zeros")
     field = None
     box_fine = _foreground_box(fixed, moving_aff)
     key = jax.random.key(0)
@@ -550,15 +558,27 @@ def register_instance(
         curves.append(np.asarray(curve))
         report(f"deformable level {lvl + 1}/{cfg.levels} {level_shape}: loss {float(curve[0]):.4g} -> {float(curve[-1]):.4g}")
 
-    disp = _field_to_disp(field, fine_shape, cfg)
-    if cfg.transform == "svf":
-        inv_local = _field_to_disp(-field, fine_shape, cfg)
-        velocity = field
-    else:
-        inv_local = invert(disp)
-        velocity = None
-    total, inverse = compose_affine_deformable(matrix, disp, inv_local)
+    disp, total, inverse = _finish_deformable(field, jnp.asarray(matrix, jnp.float32),
+                                              jnp.asarray(np.linalg.inv(matrix), jnp.float32),
+                                              cfg=cfg, fine_shape=fine_shape)
+    velocity = field if cfg.transform == "svf" else None
     return InstanceResult(matrix, disp, total, inverse, velocity, tuple(curves))
+
+
+@functools.partial(jax.jit, static_argnames=("padding",))
+def _resample_affine(image, matrix, *, padding):
+    """``image(A x)`` on its own grid (one fused pass; eager ops took 0.55 s at 2 mm)."""
+    shape = image.shape[:-1]
+    return sample(image, identity_grid(shape) + affine_to_disp(matrix, shape), padding=padding)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "fine_shape"))
+def _finish_deformable(field, matrix, inv_matrix, *, cfg, fine_shape):
+    """Fine-grid deformable displacement and the whole map and its inverse (one compiled call)."""
+    disp = _field_to_disp(field, fine_shape, cfg)
+    inv_local = _field_to_disp(-field, fine_shape, cfg) if cfg.transform == "svf" else invert(disp)
+    total, inverse = _compose(matrix, inv_matrix, disp, inv_local)
+    return disp, total, inverse
 
 
 def compose_affine_deformable(matrix, disp: Float[Array, "*spatial D"], inverse_disp: Float[Array, "*spatial D"]):
@@ -578,12 +598,16 @@ def compose_affine_deformable(matrix, disp: Float[Array, "*spatial D"], inverse_
       displacements (``y - x``) on that grid; ``inverse_disp`` is sampled
       with border padding where ``A^-1`` leaves the grid.
     """
+    return _compose(jnp.asarray(matrix, jnp.float32),
+                    jnp.asarray(np.linalg.inv(np.asarray(matrix, np.float64)), jnp.float32), disp, inverse_disp)
+
+
+@jax.jit
+def _compose(m32, inv_m, disp, inverse_disp):
     shape = disp.shape[:-1]
     d = len(shape)
     grid = identity_grid(shape)
-    m32 = jnp.asarray(matrix, jnp.float32)
     total = (grid + disp) @ m32[:d, :d].T + m32[:d, d] - grid
-    inv_m = jnp.asarray(np.linalg.inv(np.asarray(matrix, np.float64)), jnp.float32)
     pre = grid @ inv_m[:d, :d].T + inv_m[:d, d]  # A^-1 y on the fixed grid
     inverse = pre + sample(inverse_disp, pre, padding="border") - grid
     return total, inverse
