@@ -426,6 +426,7 @@ def run_part_a(args, runner, tmp, record):
             _rmtree(workdir)
         # Floor: the same registration of the undeformed contrast (truth: identity).
         undeformed = load_image(p["undeformed"])
+        floor = {}
         for method in args.methods:
             workdir = pathlib.Path(tempfile.mkdtemp(prefix="ants_", dir=tmp))
             if method == "ants":
@@ -433,15 +434,24 @@ def run_part_a(args, runner, tmp, record):
                                                 undeformed.affine)
             else:
                 disp, info, _ = runner.run_jax(method, fixed, undeformed)
+            floor[method] = (np.asarray(disp, np.float32), info)
+            _rmtree(workdir)
+        # What the methods agree on (their mean field) is misalignment in the data or a bias they
+        # share; what each adds to it is its own noise.
+        consensus = np.mean([d for d, _ in floor.values()], axis=0)
+        consensus_mm = M.endpoint_error_stats(consensus, np.zeros_like(consensus), spacing=spacing, mask=brain)
+        for method, (disp, info) in floor.items():
             err = M.endpoint_error_stats(disp, np.zeros_like(disp), spacing=spacing, mask=brain)
+            dev = M.endpoint_error_stats(disp, consensus, spacing=spacing, mask=brain)
             row = {"part": "a-floor", "pair": p["pair"], "pair_index": k, "method": method,
                    "disp_mean_mm": err["mean"], "disp_p95_mm": err["p95"],
                    "disp_mean_vector_mm": [float(v) for v in (disp[brain] * spacing).mean(axis=0)],
+                   "consensus_mean_mm": consensus_mm["mean"], "minus_consensus_mean_mm": dev["mean"],
                    **regularity(disp), **info}
             record(row)
             log(f"  floor {method:8s} undeformed pair: mean |disp| {err['mean']:.2f} mm (p95 {err['p95']:.2f}; "
-                f"mean vector {np.round(row['disp_mean_vector_mm'], 2).tolist()} mm), {info['wall_s']:.1f} s")
-            _rmtree(workdir)
+                f"mean vector {np.round(row['disp_mean_vector_mm'], 2).tolist()} mm; from the methods' mean "
+                f"field {dev['mean']:.2f} mm, which is {consensus_mm['mean']:.2f} mm), {info['wall_s']:.1f} s")
 
 
 # ----------------------------------------------------------------------------- part (b)
@@ -527,7 +537,7 @@ def _rmtree(path: pathlib.Path) -> None:
 
 A_KEYS = ("epe_mean_before_mm", "epe_mean_affine_stage_mm", "epe_mean_mm", "epe_p95_before_mm", "epe_p95_mm",
           "epe_reduction_percent", "tumour_dice_before", "tumour_dice", "folding_percent", "sdlogj")
-FLOOR_KEYS = ("disp_mean_mm", "disp_p95_mm", "folding_percent", "sdlogj")
+FLOOR_KEYS = ("disp_mean_mm", "disp_p95_mm", "consensus_mean_mm", "minus_consensus_mean_mm", "folding_percent", "sdlogj")
 B_KEYS = ("dice_identity", "dice_affine_stage", "dice", "dice30", "hd95_mm", "folding_percent", "sdlogj")
 
 
@@ -619,13 +629,17 @@ def markdown(meta, rows, summary) -> str:
         L += ["### (a) floor: the undeformed contrasts registered to T1 (truth: identity)", "",
               "Mean |disp| (mm) inside the brain found when nothing was deformed: residual misalignment of "
               "the co-registered BraTS contrasts plus each similarity's own bias. An EPE in the table above "
-              "cannot be expected to fall much below this.", "",
-              "| method | pairs | mean disp (mm) | p95 (mm) | per pair: mean disp, mean vector (mm) |",
-              "|---|---|---|---|---|"]
+              "cannot be expected to fall much below this. *consensus* = the mean of all methods' fields "
+              "(what they agree on: misalignment in the data or a bias they share; its mean length is the same "
+              "for every row of a pair); *from consensus* = each method's own deviation from it.", "",
+              "| method | pairs | mean disp (mm) | p95 (mm) | consensus (mm) | from consensus (mm) | "
+              "per pair: mean disp, mean vector (mm) |",
+              "|---|---|---|---|---|---|---|"]
         for m, s in summary["a-floor"].items():
             per = "; ".join(f"{r['pair']}: {_f(r['disp_mean_mm'])}, {[round(v, 2) for v in r['disp_mean_vector_mm']]}"
                             for r in rows if r["part"] == "a-floor" and r["method"] == m)
-            L.append(f"| {m} | {s['pairs']} | {_f(s['disp_mean_mm'])} | {_f(s['disp_p95_mm'])} | {per} |")
+            L.append(f"| {m} | {s['pairs']} | {_f(s['disp_mean_mm'])} | {_f(s['disp_p95_mm'])} | "
+                     f"{_f(s.get('consensus_mean_mm'))} | {_f(s.get('minus_consensus_mean_mm'))} | {per} |")
         L.append("")
     for part, title in (("b-mono", "mono-contrast (T1 -> T1)"),
                         ("b-cross", "cross-contrast (fixed T1 remapped by sin(0.9 pi x))")):
