@@ -59,7 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_lambda = 0.5
     c.quiet = False
     c.model = ml_collections.ConfigDict(dict(
-        ndim=3, in_channels=1, enc_features=(16, 32, 32, 32), dec_features=(32, 32, 32, 32),
+        ndim=3, in_channels=1, input_features="image", enc_features=(16, 32, 32, 32), dec_features=(32, 32, 32, 32),
         final_features=(32, 16, 16), norm=False, out_level=1, int_steps=7, int_downsize=2, velocity_sigma=0.0, bidirectional=False,
         similarity="mind", loss_sigma=1.0, loss_scales=3, loss_mask_threshold=0.05, lncc_window=9, mi_bins=32, reg_weight=1.0, hyper=False,
         lambda_range=(0.0, 1.0), lambda_distribution="uniform", reg_scale=1.0))

@@ -28,6 +28,7 @@ from jaxreg.nn import HyperFiLM, SVFNet, sample_lambda
 from jaxreg.spatial import gaussian_blur, warp
 
 SIMILARITIES = ("mse", "lncc", "mi", "nmi", "mind", "ngf")
+INPUT_FEATURES = ("image", "mind")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +38,19 @@ class Config:
     Attributes:
       ndim: 2 or 3.
       in_channels: channels of each image.
+      input_features: what the U-Net sees of each image: ``"image"`` (the
+        intensities, as VoxelMorph) or ``"mind"`` (its MIND-SSC descriptor,
+        radius 1, dilation 1: 12 channels in 3D, 4 in 2D, computed inside
+        the model, so training and :func:`register` agree). MIND-SSC maps
+        different contrasts of the same anatomy to similar descriptors
+        (Heinrich et al., MICCAI 2013), so a cross-contrast pair reaches
+        the network as nearly a mono-contrast one; the loss is unchanged.
+        Measured (2D brats T2 -> T1 slices, full widths, batch 4, lr 1e-3,
+        reg_weight 0.02, 2 cores): validation endpoint error 4.15 mm before,
+        4.61 / 4.62 / 4.66 / 4.50 mm at steps 100 / 300 / 500 / 700 with
+        MIND inputs, so it did not make cross-contrast correspondence
+        learnable in that budget (the same run with T1 -> deformed T1 and
+        image inputs reached 1.90 mm).
       enc_features, dec_features, final_features: U-Net widths (VoxelMorph
         defaults, TMI 2019 Fig. 3).
       norm: instance norm in the conv blocks (off in VoxelMorph).
@@ -83,6 +97,7 @@ class Config:
 
     ndim: int = 3
     in_channels: int = 1
+    input_features: str = "image"
     enc_features: tuple = (16, 32, 32, 32)
     dec_features: tuple = (32, 32, 32, 32)
     final_features: tuple = (32, 16, 16)
@@ -113,6 +128,8 @@ class Config:
             raise ValueError(f"lambda_distribution must be 'uniform' or 'loguniform', got {self.lambda_distribution!r}")
         if len(self.lambda_range) != 2 or not 0.0 <= self.lambda_range[0] <= self.lambda_range[1] <= 1.0:
             raise ValueError(f"lambda_range must be (low, high) with 0 <= low <= high <= 1, got {self.lambda_range}")
+        if self.input_features not in INPUT_FEATURES:
+            raise ValueError(f"input_features must be one of {INPUT_FEATURES}, got {self.input_features!r}")
         if self.loss_scales < 1:
             raise ValueError(f"loss_scales must be >= 1, got {self.loss_scales}")
         if self.loss_sigma < 0:
@@ -126,7 +143,8 @@ class VoxelMorph(nnx.Module):
 
     def __init__(self, config: Config, *, rngs: nnx.Rngs):
         self.config = config
-        self.net = SVFNet(config.ndim, config.in_channels, enc_features=config.enc_features,
+        net_channels = config.in_channels if config.input_features == "image" else (12 if config.ndim == 3 else 4)
+        self.net = SVFNet(config.ndim, net_channels, enc_features=config.enc_features,
                           dec_features=config.dec_features, final_features=config.final_features,
                           norm=config.norm, out_level=config.out_level, int_steps=config.int_steps,
                           int_downsize=config.int_downsize, velocity_sigma=config.velocity_sigma,
@@ -141,6 +159,9 @@ class VoxelMorph(nnx.Module):
         if (self.hyper is None) != (lam is None):
             raise ValueError("lam must be given exactly when the model is lambda-conditioned (config.hyper)")
         film = None if lam is None else self.hyper(lam)
+        if self.config.input_features == "mind":
+            mind = jax.vmap(lambda x: L.mind_ssc(x, radius=1, dilation=1))
+            fixed, moving = mind(fixed), mind(moving)
         return self.net(fixed, moving, film, inverse=inverse)
 
 

@@ -142,3 +142,27 @@ def test_register_shapes_and_errors():
 def test_config_errors(kw, match):
     with pytest.raises(ValueError, match=match):
         V.Config(**kw)
+
+
+def test_mind_input_features_are_contrast_invariant():
+    """With input_features="mind" the network sees MIND-SSC descriptors, which do not change under a
+    positive affine intensity map, so the predicted velocity does not either; intensity inputs do."""
+    batch = _batch(shape=(32, 32))
+    fixed, moving = batch["fixed"], batch["moving"]
+    remapped = 2.5 * fixed + 0.3
+    for features, invariant in (("mind", True), ("image", False)):
+        cfg = V.Config(**SMALL, input_features=features)
+        model = V.init(jax.random.key(0), cfg)
+        v1, _, _ = model(fixed, moving)
+        v2, _, _ = model(remapped, moving)
+        diff = float(jnp.max(jnp.abs(v1 - v2)))
+        scale = float(jnp.max(jnp.abs(v1)))
+        assert scale > 0
+        assert (diff < 1e-4 * scale) == invariant, (features, diff, scale)
+    # The loss and register work on images either way (descriptors are internal).
+    model = V.init(jax.random.key(0), V.Config(**SMALL, input_features="mind"))
+    loss, _ = V.loss_fn(model, batch, key=jax.random.key(1))
+    assert np.isfinite(float(loss))
+    assert V.register(model, fixed[0], moving[0]).warped.shape == fixed[0].shape
+    with pytest.raises(ValueError, match="input_features"):
+        V.Config(**SMALL, input_features="mind_ssc")
