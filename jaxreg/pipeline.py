@@ -10,6 +10,7 @@ voxels to moving voxels carries the whole transform; the warped image is
 resampled from the original moving scan in one interpolation.
 """
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 from typing import NamedTuple
@@ -232,22 +233,33 @@ def register_volumes_learned(fixed: Volume, moving: Volume, *, module, model, la
     return _finish(fixed, moving, fixed_w, moving_w, work_shape, work_affine, res, runtime)
 
 
+_resize_disp = jax.jit(resize_disp, static_argnames=("shape",))
+
+
+@functools.partial(jax.jit, static_argnames=("shape_f",))
+def _to_fixed_grid(total_disp, g, moving_data, moving_w, *, shape_f):
+    """Working-grid map -> fixed grid: (disp_fixed, voxel map to moving voxels, warped, moving by the
+    grid matrix only, warped on the working grid), one compiled call (eager ops took ~8 s at 1 mm)."""
+    disp_fixed = resize_disp(total_disp, shape_f)
+    coords = _map_coords(g, shape_f, disp_fixed)
+    warped = sample(moving_data[..., None], coords)[..., 0]
+    moving_on_fixed = sample(moving_data[..., None], _map_coords(g, shape_f))[..., 0]
+    warped_w = sample(moving_w, identity_grid(moving_w.shape[:-1]) + total_disp)
+    return disp_fixed, coords - identity_grid(shape_f), warped, moving_on_fixed, warped_w
+
+
 def _finish(fixed, moving, fixed_w, moving_w, work_shape, work_affine, res, runtime) -> Registration:
     """Bring a working-grid result to the fixed grid (warped image, maps, ITK warps)."""
     shape_f = fixed.data.shape
-    disp_fixed = resize_disp(res.total_disp, shape_f)
     g = grid_to_grid_matrix(fixed.affine, moving.affine)
-    coords = _map_coords(g, shape_f, disp_fixed)
-    warped = _sample(jnp.asarray(moving.data, jnp.float32)[..., None], coords)[..., 0]
-    voxel_map = coords - identity_grid(shape_f)
+    disp_fixed, voxel_map, warped, moving_on_fixed, warped_w = _to_fixed_grid(
+        res.total_disp, jnp.asarray(g, jnp.float32), jnp.asarray(moving.data, jnp.float32), moving_w,
+        shape_f=tuple(shape_f))
     warp_lps = voxel_disp_to_world(voxel_map, fixed.affine, moving.affine)
     inverse_fixed = inverse_lps = None
     if res.inverse_disp is not None:
-        inverse_fixed = resize_disp(res.inverse_disp, shape_f)
+        inverse_fixed = _resize_disp(res.inverse_disp, shape=tuple(shape_f))
         inverse_lps = voxel_disp_to_world(inverse_fixed, fixed.affine, fixed.affine)
-    moving_on_fixed = _sample(jnp.asarray(moving.data, jnp.float32)[..., None],
-                                     _map_coords(g, shape_f))[..., 0]
-    warped_w = _sample(moving_w, identity_grid(work_shape) + res.total_disp)
     work = {"fixed": fixed_w, "moving": moving_w, "warped": warped_w, "total_disp": res.total_disp,
             "shape": work_shape, "affine": work_affine}
     return Registration(np.asarray(warped), np.asarray(disp_fixed), np.asarray(voxel_map),
@@ -264,11 +276,15 @@ def warp_labels_to_fixed(labels: Volume, fixed: Volume, reg: Registration) -> np
 
 def similarity_value(config: InstanceConfig, fixed_w, moving_w) -> float:
     """The method's similarity loss (lower is better) on the working grid (MIND unsmoothed)."""
-    f, m = normalize_intensity(fixed_w), normalize_intensity(moving_w)
+    return float(_similarity(normalize_intensity(fixed_w), normalize_intensity(moving_w), config=config))
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _similarity(f, m, *, config):
     if config.similarity == "mind":
         kw = dict(radius=config.mind_radius, dilation=config.mind_dilation)
         f, m = L.mind_ssc(f, **kw), L.mind_ssc(m, **kw)
-    return float(similarity_fn(config)(f, m, None))
+    return similarity_fn(config)(f, m, None)
 
 
 def registration_metrics(method: str, config: InstanceConfig, reg: Registration, fixed: Volume,
