@@ -24,8 +24,8 @@ from jaxreg import losses as L
 from jaxreg import metrics as M
 from jaxreg.io import Volume, grid_to_grid_matrix, resample_to_grid, voxel_disp_to_world
 from jaxreg.optimize import InstanceConfig, normalize_intensity, register_instance, similarity_fn
-from jaxreg.optimize.instance import InstanceResult, compose_affine_deformable
-from jaxreg.spatial import affine_to_disp, identity_grid, resize_disp, sample, voxel_spacing
+from jaxreg.optimize.instance import InstanceResult, _resample_affine, compose_affine_deformable
+from jaxreg.spatial import identity_grid, resize_disp, sample, voxel_spacing
 
 # Affine-only MI registration used to pre-align training subjects (jaxreg.data.load_subjects) and the
 # inputs of learned methods (register_volumes_learned), so both see the same kind of alignment.
@@ -215,8 +215,7 @@ def register_volumes_learned(fixed: Volume, moving: Volume, *, module, model, la
     if affine:
         matrix = np.asarray(register_instance(fixed_w, moving_w, config=PREALIGN_CONFIG).matrix, np.float64)
         report("affine pre-alignment done")
-    aff_coords = identity_grid(work_shape) + affine_to_disp(jnp.asarray(matrix, jnp.float32), work_shape)
-    moving_aff = _sample(moving_w, aff_coords, padding="zeros")
+    moving_aff = _resample_affine(moving_w, jnp.asarray(matrix, jnp.float32), padding="zeros")
     f, m = normalize_intensity(fixed_w), normalize_intensity(moving_aff)
     mult = 2 ** len(model.config.enc_features)
     padded = tuple(int(np.ceil(s / mult) * mult) for s in work_shape)

@@ -138,12 +138,20 @@ class Config:
             raise ValueError(f"reg_weight must be >= 0, got {self.reg_weight}")
 
 
+def _mind(image):
+    """The MIND-SSC descriptor of the similarity and of ``input_features="mind"`` (radius 1, dilation 1)."""
+    return L.mind_ssc(image, radius=1, dilation=1)
+
+
 class VoxelMorph(nnx.Module):
     """SVF network plus (if ``config.hyper``) the lambda hypernetwork."""
 
     def __init__(self, config: Config, *, rngs: nnx.Rngs):
         self.config = config
-        net_channels = config.in_channels if config.input_features == "image" else (12 if config.ndim == 3 else 4)
+        net_channels = config.in_channels
+        if config.input_features == "mind":
+            probe = jax.ShapeDtypeStruct((4,) * config.ndim + (config.in_channels,), jnp.float32)
+            net_channels = jax.eval_shape(_mind, probe).shape[-1]
         self.net = SVFNet(config.ndim, net_channels, enc_features=config.enc_features,
                           dec_features=config.dec_features, final_features=config.final_features,
                           norm=config.norm, out_level=config.out_level, int_steps=config.int_steps,
@@ -160,8 +168,7 @@ class VoxelMorph(nnx.Module):
             raise ValueError("lam must be given exactly when the model is lambda-conditioned (config.hyper)")
         film = None if lam is None else self.hyper(lam)
         if self.config.input_features == "mind":
-            mind = jax.vmap(lambda x: L.mind_ssc(x, radius=1, dilation=1))
-            fixed, moving = mind(fixed), mind(moving)
+            fixed, moving = jax.vmap(_mind)(fixed), jax.vmap(_mind)(moving)
         return self.net(fixed, moving, film, inverse=inverse)
 
 
@@ -174,8 +181,7 @@ def similarity(config: Config, fixed, warped, mask=None) -> Float[Array, ""]:
     """The configured similarity loss of one unbatched pair ``(*spatial, C)`` (lower is better)."""
     s = config.similarity
     if s == "mind":
-        return L.descriptor_mse(L.mind_ssc(fixed, radius=1, dilation=1), L.mind_ssc(warped, radius=1, dilation=1),
-                                mask=mask)
+        return L.descriptor_mse(_mind(fixed), _mind(warped), mask=mask)
     if s == "lncc":
         return L.lncc(fixed, warped, window=config.lncc_window, mask=mask)
     if s == "mi":
