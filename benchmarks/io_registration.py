@@ -18,6 +18,16 @@ Two parts (see benchmarks/README.md for how to read the output):
     endpoint error (mm) inside the brain (fixed T1 > 0), tumour Dice (labels
     1, 2, 4), % folding and SDlogJ of the estimated map, wall time.
 
+(s) Known deformation, synthetic contrast (exact correspondence): the same
+    fixed T1 and the same seeded deformations as (a), but the moving image is
+    the T1 itself remapped by the non-monotone ``sin(0.9 pi x)`` of part (b)
+    before it is deformed. The contrasts differ as much as T1 and T2 do (grey
+    matter brighter than white matter) while the anatomy is identical, so
+    the ground truth holds exactly; it separates a method's cross-contrast
+    error from the misalignment of the real contrasts that part (a)'s floor
+    measures. Floor: the undeformed remapped T1 (one registration; it is the
+    same image for every seed).
+
 (b) Inter-subject anatomy (``ixi``, 7 T1 scans with 148 DLMUSE labels, 2 mm,
     with skull). Pairs in sorted subject order: moving = subject i, fixed =
     subject i+1 (i = 0..5). Mono-contrast: T1 -> T1. Cross-contrast: the same
@@ -91,7 +101,10 @@ def parse_args(argv=None):
                    help="data root (default: $JAXREG_DATA, else ../shared/data relative to the repo root)")
     p.add_argument("--threads", type=int, default=2,
                    help="ITK threads for ANTs; the process is also pinned to this many cores (default 2)")
-    p.add_argument("--parts", default="a,b", help="comma-separated subset of a,b (default: a,b)")
+    p.add_argument("--parts", default="a,s,b", help="comma-separated subset of a,s,b (default: a,s,b)")
+    p.add_argument("--brats-case", default="tcga_fg6692",
+                   help="brats_space case of parts a and s (default tcga_fg6692; tumour Dice only if the case "
+                        "has tumor_seg.nii.gz)")
     p.add_argument("--seed", type=int, default=0, help="base seed of the known deformations (part a)")
     p.add_argument("--fast", action="store_true", help=argparse.SUPPRESS)  # debug: few iterations
     args = p.parse_args(argv)
@@ -100,8 +113,8 @@ def parse_args(argv=None):
     if bad or not args.methods:
         p.error(f"unknown method(s) {bad}; choose from {', '.join(JAX_METHODS)}, ants")
     args.parts = [s.strip() for s in args.parts.split(",") if s.strip()]
-    if not args.parts or any(s not in ("a", "b") for s in args.parts):
-        p.error(f"--parts must be a subset of a,b, got {args.parts}")
+    if not args.parts or any(s not in ("a", "s", "b") for s in args.parts):
+        p.error(f"--parts must be a subset of a,s,b, got {args.parts}")
     if args.threads < 1:
         p.error("--threads must be >= 1")
     if args.data is None:
@@ -337,94 +350,119 @@ def deform_native(vol, inverse_disp, grid_affine):
     return Volume(np.clip(out, src.min(), src.max()).astype(np.float32), vol.affine)
 
 
-def prepare_part_a(data: pathlib.Path, tmp: pathlib.Path, seed: int, n_pairs: int):
-    """2 mm fixed T1, deformed contrasts and seg written as NIfTI; returns the pair descriptions."""
+def prepare_part_a(data: pathlib.Path, tmp: pathlib.Path, seed: int, n_pairs: int, *, case: str = "tcga_fg6692",
+                   synthetic: bool = False):
+    """2 mm fixed T1, deformed moving images and segs written as NIfTI; returns the pair descriptions.
+
+    ``synthetic``: the moving images are the T1 remapped by ``remap_intensity``
+    (part s) instead of the real T2/FLAIR/T1c (part a); the seeds are the same.
+    ``moving_seg`` / ``fixed_seg`` are None when the case has no tumour segmentation.
+    """
     import jax
     import jax.numpy as jnp
 
     from jaxreg.augment.deform import random_deformation
-    from jaxreg.io import load_image, load_labels, resample_to_grid, save_image
+    from jaxreg.io import Volume, load_image, load_labels, resample_to_grid, save_image
     from jaxreg.pipeline import resample_smooth, working_grid
     from jaxreg.spatial import warp_labels
 
-    src = data / "brats_space" / "tcga_fg6692"
+    src = data / "brats_space" / case
     t1 = load_image(src / "t1.nii.gz")
     shape2, aff2, _ = working_grid(t1.data.shape, t1.affine, RESOLUTION)
-    log(f"part a: {src} {t1.data.shape} -> 2 mm grid {tuple(shape2)}")
+    log(f"part {'s' if synthetic else 'a'}: {src} {t1.data.shape} -> 2 mm grid {tuple(shape2)}")
 
     def to2(vol):
         return np.asarray(resample_smooth(vol, shape2, aff2))[..., 0].astype(np.float32)
 
+    tag = "s_" if synthetic else "a_"
     fixed2 = to2(t1)
-    seg = load_labels(src / "tumor_seg.nii.gz")
-    seg2 = resample_to_grid(seg.data, seg.affine, shape2, aff2, order=0).astype(np.int32)
-    fixed_path = save_image(tmp / "a_fixed_t1.nii.gz", fixed2, aff2)
-    fixed_seg_path = save_image(tmp / "a_fixed_seg.nii.gz", seg2.astype(np.uint8), aff2)
+    fixed_path = save_image(tmp / f"{tag}fixed_t1.nii.gz", fixed2, aff2)
+    seg2 = fixed_seg_path = None
+    if (src / "tumor_seg.nii.gz").exists():
+        seg = load_labels(src / "tumor_seg.nii.gz")
+        seg2 = resample_to_grid(seg.data, seg.affine, shape2, aff2, order=0).astype(np.int32)
+        fixed_seg_path = save_image(tmp / f"{tag}fixed_seg.nii.gz", seg2.astype(np.uint8), aff2)
     pairs = []
     for i, name in enumerate(CONTRASTS[:n_pairs]):
-        c1 = load_image(src / f"{name}.nii.gz")
+        if synthetic:
+            c1, name = Volume(remap_intensity(t1.data), t1.affine), f"sin(t1)#{i}"
+        else:
+            c1 = load_image(src / f"{name}.nii.gz")
         s = seed + i
         disp, inv = random_deformation(jax.random.key(s), shape2, mean_magnitude=DEFORM_MM / RESOLUTION,
                                        control_spacing=CONTROL_SPACING)
         moving = to2(deform_native(c1, np.asarray(inv), aff2))
-        mseg = np.asarray(warp_labels(jnp.asarray(seg2), inv)).astype(np.uint8)
+        stem = f"{tag}moving_{i}"
+        mseg_path = None
+        if seg2 is not None:
+            mseg = np.asarray(warp_labels(jnp.asarray(seg2), inv)).astype(np.uint8)
+            mseg_path = save_image(tmp / f"{stem}_seg.nii.gz", mseg, aff2)
         pairs.append({
             "pair": f"t1<-{name}", "contrast": name, "seed": s,
             "fixed": fixed_path, "fixed_seg": fixed_seg_path,
-            "moving": save_image(tmp / f"a_moving_{name}.nii.gz", moving, aff2),
-            "moving_seg": save_image(tmp / f"a_moving_{name}_seg.nii.gz", mseg, aff2),
-            "undeformed": save_image(tmp / f"a_undeformed_{name}.nii.gz", to2(c1), aff2),
+            "moving": save_image(tmp / f"{stem}.nii.gz", moving, aff2),
+            "moving_seg": mseg_path,
+            "undeformed": save_image(tmp / f"{tag}undeformed_{i}.nii.gz", to2(c1), aff2),
             "disp_true": np.asarray(disp, np.float32),
         })
     return pairs
 
 
-def run_part_a(args, runner, tmp, record):
+def run_part_a(args, runner, tmp, record, *, synthetic=False):
+    """Part a (real contrasts) or, with ``synthetic``, part s (remapped T1); rows of parts ``a``/``a-floor`` or ``s``/``s-floor``."""
     from jaxreg import metrics as M
     from jaxreg.io import load_image, load_labels
     from jaxreg.pipeline import warp_labels_to_fixed
     from jaxreg.spatial import voxel_spacing
 
-    pairs = prepare_part_a(args.data, tmp, args.seed, 1 if args.quick else len(CONTRASTS))
+    part = "s" if synthetic else "a"
+    pairs = prepare_part_a(args.data, tmp, args.seed, 1 if args.quick else len(CONTRASTS), case=args.brats_case,
+                           synthetic=synthetic)
     for k, p in enumerate(pairs):
         fixed, moving = load_image(p["fixed"]), load_image(p["moving"])
-        fseg, mseg = load_labels(p["fixed_seg"]), load_labels(p["moving_seg"])
+        has_seg = p["fixed_seg"] is not None
+        fseg = load_labels(p["fixed_seg"]) if has_seg else None
+        mseg = load_labels(p["moving_seg"]) if has_seg else None
         spacing = voxel_spacing(fixed.affine)[:3]
         brain = fixed.data > 0
         truth = p["disp_true"]
         before = M.endpoint_error_stats(np.zeros_like(truth), truth, spacing=spacing, mask=brain)
-        tum_before = label_scores(mseg.data, fseg.data, TUMOUR_LABELS, spacing, hd=False)["dice"]
-        log(f"part a pair {k + 1}/{len(pairs)} {p['pair']} (seed {p['seed']}): EPE before "
-            f"{before['mean']:.2f} mm (p95 {before['p95']:.2f}), tumour Dice before {tum_before:.3f}")
+        tum_before = label_scores(mseg.data, fseg.data, TUMOUR_LABELS, spacing, hd=False)["dice"] if has_seg else None
+        log(f"part {part} pair {k + 1}/{len(pairs)} {p['pair']} (seed {p['seed']}): EPE before "
+            f"{before['mean']:.2f} mm (p95 {before['p95']:.2f}), tumour Dice before {_f(tum_before, '{:.3f}')}")
         for method in args.methods:
             workdir = pathlib.Path(tempfile.mkdtemp(prefix="ants_", dir=tmp))
             if method == "ants":
                 disp, info, tx = runner.run_ants(p["fixed"], p["moving"], workdir, fixed.affine, moving.affine)
-                warped_seg = runner.ants_labels(p["fixed"], p["moving_seg"], tx)
+                warped_seg = runner.ants_labels(p["fixed"], p["moving_seg"], tx) if has_seg else None
                 disp_affine = runner.ants_dense(p["fixed"], p["moving"], [t for t in tx if t.endswith(".mat")],
                                                 workdir / "ants_affine_", fixed.affine, moving.affine)
             else:
                 disp, info, reg = runner.run_jax(method, fixed, moving)
-                warped_seg = warp_labels_to_fixed(mseg, fixed, reg)
+                warped_seg = warp_labels_to_fixed(mseg, fixed, reg) if has_seg else None
                 disp_affine = affine_stage_disp(reg, fixed)
             after = M.endpoint_error_stats(disp, truth, spacing=spacing, mask=brain)
             aff = M.endpoint_error_stats(disp_affine, truth, spacing=spacing, mask=brain)
-            row = {"part": "a", "pair": p["pair"], "pair_index": k, "method": method, "seed": p["seed"],
+            row = {"part": part, "pair": p["pair"], "pair_index": k, "method": method, "seed": p["seed"],
                    "epe_mean_before_mm": before["mean"], "epe_p95_before_mm": before["p95"],
                    "epe_mean_mm": after["mean"], "epe_p95_mm": after["p95"], "epe_median_mm": after["median"],
                    "epe_reduction_percent": 100.0 * (1.0 - after["mean"] / before["mean"]),
                    "epe_mean_affine_stage_mm": aff["mean"],
                    "tumour_dice_before": tum_before,
-                   "tumour_dice": label_scores(warped_seg, fseg.data, TUMOUR_LABELS, spacing, hd=False)["dice"],
+                   "tumour_dice": (label_scores(warped_seg, fseg.data, TUMOUR_LABELS, spacing, hd=False)["dice"]
+                                   if has_seg else None),
                    **regularity(disp), **info}
             record(row)
             log(f"  {method:8s} EPE {row['epe_mean_mm']:.2f} mm (affine stage {aff['mean']:.2f}; "
                 f"p95 {row['epe_p95_mm']:.2f}, "
-                f"{row['epe_reduction_percent']:.0f} % reduction), tumour Dice {row['tumour_dice']:.3f}, "
+                f"{row['epe_reduction_percent']:.0f} % reduction), tumour Dice {_f(row['tumour_dice'], '{:.3f}')}, "
                 f"folding {row['folding_percent']:.3f} %, SDlogJ {row['sdlogj']:.3f}, "
                 f"{info['wall_s']:.1f} s{' (incl. compile)' if info['first_of_shape'] else ''}")
             _rmtree(workdir)
-        # Floor: the same registration of the undeformed contrast (truth: identity).
+        # Floor: the same registration of the undeformed contrast (truth: identity). Part s: the
+        # undeformed remapped T1 is the same image for every seed, so once.
+        if synthetic and k > 0:
+            continue
         undeformed = load_image(p["undeformed"])
         floor = {}
         for method in args.methods:
@@ -443,7 +481,7 @@ def run_part_a(args, runner, tmp, record):
         for method, (disp, info) in floor.items():
             err = M.endpoint_error_stats(disp, np.zeros_like(disp), spacing=spacing, mask=brain)
             dev = M.endpoint_error_stats(disp, consensus, spacing=spacing, mask=brain)
-            row = {"part": "a-floor", "pair": p["pair"], "pair_index": k, "method": method,
+            row = {"part": f"{part}-floor", "pair": p["pair"], "pair_index": k, "method": method,
                    "disp_mean_mm": err["mean"], "disp_p95_mm": err["p95"],
                    "disp_mean_vector_mm": [float(v) for v in (disp[brain] * spacing).mean(axis=0)],
                    "consensus_mean_mm": consensus_mm["mean"], "minus_consensus_mean_mm": dev["mean"],
@@ -558,7 +596,7 @@ def _mean(vals):
 def summarize(rows):
     out = {}
     for part in sorted({r["part"] for r in rows}):
-        keys = {"a": A_KEYS, "a-floor": FLOOR_KEYS}.get(part, B_KEYS)
+        keys = {"a": A_KEYS, "s": A_KEYS, "a-floor": FLOOR_KEYS, "s-floor": FLOOR_KEYS}.get(part, B_KEYS)
         out[part] = {}
         for method in dict.fromkeys(r["method"] for r in rows if r["part"] == part):
             rs = [r for r in rows if r["part"] == part and r["method"] == method]
@@ -596,9 +634,26 @@ def markdown(meta, rows, summary) -> str:
     def t(x):
         return _f(x, "{:.1f}")
 
-    if "a" in summary:
-        L += ["## (a) Known deformation, real contrasts (TCGA-FG-6692, fixed T1, moving T2/FLAIR/T1c warped "
-              f"by a known SVF, mean {DEFORM_MM} mm)", "",
+    case = meta["part_a"]["case"]
+    titles = {
+        "a": (f"## (a) Known deformation, real contrasts ({case}, fixed T1, moving T2/FLAIR/T1c warped "
+              f"by a known SVF, mean {DEFORM_MM} mm)"),
+        "s": (f"## (s) Known deformation, synthetic contrast ({case}, fixed T1, moving = the T1 remapped by "
+              f"sin(0.9 pi x), warped by the same SVFs as (a): exact correspondence)"),
+    }
+    floor_titles = {
+        "a": ("### (a) floor: the undeformed contrasts registered to T1 (truth: identity)",
+              "Mean |disp| (mm) inside the brain found when nothing was deformed: residual misalignment of "
+              "the co-registered BraTS contrasts plus each similarity's own bias. An EPE in the table above "
+              "cannot be expected to fall much below this. "),
+        "s": ("### (s) floor: the undeformed remapped T1 registered to T1 (truth: identity)",
+              "Mean |disp| (mm) inside the brain when nothing was deformed and the anatomy is identical: "
+              "each similarity's own cross-contrast bias. "),
+    }
+    for part in ("a", "s"):
+        if part not in summary:
+            continue
+        L += [titles[part], "",
               "EPE in mm inside the brain (fixed T1 > 0), before -> after (% reduction of the mean; negative = "
               "worse than no registration). The true map has no affine part, so the affine stage alone should "
               "leave the EPE near its value before. "
@@ -606,7 +661,7 @@ def markdown(meta, rows, summary) -> str:
               "| method | pairs | EPE mean (mm) | EPE mean, affine stage only | EPE p95 (mm) | tumour Dice | "
               "% folding | SDlogJ | time first / steady (s) | opt (s) | ratio / steady ratio |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for m, s in summary["a"].items():
+        for m, s in summary[part].items():
             L.append(f"| {m} | {s['pairs']} | {_f(s['epe_mean_before_mm'])} -> {_f(s['epe_mean_mm'])} "
                      f"({_f(s['epe_reduction_percent'], '{:.0f}')} %) | {_f(s['epe_mean_affine_stage_mm'])} | "
                      f"{_f(s['epe_p95_before_mm'])} -> "
@@ -618,26 +673,27 @@ def markdown(meta, rows, summary) -> str:
         L += ["", "Per pair:", "", "| pair | method | EPE mean (mm) | EPE p95 (mm) | tumour Dice | % folding | "
               "SDlogJ | time (s) | ratio |", "|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
-            if r["part"] == "a":
+            if r["part"] == part:
                 L.append(f"| {r['pair']} | {r['method']} | {_f(r['epe_mean_before_mm'])} -> {_f(r['epe_mean_mm'])} | "
                          f"{_f(r['epe_p95_before_mm'])} -> {_f(r['epe_p95_mm'])} | "
                          f"{_f(r['tumour_dice_before'], '{:.3f}')} -> {_f(r['tumour_dice'], '{:.3f}')} | "
                          f"{_f(r['folding_percent'], '{:.3f}')} | {_f(r['sdlogj'], '{:.3f}')} | "
                          f"{t(r['wall_s'])}{'*' if r['first_of_shape'] else ''} | {_f(r['time_ratio_to_ants'])} |")
         L += ["", "\\* incl. JAX compilation.", ""]
-    if "a-floor" in summary:
-        L += ["### (a) floor: the undeformed contrasts registered to T1 (truth: identity)", "",
-              "Mean |disp| (mm) inside the brain found when nothing was deformed: residual misalignment of "
-              "the co-registered BraTS contrasts plus each similarity's own bias. An EPE in the table above "
-              "cannot be expected to fall much below this. *consensus* = the mean of all methods' fields "
+        fpart = f"{part}-floor"
+        if fpart not in summary:
+            continue
+        title, text = floor_titles[part]
+        L += [title, "",
+              text + "*consensus* = the mean of all methods' fields "
               "(what they agree on: misalignment in the data or a bias they share; its mean length is the same "
               "for every row of a pair); *from consensus* = each method's own deviation from it.", "",
               "| method | pairs | mean disp (mm) | p95 (mm) | consensus (mm) | from consensus (mm) | "
               "per pair: mean disp, mean vector (mm) |",
               "|---|---|---|---|---|---|---|"]
-        for m, s in summary["a-floor"].items():
+        for m, s in summary[fpart].items():
             per = "; ".join(f"{r['pair']}: {_f(r['disp_mean_mm'])}, {[round(v, 2) for v in r['disp_mean_vector_mm']]}"
-                            for r in rows if r["part"] == "a-floor" and r["method"] == m)
+                            for r in rows if r["part"] == fpart and r["method"] == m)
             L.append(f"| {m} | {s['pairs']} | {_f(s['disp_mean_mm'])} | {_f(s['disp_p95_mm'])} | "
                      f"{_f(s.get('consensus_mean_mm'))} | {_f(s.get('minus_consensus_mean_mm'))} | {per} |")
         L.append("")
@@ -699,9 +755,10 @@ def main(argv=None):
         "finished": None, "quick": args.quick, "fast": args.fast, "methods": args.methods, "parts": args.parts,
         "resolution_mm": RESOLUTION, "threads": args.threads, "cpu_count": os.cpu_count(), "pinned_cpus": cpus,
         "jax_version": jax.__version__, "antspyx_version": ants_version, "data": str(args.data),
-        "part_a": {"case": "brats_space/tcga_fg6692", "fixed": "t1", "moving": list(CONTRASTS),
+        "part_a": {"case": f"brats_space/{args.brats_case}", "fixed": "t1", "moving": list(CONTRASTS),
                    "deformation": f"random_deformation(key(seed + i), mean_magnitude={DEFORM_MM / RESOLUTION} vox, "
                                   f"control_spacing={CONTROL_SPACING})", "brain_mask": "fixed T1 (2 mm) > 0"},
+        "part_s": {"moving": "the fixed case's 1 mm T1 remapped by sin(0.9 pi x) (as part b), then deformed like part a"},
         "part_b": {"pairs": "moving = sorted subject i, fixed = subject i+1",
                    "cross_remap": "fixed := sin(0.9 pi x), x = clip(I / p99(I[I > 0]), 0, 1)"},
         "fast_overrides": {"jaxreg": FAST_JAX, "ants": FAST_ANTS} if args.fast else None,
@@ -729,6 +786,8 @@ def main(argv=None):
         tmp = pathlib.Path(tmp)
         if "a" in args.parts:
             run_part_a(args, runner, tmp, record)
+        if "s" in args.parts:
+            run_part_a(args, runner, tmp, record, synthetic=True)
         if "b" in args.parts:
             run_part_b(args, runner, tmp, record)
     meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
