@@ -21,9 +21,22 @@ half resolution (``out_level=1``). See docs/design.md for the measurements
 behind each choice.
 
 Runtime and result, measured on 2 CPU cores (2026-11-30), NOT yet the intended result:
-at 2 mm (128x128x96) one train step takes ~8.5 s (~4.7 h for 2000 steps). The
-CPU run at 3 mm (``--config.data.resolution=3.0 --config.num_train_steps=800
---config.eval_every=200 --config.model.reg_weight=0.02``, 2.1-2.5 s/step) was
+at 2 mm (128x128x96) one train step takes ~8.5 s (~4.7 h for 2000 steps).
+Longest CPU run, at 4 mm (64x64x48, ~1.1 s/step, 4000 steps in 75 min)::
+
+    .venv/bin/python -m train.main --config configs/vxm_ixi.py --workdir runs/vxm_ixi_4mm \
+        --config.data.resolution=4.0 --config.num_train_steps=4000 --config.eval_every=500 \
+        --config.checkpoint_every=500 --config.model.reg_weight=0.02 --config.data.flip=True
+    .venv/bin/python benchmarks/learned_vs_io.py --workdir runs/vxm_ixi_4mm --name learned_vs_io_4mm
+
+validation Dice (4 pairs) 0.413 affine -> 0.358 / 0.413 / 0.417 / 0.418 / 0.420 / 0.435 / 0.437 / 0.443
+at steps 500 ... 4000, 0 % folding. Against io-mind on the same arrays
+(benchmarks/results/learned_vs_io_4mm.md): mono-contrast 0.470 vs io-mind 0.518
+(54 % of io-mind's gain), cross-contrast 0.415 vs 0.492 (3 %); 0.33 s vs 3.1 s
+per pair once compiled. So the network learns inter-subject T1 registration
+with longer training, and not yet the cross-contrast pairs (goal: 80 %).
+Earlier CPU runs at 3 mm (``--config.data.resolution=3.0 --config.num_train_steps=800
+--config.eval_every=200 --config.model.reg_weight=0.02``, 2.1-2.5 s/step) were
 stopped after 600 steps (~30 min): validation Dice affine 0.461 -> network
 0.461 mono / 0.462 cross, 0 % folding; io-mind 0.533 / 0.524 on the same
 pairs (benchmarks/results/learned_vs_io.md). Trained on a single pair, the
