@@ -59,6 +59,7 @@ summaries) and ``<out>/io_registration.md`` (tables), rewritten after every
 pair so an interrupted run keeps what it measured.
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -350,6 +351,47 @@ def deform_native(vol, inverse_disp, grid_affine):
     return Volume(np.clip(out, src.min(), src.max()).astype(np.float32), vol.affine)
 
 
+@functools.lru_cache(maxsize=None)
+def _prepare_fixed(data: pathlib.Path, tmp: pathlib.Path, case: str):
+    """The case's 2 mm fixed T1 (and tumour seg, if any) written once for parts a and s.
+
+    Returns ``(t1, shape2, aff2, fixed_path, seg2, fixed_seg_path)``; the seg
+    entries are None when the case has no ``tumor_seg.nii.gz``.
+    """
+    from jaxreg.io import load_image, load_labels, resample_to_grid, save_image
+    from jaxreg.pipeline import working_grid
+
+    src = data / "brats_space" / case
+    t1 = load_image(src / "t1.nii.gz")
+    shape2, aff2, _ = working_grid(t1.data.shape, t1.affine, RESOLUTION)
+    log(f"parts a/s: {src} {t1.data.shape} -> 2 mm grid {tuple(shape2)}")
+    fixed_path = save_image(tmp / "a_fixed_t1.nii.gz", _to_grid(t1, shape2, aff2), aff2)
+    seg2 = fixed_seg_path = None
+    if (src / "tumor_seg.nii.gz").exists():
+        seg = load_labels(src / "tumor_seg.nii.gz")
+        seg2 = resample_to_grid(seg.data, seg.affine, shape2, aff2, order=0).astype(np.int32)
+        fixed_seg_path = save_image(tmp / "a_fixed_seg.nii.gz", seg2.astype(np.uint8), aff2)
+    return t1, shape2, aff2, fixed_path, seg2, fixed_seg_path
+
+
+@functools.lru_cache(maxsize=None)
+def _known_deformation(seed: int, shape: tuple):
+    """``(disp, inverse_disp)`` numpy arrays of the seeded known deformation (the same in parts a and s)."""
+    import jax
+
+    from jaxreg.augment.deform import random_deformation
+
+    disp, inv = random_deformation(jax.random.key(seed), shape, mean_magnitude=DEFORM_MM / RESOLUTION,
+                                   control_spacing=CONTROL_SPACING)
+    return np.asarray(disp, np.float32), np.asarray(inv)
+
+
+def _to_grid(vol, shape2, aff2):
+    from jaxreg.pipeline import resample_smooth
+
+    return np.asarray(resample_smooth(vol, shape2, aff2))[..., 0].astype(np.float32)
+
+
 def prepare_part_a(data: pathlib.Path, tmp: pathlib.Path, seed: int, n_pairs: int, *, case: str = "tcga_fg6692",
                    synthetic: bool = False):
     """2 mm fixed T1, deformed moving images and segs written as NIfTI; returns the pair descriptions.
@@ -358,52 +400,39 @@ def prepare_part_a(data: pathlib.Path, tmp: pathlib.Path, seed: int, n_pairs: in
     (part s) instead of the real T2/FLAIR/T1c (part a); the seeds are the same.
     ``moving_seg`` / ``fixed_seg`` are None when the case has no tumour segmentation.
     """
-    import jax
     import jax.numpy as jnp
 
-    from jaxreg.augment.deform import random_deformation
-    from jaxreg.io import Volume, load_image, load_labels, resample_to_grid, save_image
-    from jaxreg.pipeline import resample_smooth, working_grid
+    from jaxreg.io import Volume, load_image, save_image
     from jaxreg.spatial import warp_labels
 
     src = data / "brats_space" / case
-    t1 = load_image(src / "t1.nii.gz")
-    shape2, aff2, _ = working_grid(t1.data.shape, t1.affine, RESOLUTION)
-    log(f"part {'s' if synthetic else 'a'}: {src} {t1.data.shape} -> 2 mm grid {tuple(shape2)}")
-
-    def to2(vol):
-        return np.asarray(resample_smooth(vol, shape2, aff2))[..., 0].astype(np.float32)
-
+    t1, shape2, aff2, fixed_path, seg2, fixed_seg_path = _prepare_fixed(data, tmp, case)
     tag = "s_" if synthetic else "a_"
-    fixed2 = to2(t1)
-    fixed_path = save_image(tmp / f"{tag}fixed_t1.nii.gz", fixed2, aff2)
-    seg2 = fixed_seg_path = None
-    if (src / "tumor_seg.nii.gz").exists():
-        seg = load_labels(src / "tumor_seg.nii.gz")
-        seg2 = resample_to_grid(seg.data, seg.affine, shape2, aff2, order=0).astype(np.int32)
-        fixed_seg_path = save_image(tmp / f"{tag}fixed_seg.nii.gz", seg2.astype(np.uint8), aff2)
+    if synthetic:  # one remapped T1 (and one undeformed copy) serves every seed
+        remapped = Volume(remap_intensity(t1.data), t1.affine)
+        undeformed_path = save_image(tmp / "s_undeformed.nii.gz", _to_grid(remapped, shape2, aff2), aff2)
     pairs = []
     for i, name in enumerate(CONTRASTS[:n_pairs]):
         if synthetic:
-            c1, name = Volume(remap_intensity(t1.data), t1.affine), f"sin(t1)#{i}"
+            c1, name = remapped, f"sin(t1)#{i}"
         else:
             c1 = load_image(src / f"{name}.nii.gz")
+            undeformed_path = save_image(tmp / f"a_undeformed_{i}.nii.gz", _to_grid(c1, shape2, aff2), aff2)
         s = seed + i
-        disp, inv = random_deformation(jax.random.key(s), shape2, mean_magnitude=DEFORM_MM / RESOLUTION,
-                                       control_spacing=CONTROL_SPACING)
-        moving = to2(deform_native(c1, np.asarray(inv), aff2))
+        disp, inv = _known_deformation(s, tuple(shape2))
+        moving = _to_grid(deform_native(c1, inv, aff2), shape2, aff2)
         stem = f"{tag}moving_{i}"
         mseg_path = None
         if seg2 is not None:
-            mseg = np.asarray(warp_labels(jnp.asarray(seg2), inv)).astype(np.uint8)
+            mseg = np.asarray(warp_labels(jnp.asarray(seg2), jnp.asarray(inv))).astype(np.uint8)
             mseg_path = save_image(tmp / f"{stem}_seg.nii.gz", mseg, aff2)
         pairs.append({
             "pair": f"t1<-{name}", "contrast": name, "seed": s,
             "fixed": fixed_path, "fixed_seg": fixed_seg_path,
             "moving": save_image(tmp / f"{stem}.nii.gz", moving, aff2),
             "moving_seg": mseg_path,
-            "undeformed": save_image(tmp / f"{tag}undeformed_{i}.nii.gz", to2(c1), aff2),
-            "disp_true": np.asarray(disp, np.float32),
+            "undeformed": undeformed_path,
+            "disp_true": disp,
         })
     return pairs
 
