@@ -74,7 +74,7 @@ import time
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-JAX_METHODS = ("io-mind", "io-mi", "io-nmi", "io-ngf", "io-lncc", "io-mse")
+JAX_METHODS = ("io-mind", "io-dns", "io-dns-random", "io-mi", "io-nmi", "io-ngf", "io-lncc", "io-mse")
 DEFAULT_METHODS = "io-mind,io-mi,io-ngf,io-lncc,ants"
 CONTRASTS = ("t2", "flair", "t1c")
 TUMOUR_LABELS = (1, 2, 4)
@@ -107,6 +107,9 @@ def parse_args(argv=None):
                    help="brats_space case of parts a and s (default tcga_fg6692; tumour Dice only if the case "
                         "has tumor_seg.nii.gz)")
     p.add_argument("--seed", type=int, default=0, help="base seed of the known deformations (part a)")
+    p.add_argument("--name", default="io_registration", help="stem of the output files (default io_registration)")
+    p.add_argument("--dns-weights", default=None,
+                   help="MASR-Net weights for io-dns (.safetensors; default: the shipped dns_brain)")
     p.add_argument("--fast", action="store_true", help=argparse.SUPPRESS)  # debug: few iterations
     args = p.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -225,6 +228,8 @@ class Runner:
         self.fast = args.fast
         self.threads = args.threads
         self.compiled = {}  # method -> set of working-grid shapes already run in this process
+        self.dns_weights = args.dns_weights
+        self.features = {}  # method -> learned feature function (io-dns*), loaded once
         self.ants = None
         if "ants" in args.methods:
             import ants
@@ -246,7 +251,12 @@ class Runner:
         seen = self.compiled.setdefault(method, set())
         first = work_shape not in seen
         t0 = time.perf_counter()
-        reg = register_volumes(fixed, moving, config=self.config(method), resolution=RESOLUTION)
+        if method not in self.features:
+            from jaxreg.pipeline import feature_fn_for
+
+            self.features[method] = feature_fn_for(method, self.dns_weights if method == "io-dns" else None)
+        reg = register_volumes(fixed, moving, config=self.config(method), resolution=RESOLUTION,
+                               feature_fn=self.features[method])
         wall = time.perf_counter() - t0
         seen.add(work_shape)
         info = {"wall_s": wall, "runtime_s": float(reg.runtime_s), "first_of_shape": first,
@@ -790,12 +800,14 @@ def main(argv=None):
         "part_s": {"moving": "the fixed case's 1 mm T1 remapped by sin(0.9 pi x) (as part b), then deformed like part a"},
         "part_b": {"pairs": "moving = sorted subject i, fixed = subject i+1",
                    "cross_remap": "fixed := sin(0.9 pi x), x = clip(I / p99(I[I > 0]), 0, 1)"},
+        "dns_weights": args.dns_weights or ("jaxreg/weights/dns_brain" if any(m.startswith("io-dns") for m in args.methods)
+                                            else None),
         "fast_overrides": {"jaxreg": FAST_JAX, "ants": FAST_ANTS} if args.fast else None,
     }
     log(f"io_registration: {meta['machine']}")
     log(f"command: {command}")
     rows = []
-    json_path, md_path = args.out / "io_registration.json", args.out / "io_registration.md"
+    json_path, md_path = args.out / f"{args.name}.json", args.out / f"{args.name}.md"
 
     def flush():
         add_ratios(rows)

@@ -25,7 +25,7 @@ class CLIError(Exception):
         self.code = code
 
 
-METHOD_CHOICES = ["io-mind", "io-mi", "io-nmi", "io-ngf", "io-lncc", "io-mse", "vxm"]
+METHOD_CHOICES = ["io-mind", "io-dns", "io-dns-random", "io-mi", "io-nmi", "io-ngf", "io-lncc", "io-mse", "vxm"]
 EVALUATE_OUTPUTS = ("per_pair.csv", "summary.json", "summary.md")
 REGISTER_OUTPUTS = ("warped.nii.gz", "warp.nii.gz", "inverse_warp.nii.gz", "warped_labels.nii.gz",
                     "metrics.json", "qc.png")
@@ -50,8 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--moving", required=True, help="moving NIfTI (any grid/orientation)")
     r.add_argument("--out", required=True, help="output directory")
     r.add_argument("--method", default="io-mind", choices=METHOD_CHOICES,
-                   help="io-*: instance optimisation with that similarity (default io-mind); "
+                   help="io-*: instance optimisation with that similarity (default io-mind; io-dns: learned "
+                        "DNS descriptors, weights shipped; io-dns-random: the same network untrained); "
                         "vxm: a trained VoxelMorph-style network (--checkpoint)")
+    r.add_argument("--weights", help="io-dns: MASR-Net weights (.safetensors with its .json beside it; "
+                                     "default: the shipped brain weights)")
     r.add_argument("--checkpoint", help="training run directory (train.main --workdir) for --method vxm")
     r.add_argument("--lambda", dest="lam", type=float, default=None,
                    help="regularisation weight in [0, 1] for a lambda-conditioned network")
@@ -82,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CSV with columns fixed, moving [, fixed_labels, moving_labels, name]")
     e.add_argument("--method", default="io-mind", choices=METHOD_CHOICES)
     e.add_argument("--checkpoint", help="training run directory for --method vxm")
+    e.add_argument("--weights", help="io-dns: MASR-Net weights (default: shipped)")
     e.add_argument("--lambda", dest="lam", type=float, default=None)
     e.add_argument("--resolution", type=float, default=None,
                    help="working-grid spacing in mm (default as for register)")
@@ -152,7 +156,7 @@ def run_register(args) -> dict:
     from jaxreg.viz import qc_figure
 
     report = _progress(args.quiet)
-    runner, config = _registration_runner(args, report)
+    runner, config, feature_fn = _registration_runner(args, report)
     report(f"jaxreg register: {args.method}, {config.transform}, fixed {fixed.data.shape}, "
            f"moving {moving.data.shape}")
     reg = runner(fixed, moving)
@@ -163,7 +167,7 @@ def run_register(args) -> dict:
             moving_labels_on_fixed = pipeline.warp_labels_to_fixed(
                 moving_labels, fixed, reg._replace(disp_fixed=0 * reg.disp_fixed))
     metrics = pipeline.registration_metrics(args.method, config, reg, fixed, fixed_labels, warped_labels,
-                                            moving_labels_on_fixed)
+                                            moving_labels_on_fixed, feature_fn=feature_fn)
 
     out_parent = out.resolve().parent
     out_parent.mkdir(parents=True, exist_ok=True)
@@ -188,7 +192,7 @@ def run_register(args) -> dict:
 
 
 def _registration_runner(args, report):
-    """``(run(fixed, moving) -> Registration, config)`` for ``args.method`` (validated before any work)."""
+    """``(run(fixed, moving) -> Registration, config, feature_fn)`` for ``args.method`` (validated before any work)."""
     from jaxreg import pipeline
 
     resolution = getattr(args, "resolution", None)
@@ -214,15 +218,24 @@ def _registration_runner(args, report):
         report(f"loaded {run_cfg.get('method')} from {args.checkpoint} (step {step})")
         config = InstanceConfig(similarity=model.config.similarity)
         return (lambda f, m: pipeline.register_volumes_learned(f, m, module=module, model=model, lam=args.lam,
-                                                               resolution=res, progress=report)), config
+                                                               resolution=res, progress=report)), config, None
     if getattr(args, "checkpoint", None):
         raise CLIError("--checkpoint is only used with --method vxm", EXIT_USAGE)
+    weights = getattr(args, "weights", None)
+    if weights is not None and args.method != "io-dns":
+        raise CLIError(f"--weights is only used with --method io-dns, not {args.method}", EXIT_USAGE)
+    try:
+        feature_fn = pipeline.feature_fn_for(args.method, weights)
+    except FileNotFoundError as e:
+        raise CLIError(f"--weights: {e}") from None
+    except ValueError as e:
+        raise CLIError(f"--weights {weights}: {e}" if weights else str(e)) from None
     config = pipeline.config_for(args.method, transform=getattr(args, "transform", "svf"),
                                  affine=not getattr(args, "no_affine", False), levels=getattr(args, "levels", None),
                                  iterations=getattr(args, "iterations", None))
     res = 2.0 if resolution is None else (resolution or None)
-    return (lambda f, m: pipeline.register_volumes(f, m, config=config, resolution=res,
-                                                   progress=report)), config
+    return (lambda f, m: pipeline.register_volumes(f, m, config=config, resolution=res, progress=report,
+                                                   feature_fn=feature_fn)), config, feature_fn
 
 
 def _read_pairs(path):
@@ -266,7 +279,7 @@ def run_evaluate(args) -> dict:
     _check_out_dir(out, EVALUATE_OUTPUTS, args.overwrite)
     pairs = _read_pairs(args.pairs)
     report = _progress(args.quiet)
-    runner, config = _registration_runner(args, report)
+    runner, config, feature_fn = _registration_runner(args, report)
     from jaxreg import pipeline
 
     rows = []
@@ -279,7 +292,8 @@ def run_evaluate(args) -> dict:
         if moving_labels is not None:
             warped_labels = pipeline.warp_labels_to_fixed(moving_labels, fixed, reg)
             before = pipeline.warp_labels_to_fixed(moving_labels, fixed, reg._replace(disp_fixed=0 * reg.disp_fixed))
-        m = pipeline.registration_metrics(args.method, config, reg, fixed, fixed_labels, warped_labels, before)
+        m = pipeline.registration_metrics(args.method, config, reg, fixed, fixed_labels, warped_labels, before,
+                                          feature_fn=feature_fn)
         row = {"name": p["name"], **{key: m.get(key) for key in SUMMARY_KEYS}}
         rows.append(row)
         report(f"pair {k + 1}/{len(pairs)} {p['name']}: "

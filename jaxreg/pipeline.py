@@ -33,7 +33,41 @@ PREALIGN_CONFIG = InstanceConfig(transform="affine", similarity="mi", levels=1, 
                                  learning_rates=(1e-2,), smoothness=(0.0,), affine_iterations=(150, 100),
                                  affine_finest_factor=2)
 
-METHODS = {"io-mind": "mind", "io-mi": "mi", "io-nmi": "nmi", "io-ngf": "ngf", "io-lncc": "lncc", "io-mse": "mse"}
+METHODS = {"io-mind": "mind", "io-dns": "dns", "io-dns-random": "dns", "io-mi": "mi", "io-nmi": "nmi",
+           "io-ngf": "ngf", "io-lncc": "lncc", "io-mse": "mse"}
+DNS_WEIGHTS = "dns_brain"  # shipped in jaxreg/weights (configs/dns_brain.py)
+
+
+def feature_fn_for(method: str, weights: str | None = None) -> Callable | None:
+    """The learned descriptor function of a learned-feature io-* method, or None for the others.
+
+    ``io-dns``: MASR-Net with ``weights`` (a ``.safetensors`` path with its
+    ``.json`` beside it; default the shipped ``dns_brain``); ``io-dns-random``:
+    the same architecture untrained (DNS Table 3's random-initialisation
+    ablation; seed 0).
+
+    Raises:
+      FileNotFoundError: a missing weights file.
+      ValueError: weights of another method or of a mismatched architecture;
+        ``weights`` given for a method that takes none.
+    """
+    from jaxreg.methods import dns as dns_method
+
+    if method not in ("io-dns", "io-dns-random"):
+        if weights is not None:
+            raise ValueError(f"--weights is only used with io-dns, not {method}")
+        return None
+    if method == "io-dns-random":
+        if weights is not None:
+            raise ValueError("io-dns-random uses an untrained network; --weights does not apply")
+        # Config() is the architecture of the shipped weights (configs/dns_brain.py; a test checks it)
+        return dns_method.feature_fn(dns_method.init(jax.random.key(0), dns_method.Config()))
+    from jaxreg.weights import load_model
+
+    _, model, _ = load_model(weights or DNS_WEIGHTS, method="dns")
+    if model.ndim != 3:
+        raise ValueError(f"the DNS weights are for {model.ndim}D images; jaxreg register needs 3D weights")
+    return dns_method.feature_fn(model)
 
 
 def working_grid(shape, affine, resolution: float | None):
@@ -156,7 +190,8 @@ def _working_images(fixed: Volume, moving: Volume, resolution: float | None):
 
 
 def register_volumes(fixed: Volume, moving: Volume, *, config: InstanceConfig, resolution: float | None = 2.0,
-                     progress: Callable[[str], None] | None = None) -> Registration:
+                     progress: Callable[[str], None] | None = None,
+                     feature_fn: Callable | None = None) -> Registration:
     """Register two 3D scans in world space (see module docstring).
 
     Args:
@@ -165,6 +200,7 @@ def register_volumes(fixed: Volume, moving: Volume, *, config: InstanceConfig, r
       config: instance-optimisation options.
       resolution: working-grid spacing in mm (None: the fixed grid itself).
       progress: optional callback for progress messages.
+      feature_fn: learned descriptors for ``similarity="dns"`` (:func:`feature_fn_for`).
 
     Returns:
       :class:`Registration`.
@@ -175,7 +211,7 @@ def register_volumes(fixed: Volume, moving: Volume, *, config: InstanceConfig, r
     work_shape, work_affine, fixed_w, moving_w = _working_images(fixed, moving, resolution)
 
     t0 = time.perf_counter()
-    res = register_instance(fixed_w, moving_w, config=config, progress=progress)
+    res = register_instance(fixed_w, moving_w, config=config, progress=progress, feature_fn=feature_fn)
     jax.block_until_ready(res.total_disp)
     runtime = time.perf_counter() - t0
     return _finish(fixed, moving, fixed_w, moving_w, work_shape, work_affine, res, runtime)
@@ -273,9 +309,12 @@ def warp_labels_to_fixed(labels: Volume, fixed: Volume, reg: Registration) -> np
     return np.asarray(_sample(jnp.asarray(labels.data, jnp.int32), coords, order=0)).astype(np.int32)
 
 
-def similarity_value(config: InstanceConfig, fixed_w, moving_w) -> float:
-    """The method's similarity loss (lower is better) on the working grid (MIND unsmoothed)."""
-    return float(_similarity(normalize_intensity(fixed_w), normalize_intensity(moving_w), config=config))
+def similarity_value(config: InstanceConfig, fixed_w, moving_w, feature_fn: Callable | None = None) -> float:
+    """The method's similarity loss (lower is better) on the working grid (MIND and DNS descriptors unsmoothed)."""
+    f, m = normalize_intensity(fixed_w), normalize_intensity(moving_w)
+    if config.similarity == "dns":
+        return float(L.cosine_similarity_loss(feature_fn(f), feature_fn(m)))
+    return float(_similarity(f, m, config=config))
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -288,7 +327,8 @@ def _similarity(f, m, *, config):
 
 def registration_metrics(method: str, config: InstanceConfig, reg: Registration, fixed: Volume,
                          fixed_labels: Volume | None = None, warped_labels: np.ndarray | None = None,
-                         moving_labels_on_fixed: np.ndarray | None = None) -> dict:
+                         moving_labels_on_fixed: np.ndarray | None = None,
+                         feature_fn: Callable | None = None) -> dict:
     """The ``metrics.json`` dictionary (see README) for a registration."""
     disp = jnp.asarray(reg.disp_fixed)
     out = {
@@ -296,8 +336,8 @@ def registration_metrics(method: str, config: InstanceConfig, reg: Registration,
         "transform": config.transform,
         "runtime_s": round(reg.runtime_s, 3),
         "similarity": f"{config.similarity} loss (lower is better)",
-        "similarity_before": similarity_value(config, reg.work["fixed"], reg.work["moving"]),
-        "similarity_after": similarity_value(config, reg.work["fixed"], reg.work["warped"]),
+        "similarity_before": similarity_value(config, reg.work["fixed"], reg.work["moving"], feature_fn),
+        "similarity_after": similarity_value(config, reg.work["fixed"], reg.work["warped"], feature_fn),
         "folding_percent": float(M.folding_percent(disp)),
         "sdlogj": float(M.sdlogj(disp)),
         "working_grid": list(reg.work["shape"]),

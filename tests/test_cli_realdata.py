@@ -34,8 +34,9 @@ def _ants_reproduces(fixed_path, moving_path, out):
     return float(np.max(np.abs(ours - theirs)[inside]) / np.ptp(ours))
 
 
-def test_known_deformation_brats_t2_to_t1(data_dir, tmp_path):
-    """brats_space T2 warped by a known smooth deformation, registered to T1 at 2 mm."""
+def brats_known_deformation(data_dir, tmp_path):
+    """``(fixed_path, moving_path, fixed, affine, disp_true)``: tcga_fg6692 T1 and its T2 warped by a known
+    smooth deformation (2 mm grid; ``moving(x + disp_true(x)) = T2(x)``)."""
     from jaxreg.augment import random_deformation
     from jaxreg.spatial import warp
 
@@ -49,6 +50,12 @@ def test_known_deformation_brats_t2_to_t1(data_dir, tmp_path):
     moving = np.asarray(warp(t2_2mm, inv_true))[..., 0]
     fixed_path = save_image(tmp_path / "t1_2mm.nii.gz", fixed, affine)
     moving_path = save_image(tmp_path / "t2_2mm_deformed.nii.gz", np.maximum(moving, 0), affine)
+    return fixed_path, moving_path, fixed, affine, np.asarray(disp_true)
+
+
+def test_known_deformation_brats_t2_to_t1(data_dir, tmp_path):
+    """brats_space T2 warped by a known smooth deformation, registered to T1 at 2 mm."""
+    fixed_path, moving_path, _, _, _ = brats_known_deformation(data_dir, tmp_path)
     out = tmp_path / "out"
     assert main(["register", "--fixed", str(fixed_path), "--moving", str(moving_path), "--out", str(out),
                  "--quiet"]) == 0

@@ -66,9 +66,37 @@ def _axis(d):
     return None if a is None or a < 0 else int(a)
 
 
+def build_view_data(config):
+    """``(ViewSource, val_examples, None)`` for representation learning (``config.data.kind == 'views'``).
+
+    ``data.train_cases`` / ``data.val_cases`` name cases of ``data.root``
+    (:func:`jaxreg.data.views.shared_data_subjects`); validation examples are
+    whole co-registered volumes: every other contrast against the first, and
+    for single-contrast cases the image against its ``sin`` remap.
+    """
+    from jaxreg.data.pipeline import sin_remap
+    from jaxreg.data.views import ViewSource, load_view_subject, shared_data_subjects
+
+    d = config.data
+    load = lambda names: [load_view_subject(n, p, resolution=d.resolution)
+                          for n, p in shared_data_subjects(d.root, names).items()]
+    source = ViewSource(load(d.train_cases), crop=tuple(d.crop), seed=config.seed, same_prob=d.same_prob,
+                        flip=d.flip)
+    val = []
+    for s in load(d.val_cases):
+        names = list(s.images)
+        first = s.images[names[0]][..., None]
+        others = [(c, s.images[c][..., None]) for c in names[1:]] or [("sin", sin_remap(first))]
+        for c, img in others:
+            val.append({"fixed": first, "moving": img.astype(np.float32), "name": f"{s.name} {names[0]}-{c}"})
+    return source, val, None
+
+
 def build_data(config, workdir: pathlib.Path):
     """``(train_source, val_examples, grid)`` from ``config.data`` (see configs/)."""
     d = config.data
+    if d.get("kind") == "views":
+        return build_view_data(config)
     manifest = d.manifest or builtin_manifest(d.source, d.root, workdir)
     subjects = read_manifest(manifest, contrasts=tuple(d.contrasts))
     loaded, shape, affine = load_subjects(subjects, contrasts=tuple(d.contrasts), resolution=d.resolution,
@@ -146,7 +174,7 @@ def make_train_step(graphdef, tx, mod, mesh):
         (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {"loss": value, "similarity": aux["similarity"], "smoothness": aux["smoothness"],
+        metrics = {"loss": value, **{k: v for k, v in aux.items() if jnp.ndim(v) == 0},
                    "grad_norm": optax.tree.norm(grads)}
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "key": state["key"]}, metrics
 
@@ -280,8 +308,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     with tqdm(total=config.num_train_steps, initial=start, desc="train", disable=config.get("quiet", False)) as bar:
         for step in range(start, config.num_train_steps):
             batch = next(it)
-            batch = parallel.shard_batch({k: batch[k] for k in ("fixed", "moving", "fixed_target") if k in batch},
-                                         mesh)
+            batch = parallel.shard_batch({k: batch[k] for k in ("fixed", "moving", "fixed_target", "same")
+                                          if k in batch}, mesh)
             state, metrics = train_step(state, batch)
             steps_since += 1
             done = step + 1
@@ -296,7 +324,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
                 last = vals
             if done % config.checkpoint_every == 0 or done == config.num_train_steps:
                 ckpt.save(done, state, it.get_state())
-            if val and config.eval_every and (done % config.eval_every == 0 or done == config.num_train_steps):
+            if val and config.eval_every and (done % config.eval_every == 0 or done == config.num_train_steps) \
+                    and hasattr(mod, "validate"):
+                res = mod.validate(nnx.merge(graphdef, state["params"]), val)
+                logger.write(done, {k: v for k, v in res.items() if k != "val_pairs"})
+                last_val = res
+            elif val and config.eval_every and (done % config.eval_every == 0 or done == config.num_train_steps):
                 res = evaluate(forward, state["params"], val, lam=lam_eval, spacing=config.data.resolution)
                 disp = res.pop("first_disp")
                 logger.write(done, {k: v for k, v in res.items() if k != "val_pairs"})

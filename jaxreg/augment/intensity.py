@@ -26,3 +26,79 @@ def random_noise(key: PRNGKeyArray, image: Float[Array, "*spatial C"], *, std: f
     """Add white Gaussian noise with standard deviation ``U(0, std)``."""
     k1, k2 = jax.random.split(key)
     return image + jax.random.uniform(k1, (), maxval=std) * jax.random.normal(k2, image.shape)
+
+
+def bezier_control_points(key: PRNGKeyArray, *, num_points: int = 4) -> Float[Array, "n 2"]:
+    """Random monotone control points ``P_0 .. P_n`` of a Bezier intensity curve in ``[0, 1]^2``.
+
+    ``P_0 = (0, 0)`` and ``P_n = (1, 1)``; the inner points' x and y
+    coordinates are drawn uniformly in [0, 1] and sorted separately, so both
+    coordinates are non-decreasing along the control polygon, which makes
+    the curve monotone (Bernstein polynomials preserve monotone coefficients).
+
+    Args:
+      key: PRNG key.
+      num_points: ``n + 1`` control points (Python int >= 2; DNS Sec. 4.2:
+        n = 3, i.e. 4 points).
+
+    Returns:
+      ``(num_points, 2)`` float32 control points ``(x, y)``.
+
+    Raises:
+      ValueError: ``num_points < 2``.
+
+    References:
+      Mok et al., CVPR 2024, Sec. 3.3 eq. (2) ("control points uniformly
+      sampled within [0, 1] and a monotonic non-linear transformation").
+    """
+    if int(num_points) != num_points or num_points < 2:
+        raise ValueError(f"num_points must be an int >= 2, got {num_points}")
+    inner = jnp.sort(jax.random.uniform(key, (2, num_points - 2)), axis=-1)
+    zero, one = jnp.zeros((2, 1)), jnp.ones((2, 1))
+    return jnp.concatenate([zero, inner, one], axis=-1).T
+
+
+def bezier_curve(points: Float[Array, "n 2"], t: Float[Array, "T"]) -> Float[Array, "T 2"]:
+    """Evaluate the Bezier curve ``B(t) = sum_i P_i b_{i,n}(t)`` (DNS eq. 2) at ``t`` in [0, 1]."""
+    n = points.shape[0] - 1
+    i = jnp.arange(n + 1, dtype=jnp.float32)
+    log_binom = (jax.scipy.special.gammaln(n + 1.0) - jax.scipy.special.gammaln(i + 1.0)
+                 - jax.scipy.special.gammaln(n - i + 1.0))
+    t = t[:, None]
+    # t**i (1-t)**(n-i) with 0**0 = 1 at the end points
+    basis = jnp.exp(log_binom) * jnp.where(i == 0, 1.0, t ** i) * jnp.where(i == n, 1.0, (1.0 - t) ** (n - i))
+    return basis @ points
+
+
+def random_bezier(key: PRNGKeyArray, image: Float[Array, "*spatial C"], *, num_points: int = 4,
+                  invert_prob: float = 0.5, resolution: int = 256) -> Float[Array, "*spatial C"]:
+    """Stochastic non-linear intensity transform of an image in [0, 1] by a monotone Bezier curve.
+
+    ``I' = B(I)`` with probability ``1 - invert_prob``, else ``I' = B(1 - I)``
+    (DNS eq. 3, ``p <= delta`` inverts). The curve is sampled at
+    ``resolution`` values of ``t`` and applied by linear interpolation of
+    ``y`` over ``x`` (both monotone), so ``B(0) = 0``, ``B(1) = 1`` and the
+    map is non-decreasing; with inversion it is non-increasing. The image is
+    clipped to [0, 1] first.
+
+    Args:
+      key: PRNG key (the curve and the inversion are drawn from it).
+      image: ``(*spatial, C)`` float image in [0, 1].
+      num_points: control points ``n + 1`` (DNS: 4).
+      invert_prob: probability ``delta`` of inverting the intensities (DNS: 0.5).
+      resolution: samples of the curve (Python int).
+
+    Returns:
+      ``(*spatial, C)`` float32 image in [0, 1].
+
+    References:
+      Mok et al., "Modality-Agnostic Structural Image Representation
+      Learning for Deformable Multi-Modality Medical Image Registration",
+      CVPR 2024, Sec. 3.3 eqs. (2)-(3) and Sec. 4.2 (n = 3, delta = 0.5).
+    """
+    k_pts, k_inv = jax.random.split(key)
+    curve = bezier_curve(bezier_control_points(k_pts, num_points=num_points),
+                         jnp.linspace(0.0, 1.0, resolution))
+    x = jnp.clip(jnp.asarray(image, jnp.float32), 0.0, 1.0)
+    x = jnp.where(jax.random.uniform(k_inv, ()) < invert_prob, 1.0 - x, x)
+    return jnp.interp(x, curve[:, 0], curve[:, 1]).astype(jnp.float32)

@@ -10,6 +10,8 @@ callable as ``loss(fixed, moving, *, mask=None)``.
 """
 from typing import Callable
 
+from jaxreg.losses.dns import cosine_similarity_loss, dns, dns_pairs
+from jaxreg.losses.infonce import infonce, sample_in_mask
 from jaxreg.losses.lncc import lncc
 from jaxreg.losses.local_mi import local_mi
 from jaxreg.losses.mi import mutual_information, nmi
@@ -31,8 +33,12 @@ SIMILARITIES: dict[str, Callable] = {
 __all__ = [
     "SIMILARITIES",
     "bending_energy",
+    "cosine_similarity_loss",
     "descriptor_mse",
     "diffusion",
+    "dns",
+    "dns_pairs",
+    "infonce",
     "lncc",
     "local_mi",
     "mind_loss",
@@ -41,5 +47,6 @@ __all__ = [
     "mutual_information",
     "ngf",
     "nmi",
+    "sample_in_mask",
     "velocity_l2",
 ]

@@ -4,9 +4,9 @@ import dataclasses
 import jax
 from flax import nnx
 
-from jaxreg.methods import voxelmorph
+from jaxreg.methods import dns, voxelmorph
 
-METHODS = {"voxelmorph": voxelmorph}
+METHODS = {"dns": dns, "voxelmorph": voxelmorph}
 
 
 def method_config(name: str, model: dict):
@@ -35,6 +35,17 @@ def restore_model(config: dict, params: dict):
     mod, cfg = method_config(name, config["model"])
     abstract = nnx.eval_shape(lambda: mod.init(jax.random.key(0), cfg))
     graphdef, state = nnx.split(abstract)
+    expected = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in
+                jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(state))}
+    got = {jax.tree_util.keystr(k): tuple(getattr(v, "shape", ())) for k, v in
+           jax.tree_util.tree_leaves_with_path(params)}
+    if expected != got:
+        missing = sorted(set(expected) - set(got))
+        extra = sorted(set(got) - set(expected))
+        wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
+        raise ValueError(f"checkpoint parameters do not match the configured {name} model: "
+                         f"missing {missing[:3]}, unexpected {extra[:3]}, wrong shapes "
+                         f"{[(k, got[k], expected[k]) for k in wrong[:3]]}")
     try:
         nnx.replace_by_pure_dict(state, params)
     except (KeyError, ValueError) as e:

@@ -1,7 +1,8 @@
-"""Flax NNX modules: conv blocks, VoxelMorph-style U-Net / SVF network, lambda hypernetwork (FiLM)."""
+"""Flax NNX modules: conv blocks, VoxelMorph-style U-Net / SVF network, lambda hypernetwork (FiLM), MASR-Net (DNS)."""
 from jaxreg.nn.blocks import ConvBlock, max_pool, upsample_to
 from jaxreg.nn.conv import conv3d
 from jaxreg.nn.film import HyperFiLM, sample_lambda
+from jaxreg.nn.masr import MASRNet, blur_pool
 from jaxreg.nn.unet import SVFNet, UNet
 
-__all__ = ["ConvBlock", "conv3d", "HyperFiLM", "SVFNet", "UNet", "max_pool", "sample_lambda", "upsample_to"]
+__all__ = ["ConvBlock", "conv3d", "HyperFiLM", "MASRNet", "blur_pool", "SVFNet", "UNet", "max_pool", "sample_lambda", "upsample_to"]

@@ -1,5 +1,6 @@
 """Instance (per-pair) optimisation."""
 from jaxreg.optimize.instance import (
+    DNS_CONFIG,
     SIMILARITIES,
     TRANSFORMS,
     InstanceConfig,
@@ -11,5 +12,5 @@ from jaxreg.optimize.instance import (
     similarity_fn,
 )
 
-__all__ = ["SIMILARITIES", "TRANSFORMS", "InstanceConfig", "InstanceResult", "center_of_mass", "gaussian_blur",
+__all__ = ["DNS_CONFIG", "SIMILARITIES", "TRANSFORMS", "InstanceConfig", "InstanceResult", "center_of_mass", "gaussian_blur",
            "normalize_intensity", "register_instance", "similarity_fn"]

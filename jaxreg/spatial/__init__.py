@@ -1,4 +1,4 @@
-"""Geometry: grids, warps, composition, integration, affine transforms."""
+"""Geometry: grids, warps, composition, integration, affine transforms, thin-plate splines."""
 from jaxreg.spatial.affine import (
     affine_to_disp,
     fit_affine,
@@ -11,10 +11,11 @@ from jaxreg.spatial.compose import compose, invert, resize_disp
 from jaxreg.spatial.filters import gaussian_blur
 from jaxreg.spatial.grid import identity_grid, voxel_spacing, voxel_to_world, world_to_voxel
 from jaxreg.spatial.integrate import integrate
+from jaxreg.spatial.tps import TPS, tps_disp, tps_kernel, tps_solve, tps_transform
 from jaxreg.spatial.warp import sample, warp, warp_labels
 
 __all__ = [
     "affine_to_disp", "fit_affine", "identity_params", "matrix_to_params", "num_params", "params_to_matrix",
     "compose", "invert", "resize_disp", "gaussian_blur", "identity_grid", "voxel_spacing", "voxel_to_world", "world_to_voxel",
-    "integrate", "sample", "warp", "warp_labels",
+    "integrate", "sample", "warp", "warp_labels", "TPS", "tps_disp", "tps_kernel", "tps_solve", "tps_transform",
 ]

@@ -1,0 +1,5 @@
+import sys
+
+from jaxreg.weights import main
+
+sys.exit(main())
