@@ -23,7 +23,7 @@ import scipy.ndimage as ndi
 from jaxreg import losses as L
 from jaxreg import metrics as M
 from jaxreg.io import Volume, grid_to_grid_matrix, resample_to_grid, voxel_disp_to_world
-from jaxreg.optimize import InstanceConfig, normalize_intensity, register_instance, similarity_fn
+from jaxreg.optimize import DNS_CONFIG, InstanceConfig, normalize_intensity, register_instance, similarity_fn
 from jaxreg.optimize.instance import InstanceResult, _resample_affine, compose_affine_deformable
 from jaxreg.spatial import identity_grid, resize_disp, sample, voxel_spacing
 
@@ -160,7 +160,7 @@ def config_for(method: str, *, transform: str = "svf", affine: bool = True, leve
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
-    base = InstanceConfig()
+    base = DNS_CONFIG if METHODS[method] == "dns" else InstanceConfig()
     kw = dict(similarity=METHODS[method], transform=transform, affine=affine)
     if levels is not None:
         if levels < 1:

@@ -146,3 +146,37 @@ def test_conv3d_errors_and_routing():
     w = jnp.ones((3, 3, 3, 2, 1))
     out = conv_general_dilated(x, w, (2, 2, 2), "SAME", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
     assert out.shape == (1, 4, 4, 4, 1)
+
+
+# ----------------------------------------------------------------------------- KeyMorph detector, CoM layer
+
+def test_center_of_mass_layer_is_exact_and_shift_equivariant():
+    from jaxreg.nn import center_of_mass_points
+
+    maps = jnp.zeros((1, 8, 10, 6, 2)).at[0, 3, 4, 2, 0].set(1.0).at[0, 5, 1, 4, 1].set(2.0)
+    pts = np.asarray(center_of_mass_points(maps, (8, 10, 6)))
+    np.testing.assert_allclose(pts[0], [[3, 4, 2], [5, 1, 4]], atol=1e-6)
+    blob = (jax.random.uniform(jax.random.key(0), (1, 16, 16, 3)) * (jnp.arange(16)[None, :, None, None] > 4)
+            * (jnp.arange(16)[None, None, :, None] < 10))
+    for shift in (1, 3):
+        a = center_of_mass_points(blob, (16, 16))
+        b = center_of_mass_points(jnp.roll(blob, shift, axis=2), (16, 16))  # mass stays inside the grid
+        np.testing.assert_allclose(np.asarray(b - a), [[[0.0, shift]] * 3], atol=1e-4)
+    coarse = jnp.zeros((1, 4, 4, 1)).at[0, 1, 2, 0].set(1.0)  # 4x downsampled: voxel i -> (i + .5) 4 - .5
+    np.testing.assert_allclose(np.asarray(center_of_mass_points(coarse, (16, 16)))[0, 0], [5.5, 9.5], atol=1e-6)
+    empty = center_of_mass_points(jnp.zeros((1, 4, 4, 1)), (16, 16))
+    np.testing.assert_allclose(np.asarray(empty)[0, 0], [7.5, 7.5])
+
+
+@pytest.mark.parametrize("ndim,shape", [(2, (32, 24)), (3, (16, 16, 12))])
+def test_keypoint_detector_shapes(ndim, shape):
+    from jaxreg.nn import KeypointDetector
+
+    net = KeypointDetector(ndim, num_keypoints=5, widths=(4, 8), rngs=nnx.Rngs(0))
+    x = jax.random.uniform(jax.random.key(1), (2, *shape, 1))
+    pts = net(x)
+    assert pts.shape == (2, 5, ndim)
+    assert net.maps(x).shape == (2, *[s // 4 for s in shape], 5)
+    assert np.all((np.asarray(pts) >= -0.5) & (np.asarray(pts) <= np.asarray(shape) - 0.5))
+    with pytest.raises(ValueError, match="expects"):
+        net(x[..., 0])
