@@ -313,7 +313,9 @@ def similarity_value(config: InstanceConfig, fixed_w, moving_w, feature_fn: Call
     """The method's similarity loss (lower is better) on the working grid (MIND and DNS descriptors unsmoothed)."""
     f, m = normalize_intensity(fixed_w), normalize_intensity(moving_w)
     if config.similarity == "dns":
-        return float(L.cosine_similarity_loss(feature_fn(f), feature_fn(m)))
+        from jaxreg.optimize.instance import _box_features
+
+        return float(L.cosine_similarity_loss(*_box_features(feature_fn, f, m)))
     return float(_similarity(f, m, config=config))
 
 
