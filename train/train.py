@@ -174,7 +174,7 @@ def make_train_step(graphdef, tx, mod, mesh):
         (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {"loss": value, **{k: v for k, v in aux.items() if jnp.ndim(v) == 0},
+        metrics = {"loss": value, **{k: v for k, v in aux.items() if v is not None and jnp.ndim(v) == 0},
                    "grad_norm": optax.tree.norm(grads)}
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "key": state["key"]}, metrics
 

@@ -35,10 +35,11 @@ def restore_model(config: dict, params: dict):
     mod, cfg = method_config(name, config["model"])
     abstract = nnx.eval_shape(lambda: mod.init(jax.random.key(0), cfg))
     graphdef, state = nnx.split(abstract)
-    expected = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in
-                jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(state))}
-    got = {jax.tree_util.keystr(k): tuple(getattr(v, "shape", ())) for k, v in
-           jax.tree_util.tree_leaves_with_path(params)}
+    def flat(tree):  # "a/0/b" -> shape; checkpoints may spell list indices as str
+        return {"/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path): tuple(getattr(v, "shape", ()))
+                for path, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+    expected, got = flat(nnx.to_pure_dict(state)), flat(params)
     if expected != got:
         missing = sorted(set(expected) - set(got))
         extra = sorted(set(got) - set(expected))
