@@ -319,6 +319,20 @@ def similarity_value(config: InstanceConfig, fixed_w, moving_w, feature_fn: Call
     return float(_similarity(f, m, config=config))
 
 
+def _similarity_before_after(config: InstanceConfig, work: dict, feature_fn) -> dict:
+    """``similarity_before`` / ``similarity_after`` on the working grid; learned descriptors of the fixed
+    image are computed once for both."""
+    if config.similarity != "dns":
+        return {"similarity_before": similarity_value(config, work["fixed"], work["moving"]),
+                "similarity_after": similarity_value(config, work["fixed"], work["warped"])}
+    from jaxreg.optimize.instance import _box_features
+
+    f, m, w = (normalize_intensity(work[k]) for k in ("fixed", "moving", "warped"))
+    fd, md, wd = _box_features(feature_fn, f, m, w)
+    return {"similarity_before": float(L.cosine_similarity_loss(fd, md)),
+            "similarity_after": float(L.cosine_similarity_loss(fd, wd))}
+
+
 @functools.partial(jax.jit, static_argnames=("config",))
 def _similarity(f, m, *, config):
     if config.similarity == "mind":
@@ -338,8 +352,7 @@ def registration_metrics(method: str, config: InstanceConfig, reg: Registration,
         "transform": config.transform,
         "runtime_s": round(reg.runtime_s, 3),
         "similarity": f"{config.similarity} loss (lower is better)",
-        "similarity_before": similarity_value(config, reg.work["fixed"], reg.work["moving"], feature_fn),
-        "similarity_after": similarity_value(config, reg.work["fixed"], reg.work["warped"], feature_fn),
+        **_similarity_before_after(config, reg.work, feature_fn),
         "folding_percent": float(M.folding_percent(disp)),
         "sdlogj": float(M.sdlogj(disp)),
         "working_grid": list(reg.work["shape"]),

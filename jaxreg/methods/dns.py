@@ -79,6 +79,24 @@ def init(key, config: Config) -> MASRNet:
     return model
 
 
+def _maybe_bezier(key, x, use, cfg: Config):
+    """Bezier-remap (DNS eq. 3) the examples of a ``(B, *spatial, 1)`` batch where ``use`` is True."""
+    aug = functools.partial(random_bezier, num_points=cfg.bezier_points, invert_prob=cfg.invert_prob)
+    out = jax.vmap(aug)(jax.random.split(key, x.shape[0]), x)
+    return jnp.where(use.reshape((x.shape[0],) + (1,) * (x.ndim - 1)), out, x)
+
+
+def _contrast(da, db, mask, key, *, num_samples: int, temperature: float):
+    """``(InfoNCE, top-1 retrieval)`` of one pair of DSIRs at ``num_samples`` locations drawn in ``mask``."""
+    pts, w = sample_in_mask(key, mask, num_samples)
+    idx = tuple(pts[:, i] for i in range(pts.shape[1]))
+    q, kv = da[idx], db[idx]
+    loss = infonce(q, kv, temperature=temperature, weights=w)
+    best = jnp.argmax(jnp.where(w[None] > 0, q @ kv.T, -jnp.inf), -1)
+    top1 = jnp.sum(w * (best == jnp.arange(len(w)))) / jnp.maximum(jnp.sum(w), 1.0)
+    return loss, top1
+
+
 def loss_fn(model: MASRNet, batch: dict, *, key):
     """Anatomy-aware contrastive loss (DNS eq. 4) of a batch of co-registered view pairs.
 
@@ -102,27 +120,13 @@ def loss_fn(model: MASRNet, batch: dict, *, key):
     bsz = a.shape[0]
     same = batch.get("same", jnp.zeros((bsz,), jnp.float32))
     k_aug, k_use, k_aug_a, k_use_a, k_smp = jax.random.split(key, 5)
-    aug = functools.partial(random_bezier, num_points=cfg.bezier_points, invert_prob=cfg.invert_prob)
-    b_aug = jax.vmap(aug)(jax.random.split(k_aug, bsz), b)
-    use_b = (same > 0) | (jax.random.uniform(k_use, (bsz,)) < cfg.bezier_views)
-    b_in = jnp.where(use_b.reshape((bsz,) + (1,) * (b.ndim - 1)), b_aug, b)
-    # the first view of a co-registered pair is augmented too, with the same probability
-    a_aug = jax.vmap(aug)(jax.random.split(k_aug_a, bsz), a)
-    use_a = (same <= 0) & (jax.random.uniform(k_use_a, (bsz,)) < cfg.bezier_views)
-    a_in = jnp.where(use_a.reshape((bsz,) + (1,) * (a.ndim - 1)), a_aug, a)
+    # the second view: always remapped when it is the same image, else with probability bezier_views;
+    # the first view of a co-registered pair is remapped with the same probability
+    b_in = _maybe_bezier(k_aug, b, (same > 0) | (jax.random.uniform(k_use, (bsz,)) < cfg.bezier_views), cfg)
+    a_in = _maybe_bezier(k_aug_a, a, (same <= 0) & (jax.random.uniform(k_use_a, (bsz,)) < cfg.bezier_views), cfg)
     mask = (jnp.maximum(a[..., 0], b[..., 0]) > cfg.mask_threshold)
     da, db = model(a_in), model(b_in)
-
-    def one(da, db, m, k):
-        pts, w = sample_in_mask(k, m, cfg.num_samples)
-        idx = tuple(pts[:, i] for i in range(pts.shape[1]))
-        q, kv = da[idx], db[idx]
-        loss = infonce(q, kv, temperature=cfg.temperature, weights=w)
-        sims = q @ kv.T
-        top1 = jnp.sum(w * (jnp.argmax(jnp.where(w[None] > 0, sims, -jnp.inf), -1) == jnp.arange(len(w)))) / \
-            jnp.maximum(jnp.sum(w), 1.0)
-        return loss, top1
-
+    one = functools.partial(_contrast, num_samples=cfg.num_samples, temperature=cfg.temperature)
     losses, top1 = jax.vmap(one)(da, db, mask, jax.random.split(k_smp, bsz))
     loss = jnp.mean(losses)
     return loss, {"similarity": loss, "smoothness": jnp.zeros(()), "top1": jnp.mean(top1)}
@@ -162,11 +166,8 @@ def validate(model: MASRNet, examples: list, *, num_samples: int = 4096, tempera
         a, b = jnp.asarray(ex["fixed"]), jnp.asarray(ex["moving"])
         da, db = descriptors(model, a), descriptors(model, b)
         mask = jnp.maximum(a[..., 0], b[..., 0]) > 0.05
-        pts, w = sample_in_mask(jax.random.key(0), mask, num_samples)
-        idx = tuple(pts[:, i] for i in range(pts.shape[1]))
-        q, kv = da[idx], db[idx]
-        loss = float(infonce(q, kv, temperature=temperature, weights=w))
-        top1 = float(np.mean(np.argmax(np.asarray(q @ kv.T), -1) == np.arange(num_samples)))
+        loss, top1 = (float(v) for v in _contrast(da, db, mask, jax.random.key(0), num_samples=num_samples,
+                                                   temperature=temperature))
         rows.append({"name": ex["name"], "infonce": loss, "top1": top1})
     return {"val_infonce": float(np.mean([r["infonce"] for r in rows])),
             "val_top1": float(np.mean([r["top1"] for r in rows])), "val_pairs": rows}

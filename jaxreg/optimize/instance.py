@@ -463,8 +463,8 @@ FEATURE_MARGIN = 8    # voxels of context around the foreground box given to a l
 FEATURE_MULTIPLE = 16  # box sizes are rounded up to this (fewer distinct shapes to compile)
 
 
-def _box_features(feature_fn, fixed, moving):
-    """Learned features of both images, computed only inside their common foreground box.
+def _box_features(feature_fn, fixed, *others):
+    """Learned features of ``fixed`` and each of ``others``, computed only inside their common foreground box.
 
     The box (voxels above 5 % of the range in either normalised image, plus
     ``FEATURE_MARGIN``) is rounded up to a multiple of ``FEATURE_MULTIPLE``
@@ -474,12 +474,13 @@ def _box_features(feature_fn, fixed, moving):
     voxels: 2.4x less network time.
     """
     shape = fixed.shape[:-1]
-    box = _foreground_box(fixed, moving, margin=FEATURE_MARGIN)
+    union = functools.reduce(jnp.maximum, others, fixed)
+    box = _foreground_box(fixed, union, margin=FEATURE_MARGIN)
     size = np.minimum(np.ceil((box[1] - box[0] + 1) / FEATURE_MULTIPLE) * FEATURE_MULTIPLE, shape).astype(int)
     lo = np.clip(np.minimum(box[0], np.asarray(shape) - size), 0, None).astype(int)
     sl = tuple(slice(int(a), int(a + n)) for a, n in zip(lo, size))
     out = []
-    for image in (fixed, moving):
+    for image in (fixed, *others):
         f = feature_fn(image[sl])
         pad = [(int(a), int(n - a - k)) for a, k, n in zip(lo, size, shape)] + [(0, 0)]
         out.append(jnp.pad(f, pad))
