@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--transform", default="svf", choices=["svf", "disp", "affine", "rigid"],
                    help="transform model (default svf: diffeomorphic)")
     r.add_argument("--no-affine", action="store_true", help="skip the affine pre-alignment")
+    r.add_argument("--init", default="auto", choices=["auto", "header", "com"],
+                   help="start of the affine/rigid stage: header (the scans' NIfTI affines), com (centre-of-mass "
+                        "translation) or auto (default: refine both at the coarsest level, keep the better fit)")
     r.add_argument("--levels", type=int, default=None, help="pyramid levels (default 3)")
     r.add_argument("--iterations", type=_parse_levels, default=None,
                    help="Adam steps per level, coarse to fine, e.g. 100,80,50")
@@ -232,7 +235,8 @@ def _registration_runner(args, report):
         raise CLIError(f"--weights {weights}: {e}" if weights else str(e)) from None
     config = pipeline.config_for(args.method, transform=getattr(args, "transform", "svf"),
                                  affine=not getattr(args, "no_affine", False), levels=getattr(args, "levels", None),
-                                 iterations=getattr(args, "iterations", None))
+                                 iterations=getattr(args, "iterations", None),
+                                 affine_init=getattr(args, "init", None) or "auto")
     res = 2.0 if resolution is None else (resolution or None)
     return (lambda f, m: pipeline.register_volumes(f, m, config=config, resolution=res, progress=report,
                                                    feature_fn=feature_fn)), config, feature_fn

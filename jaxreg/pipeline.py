@@ -29,9 +29,10 @@ from jaxreg.spatial import identity_grid, resize_disp, sample, voxel_spacing
 
 # Affine-only MI registration used to pre-align training subjects (jaxreg.data.load_subjects) and the
 # inputs of learned methods (register_volumes_learned), so both see the same kind of alignment.
+# Three levels (16, 8 and 4 mm on a 2 mm grid): a pre-alignment for a network need not be sub-millimetre.
 PREALIGN_CONFIG = InstanceConfig(transform="affine", similarity="mi", levels=1, iterations=(1,),
-                                 learning_rates=(1e-2,), smoothness=(0.0,), affine_iterations=(150, 100),
-                                 affine_finest_factor=2)
+                                 learning_rates=(1e-2,), smoothness=(0.0,), affine_iterations=(150, 100, 80),
+                                 affine_levels=3, affine_finest_factor=2)
 
 METHODS = {"io-mind": "mind", "io-dns": "dns", "io-dns-random": "dns", "io-mi": "mi", "io-nmi": "nmi",
            "io-ngf": "ngf", "io-lncc": "lncc", "io-mse": "mse"}
@@ -189,6 +190,19 @@ def _working_images(fixed: Volume, moving: Volume, resolution: float | None):
             resample_smooth(moving, work_shape, work_affine))
 
 
+def field_of_view(vol: Volume, shape, affine) -> jnp.ndarray:
+    """``(*shape)`` float32 mask of the grid ``(shape, affine)`` inside ``vol``'s field of view (1 inside, 0 out)."""
+    g = grid_to_grid_matrix(affine, vol.affine)
+    x = np.asarray(identity_grid(tuple(shape)), np.float64) @ g[:3, :3].T + g[:3, 3]
+    lo, hi = -0.5, np.asarray(vol.data.shape[:3], np.float64) - 0.5
+    return jnp.asarray(np.all((x >= lo) & (x <= hi), axis=-1), jnp.float32)
+
+
+def _geometry(fixed: Volume, moving: Volume, work_shape, work_affine) -> dict:
+    """What the instance optimiser needs to know about the grids: voxel size (mm) and the moving field of view."""
+    return {"spacing": voxel_spacing(work_affine)[:3], "moving_mask": field_of_view(moving, work_shape, work_affine)}
+
+
 def register_volumes(fixed: Volume, moving: Volume, *, config: InstanceConfig, resolution: float | None = 2.0,
                      progress: Callable[[str], None] | None = None,
                      feature_fn: Callable | None = None) -> Registration:
@@ -211,7 +225,8 @@ def register_volumes(fixed: Volume, moving: Volume, *, config: InstanceConfig, r
     work_shape, work_affine, fixed_w, moving_w = _working_images(fixed, moving, resolution)
 
     t0 = time.perf_counter()
-    res = register_instance(fixed_w, moving_w, config=config, progress=progress, feature_fn=feature_fn)
+    res = register_instance(fixed_w, moving_w, config=config, progress=progress, feature_fn=feature_fn,
+                            **_geometry(fixed, moving, work_shape, work_affine))
     jax.block_until_ready(res.total_disp)
     runtime = time.perf_counter() - t0
     return _finish(fixed, moving, fixed_w, moving_w, work_shape, work_affine, res, runtime)
@@ -249,7 +264,8 @@ def register_volumes_learned(fixed: Volume, moving: Volume, *, module, model, la
     d = len(work_shape)
     matrix = np.eye(d + 1)
     if affine:
-        matrix = np.asarray(register_instance(fixed_w, moving_w, config=PREALIGN_CONFIG).matrix, np.float64)
+        matrix = np.asarray(register_instance(fixed_w, moving_w, config=PREALIGN_CONFIG,
+                                              **_geometry(fixed, moving, work_shape, work_affine)).matrix, np.float64)
         report("affine pre-alignment done")
     moving_aff = _resample_affine(moving_w, jnp.asarray(matrix, jnp.float32), padding="zeros")
     f, m = normalize_intensity(fixed_w), normalize_intensity(moving_aff)

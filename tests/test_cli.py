@@ -147,3 +147,19 @@ def test_apply_errors(tmp_path, pair, capsys):
     out.write_bytes(b"keep")
     code = _run(["apply", "--transform", fixed, "--image", moving, "--reference", fixed, "--out", str(out)])
     assert code != 0 and out.read_bytes() == b"keep"
+
+
+@pytest.mark.parametrize("init", ["auto", "header", "com"])
+def test_register_init_option_reaches_the_affine_stage(init):
+    from jaxreg.cli import _registration_runner, build_parser
+
+    args = build_parser().parse_args(["register", "--fixed", "f.nii.gz", "--moving", "m.nii.gz", "--out", "o",
+                                      "--transform", "rigid", "--init", init])
+    _, config, _ = _registration_runner(args, lambda _: None)
+    assert config.affine_init == init and config.transform == "rigid"
+
+
+def test_register_rejects_an_unknown_init(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["register", "--fixed", "f.nii.gz", "--moving", "m.nii.gz", "--out", "o", "--init", "keymorph"])
+    assert e.value.code != 0 and "--init" in capsys.readouterr().err

@@ -14,7 +14,7 @@ from jaxreg.losses.dns import cosine_similarity_loss, dns, dns_pairs
 from jaxreg.losses.infonce import infonce, sample_in_mask
 from jaxreg.losses.lncc import lncc
 from jaxreg.losses.local_mi import local_mi
-from jaxreg.losses.mi import mutual_information, nmi
+from jaxreg.losses.mi import mi_of_samples, mutual_information, nmi, parzen_weights
 from jaxreg.losses.mind import descriptor_mse, mind_loss, mind_ssc
 from jaxreg.losses.mse import mse
 from jaxreg.losses.ngf import ngf
@@ -47,6 +47,8 @@ __all__ = [
     "mutual_information",
     "ngf",
     "nmi",
+    "mi_of_samples",
+    "parzen_weights",
     "sample_in_mask",
     "velocity_l2",
 ]

@@ -108,3 +108,58 @@ def test_bad_options_raise():
             mutual_information(img, img, bins=bad)
     with pytest.raises(ValueError, match="sigma_ratio"):
         nmi(img, img, sigma_ratio=0.0)
+
+
+# ----------------------------------------------------------------------------- cubic B-spline Parzen window
+
+
+def _bspline3(t):
+    t = np.abs(t)
+    return np.where(t < 1, 2 / 3 - t**2 + t**3 / 2, np.where(t < 2, (2 - t) ** 3 / 6, 0.0))
+
+
+def test_bspline_weights_partition_of_unity_and_support():
+    from jaxreg.losses import parzen_weights
+
+    x = np.concatenate([np.linspace(0, 1, 257), [0.0, 1.0, 0.5]]).astype(np.float32)
+    a = np.asarray(parzen_weights(x, bins=32, kernel="bspline"))
+    np.testing.assert_allclose(a.sum(-1), 1.0, atol=1e-6)
+    assert a.min() >= -1e-7 and np.all((a > 1e-7).sum(-1) <= 4)
+    ref = _bspline3(1 + x[:, None] * 29 - np.arange(32))  # the documented recipe
+    np.testing.assert_allclose(a, ref, atol=1e-6)
+    with pytest.raises(ValueError, match="bins >= 4"):
+        parzen_weights(x, bins=3)
+    with pytest.raises(ValueError, match="kernel"):
+        parzen_weights(x, kernel="box")
+
+
+def test_bspline_mi_matches_a_numpy_oracle_and_prefers_alignment():
+    rng = np.random.default_rng(0)
+    f = rng.random((20, 18, 1)).astype(np.float32)
+    m = (1 - f) ** 2
+    a_f = _bspline3(1 + (f.ravel() - f.min()) / np.ptp(f) * 29 - np.arange(32)[None].T).T
+    mm = (m.ravel() - m.min()) / np.ptp(m)
+    a_m = _bspline3(1 + mm * 29 - np.arange(32)[None].T).T
+    p = a_f.T @ a_m / f.size
+    h = lambda q: -np.sum(q[q > 0] * np.log(q[q > 0]))  # noqa: E731
+    ref = -(h(p.sum(1)) + h(p.sum(0)) - h(p))
+    got = float(mutual_information(jnp.asarray(f), jnp.asarray(m), kernel="bspline"))
+    np.testing.assert_allclose(got, ref, rtol=1e-4)
+    shuffled = rng.permutation(m.ravel()).reshape(m.shape)
+    assert got < float(mutual_information(jnp.asarray(f), jnp.asarray(shuffled), kernel="bspline"))
+
+
+def test_mi_of_samples_equals_mutual_information_on_unit_range_samples():
+    from jaxreg.losses import mi_of_samples, parzen_weights
+
+    rng = np.random.default_rng(1)
+    f = np.concatenate([[0.0, 1.0], rng.random(500)]).astype(np.float32)
+    m = np.concatenate([[1.0, 0.0], rng.random(500)]).astype(np.float32) * 0.5 + 0.5 * (1 - f)
+    m = (m - m.min()) / np.ptp(m)
+    w = np.ones_like(f)
+    for kernel, normalized in (("bspline", False), ("gaussian", False), ("bspline", True)):
+        got = mi_of_samples(parzen_weights(f, kernel=kernel), jnp.asarray(m), jnp.asarray(w), kernel=kernel,
+                            normalized=normalized)
+        ref = mutual_information(jnp.asarray(f)[:, None, None], jnp.asarray(m)[:, None, None], kernel=kernel,
+                                 normalized=normalized)
+        np.testing.assert_allclose(float(got), float(ref), rtol=1e-5)

@@ -137,3 +137,99 @@ def test_normalize_intensity_host_and_traced_paths_agree():
                   (np.percentile(x, 99.5, axis=(0, 1)) - np.percentile(x, 0.5, axis=(0, 1))), 0, 1)
     np.testing.assert_allclose(np.asarray(host), ref, atol=1e-5)
     assert float(jnp.max(inst.normalize_intensity(jnp.ones((5, 5, 1))))) == 0.0  # constant -> 0
+
+
+# ----------------------------------------------------------------------------- affine stage (issue 17)
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (0.7, 0.9, 4.0)])
+def test_rigid_parameters_are_exactly_rigid_in_mm(spacing):
+    """Rigid raw parameters give S A_vox S^-1 orthonormal with det 1 on anisotropic grids: no scale or shear leaks in."""
+    sp = jnp.asarray(spacing, jnp.float32)
+    raw = jax.random.normal(jax.random.key(0), (12,)) * 20.0  # scales/shears too: they must be ignored
+    a_vox = np.asarray(inst._raw_to_matrix(raw, sp, jnp.asarray([30.0, 40.0, 50.0]), jnp.float32(60.0), True))
+    s = np.diag(np.concatenate([np.asarray(spacing), [1.0]]))
+    a_mm = s @ a_vox @ np.linalg.inv(s)
+    np.testing.assert_allclose(a_mm[:3, :3] @ a_mm[:3, :3].T, np.eye(3), atol=1e-5)
+    assert abs(np.linalg.det(a_mm[:3, :3]) - 1.0) < 1e-5
+    # the affine model does let them in
+    a_aff = np.asarray(inst._raw_to_matrix(raw, sp, jnp.zeros(3), jnp.float32(60.0), False))
+    lin = (s @ a_aff @ np.linalg.inv(s))[:3, :3]
+    assert np.abs(lin @ lin.T - np.eye(3)).max() > 1e-2
+
+
+def test_affine_points_are_fixed_inside_the_box_and_sized_by_the_grid():
+    box = np.array([[3, 5], [20, 30]])
+    p1, w1 = inst._affine_points((40, 40), box, 100, seed=0)
+    p2, _ = inst._affine_points((40, 40), box, 100, seed=0)
+    np.testing.assert_array_equal(np.asarray(p1), np.asarray(p2))  # deterministic per level
+    assert p1.shape == (100, 2) and float(w1.sum()) == 100
+    assert np.all(np.asarray(p1) >= box[0]) and np.all(np.asarray(p1) <= box[1])
+    assert len({tuple(r) for r in np.asarray(p1)}) == 100  # without replacement
+    # a box smaller than the sample count: all of it once, the rest zero-weight padding of the same size
+    p3, w3 = inst._affine_points((40, 40), np.array([[0, 0], [4, 4]]), 100, seed=0)
+    assert p3.shape == (100, 2) and float(w3.sum()) == 25
+
+
+def test_affine_init_header_keeps_an_aligned_pair_and_auto_chooses_a_start():
+    fixed = _phantom()
+    cfg = InstanceConfig(similarity="mse", transform="rigid", affine_similarity=None, affine_init="header", **FAST)
+    res = register_instance(fixed, fixed, config=cfg)
+    np.testing.assert_allclose(res.matrix, np.eye(3), atol=0.05)
+    messages = []
+    t = jnp.asarray([3.0, -2.0])
+    moving = warp(fixed, -jnp.broadcast_to(t, SHAPE + (2,)), padding="border")
+    res = register_instance(fixed, moving, config=dataclasses.replace(cfg, affine_init="auto"),
+                            progress=messages.append)
+    assert any("from header" in m for m in messages) and any("from com" in m for m in messages)
+    assert any(m.startswith("affine initialisation:") for m in messages)
+    np.testing.assert_allclose(res.matrix[:2, 2], np.asarray(t), atol=0.25)
+
+
+def test_moving_mask_ignores_what_lies_outside_the_moving_field_of_view():
+    """A copy of the structure where the moving scan has no data pulls the unmasked affine stage, not the masked one."""
+    fixed = _phantom()
+    t = jnp.asarray([2.0, 1.5])
+    moving = warp(fixed, -jnp.broadcast_to(t, SHAPE + (2,)), padding="border")
+    fov = jnp.ones(SHAPE).at[:, :12].set(0.0)
+    decoy = warp(fixed, jnp.broadcast_to(jnp.asarray([0.0, -12.0]), SHAPE + (2,)), padding="zeros")
+    moving = jnp.where(fov[..., None] > 0, moving, decoy)  # out of the field of view: the phantom's centre again
+    cfg = InstanceConfig(similarity="mi", transform="rigid", affine_init="header", **FAST)
+    masked = register_instance(fixed, moving, config=cfg, moving_mask=fov)
+    np.testing.assert_allclose(masked.matrix[:2, 2], np.asarray(t), atol=0.3)
+    unmasked = register_instance(fixed, moving, config=cfg)
+    assert np.abs(unmasked.matrix[:2, 2] - np.asarray(t)).max() > np.abs(masked.matrix[:2, 2] - np.asarray(t)).max()
+
+
+def test_anisotropic_spacing_recovers_a_world_rotation():
+    """A rotation in mm on a grid with 1 x 2 mm voxels is recovered (voxel-space rotation would be a shear)."""
+    spacing = np.array([1.0, 2.0])
+    shape = (64, 32)
+    g = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij"), -1) * spacing
+    c = (np.asarray(shape) - 1) / 2 * spacing
+
+    def blobs(x):
+        img = np.zeros(shape, np.float32)
+        for off, amp, sig in [((0, 0), 1.0, 14.0), ((-12, 10), 0.7, 6.0), ((10, -8), 0.5, 5.0), ((14, 14), 0.4, 4.0)]:
+            img += amp * np.exp(-np.sum((x - c - np.asarray(off)) ** 2, -1) / (2 * sig**2))
+        return img
+
+    angle = np.deg2rad(6.0)
+    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    fixed = jnp.asarray(blobs(g))[..., None]
+    moving = jnp.asarray(blobs((g - c) @ rot + c))[..., None]  # moving(R^-1 ... ): fixed point p <-> moving R p
+    cfg = InstanceConfig(similarity="mse", transform="rigid", affine_similarity=None, affine_init="header",
+                         **{**FAST, "affine_iterations": (100, 100, 100, 100)})
+    res = register_instance(fixed, moving, config=cfg, spacing=spacing)
+    s = np.diag(np.concatenate([spacing, [1.0]]))
+    lin = (s @ res.matrix @ np.linalg.inv(s))[:2, :2]
+    np.testing.assert_allclose(lin, rot, atol=0.01)
+
+
+@pytest.mark.parametrize("kw, match", [(dict(affine_init="keymorph"), "affine_init"),
+                                       (dict(mi_kernel="box"), "mi_kernel"),
+                                       (dict(affine_model="tps"), "affine_model"),
+                                       (dict(affine_samples=-1), "affine_samples")])
+def test_affine_config_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        InstanceConfig(**kw)
