@@ -229,7 +229,9 @@ def test_anisotropic_spacing_recovers_a_world_rotation():
 @pytest.mark.parametrize("kw, match", [(dict(affine_init="keymorph"), "affine_init"),
                                        (dict(mi_kernel="box"), "mi_kernel"),
                                        (dict(affine_model="tps"), "affine_model"),
-                                       (dict(affine_samples=-1), "affine_samples")])
+                                       (dict(affine_samples=-1), "affine_samples"),
+                                       (dict(affine_deformable_samples=-1), "affine_deformable_samples"),
+                                       (dict(affine_deformable_factor=0), "affine_deformable_factor")])
 def test_affine_config_errors(kw, match):
     with pytest.raises(ValueError, match=match):
         InstanceConfig(**kw)
