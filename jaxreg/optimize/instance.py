@@ -141,6 +141,20 @@ class InstanceConfig:
         (``moving_mask``, eroded by ``FOV_EROSION`` voxels, the reach of
         the descriptors) never count, whatever this option.
       foreground_dilation: voxels (working grid) of that dilation.
+      relative_eps: if > 0, the deformable stage's Adam sees the gradient
+        divided by its running RMS over the whole field and uses this eps:
+        parameters whose gradient is well below the field's RMS (air,
+        scalp, flat regions) then take steps proportional to it instead of
+        Adam's full-size steps. Default 0 (plain Adam). Measured on IXI012
+        -> IXI013 (2 mm): eps 1 / 3 / 10 gave Dice 0.587 / 0.581 / 0.571 and
+        SDlogJ over the grid 0.315 / 0.242 / 0.155 (inside the brain 0.176 /
+        0.142 / 0.103) against Dice 0.580-0.584 and SDlogJ 0.41-0.43 (0.19-
+        0.20) with plain Adam (mono); cross-contrast eps 3 Dice 0.578 vs 0.570,
+        SDlogJ 0.266 vs 0.46-0.48; ms_native s1 T1 -> FLAIR 0.86 vs 1.02 mm
+        and session 2 -> 1 0.64 vs 0.69 mm from the reference. Not the default
+        yet: with eps 3 the synthetic end-to-end CLI test (io-mse, a 1.5 mm
+        shift, 30 + 30 steps) ended with a higher MSE than before the
+        registration (Dice still > 0.9), and the benchmark has not been run.
       affine_iterations: most Adam steps of the affine stage at each of its
         levels (cycled if shorter); a level stops earlier when the parameters
         have converged (``affine_tolerance``).
@@ -207,6 +221,7 @@ class InstanceConfig:
     mi_kernel: str = "bspline"
     ngf_epsilon: float = 0.05
     foreground_mask: bool = False
+    relative_eps: float = 0.0
     foreground_dilation: int = 2
     affine_iterations: tuple = (100, 100, 80, 60)
     affine_levels: int = 4
@@ -252,6 +267,8 @@ class InstanceConfig:
         if not self.affine_tolerance >= 0 or self.affine_samples < 0:
             raise ValueError(f"affine_tolerance and affine_samples must be >= 0, got {self.affine_tolerance}, "
                              f"{self.affine_samples}")
+        if not self.relative_eps >= 0:
+            raise ValueError(f"relative_eps must be >= 0, got {self.relative_eps}")
         if self.num_samples < 0:
             raise ValueError(f"num_samples must be >= 0, got {self.num_samples}")
 
@@ -529,7 +546,10 @@ def _deformable_level(field, fixed_f, moving_f, mask, box, key, *, cfg, level):
     spacing = float(np.mean(np.asarray(level_shape, np.float32) / np.asarray(field.shape[:-1], np.float32)))
     lam = cfg.smoothness[level] * cfg.smoothness_scale * (2.0 / n_mean) ** 2 / spacing**2
     sim = similarity_fn(cfg)
-    opt = optax.adam(lr)
+    if cfg.relative_eps > 0:  # Adam on the gradient divided by its global RMS, with eps in those units
+        opt = optax.chain(_scale_by_global_rms(), optax.adam(lr, eps=cfg.relative_eps))
+    else:
+        opt = optax.adam(lr)
     n_vox = int(np.prod(level_shape))
     sampled = cfg.similarity in _SAMPLED and 0 < cfg.num_samples < n_vox
 
@@ -562,6 +582,25 @@ def _deformable_level(field, fixed_f, moving_f, mask, box, key, *, cfg, level):
 
     (field, _), curve = jax.lax.scan(step, (field, opt.init(field)), jnp.arange(cfg.iterations[level]))
     return gaussian_blur(field, cfg.field_sigma), curve
+
+
+def _scale_by_global_rms(decay: float = 0.99, eps: float = 1e-12) -> optax.GradientTransformation:
+    """Divide the gradient by a running, bias-corrected RMS over all of its entries (one scale for the field)."""
+
+    def init(params):
+        del params
+        return jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)
+
+    def update(updates, state, params=None):
+        del params
+        nu, count = state
+        count = count + 1
+        sq = sum(jnp.mean(jnp.square(u)) for u in jax.tree_util.tree_leaves(updates))
+        nu = decay * nu + (1 - decay) * sq
+        scale = 1.0 / (jnp.sqrt(nu / (1 - decay ** count.astype(jnp.float32))) + eps)
+        return jax.tree_util.tree_map(lambda u: u * scale, updates), (nu, count)
+
+    return optax.GradientTransformation(init, update)
 
 
 def _integrate_field(field, cfg: InstanceConfig):

@@ -235,3 +235,17 @@ def test_anisotropic_spacing_recovers_a_world_rotation():
 def test_affine_config_errors(kw, match):
     with pytest.raises(ValueError, match=match):
         InstanceConfig(**kw)
+
+
+def test_relative_eps_option_recovers_a_known_deformation():
+    fixed = _phantom()
+    disp_true, inv_true = random_deformation(jax.random.key(1), SHAPE, mean_magnitude=1.5, control_spacing=12)
+    moving = warp(fixed, inv_true, padding="border")
+    cfg = InstanceConfig(similarity="mse", affine=False, relative_eps=3.0, **FAST)
+    res = register_instance(fixed, moving, config=cfg)
+    inner = (slice(8, -8), slice(8, -8))
+    before = float(jnp.mean(jnp.linalg.norm(disp_true, axis=-1)[inner]))
+    after = float(jnp.mean(jnp.linalg.norm(res.total_disp - disp_true, axis=-1)[inner]))
+    assert after < 0.7 * before, (before, after)
+    with pytest.raises(ValueError, match="relative_eps"):
+        InstanceConfig(relative_eps=-1.0)
