@@ -40,9 +40,11 @@ def _normalise(image: Image, w: Weights) -> Float[Array, "*spatial C"]:
 KERNELS = ("gaussian", "bspline")
 
 
-def _check_kernel(kernel) -> None:
+def _check_kernel(kernel, bins) -> None:
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel == "bspline" and bins < 4:
+        raise ValueError(f"the bspline kernel needs bins >= 4, got {bins}")
 
 
 def _parzen_weights(
@@ -105,6 +107,14 @@ def _entropies(
     h_m = -jnp.sum(_xlogx(p_m), axis=-1)
     h_fm = -jnp.sum(_xlogx(joint), axis=(-2, -1))
     return h_f, h_m, h_fm
+
+
+def _loss_from_joint(joint, normalized: bool) -> Array:
+    """``-MI`` (or ``-NMI``) of ``(C, bins, bins)`` joint distributions, averaged over channels."""
+    h_f, h_m, h_fm = _entropies(joint)
+    if normalized:
+        return -jnp.mean(_nmi_from_entropies(h_f, h_m, h_fm))
+    return -jnp.mean(h_f + h_m - h_fm)
 
 
 def _nmi_from_entropies(h_f: Array, h_m: Array, h_fm: Array) -> Array:
@@ -173,9 +183,7 @@ def mutual_information(
     fixed, moving, spatial = _check_pair(fixed, moving)
     bins = _check_int(bins, "bins", minimum=2)
     _check_sigma_ratio(sigma_ratio)
-    _check_kernel(kernel)
-    if kernel == "bspline" and bins < 4:
-        raise ValueError(f"the bspline kernel needs bins >= 4, got {bins}")
+    _check_kernel(kernel, bins)
     w = _mask_weights(mask, spatial, fixed.dtype)
     channels = fixed.shape[-1]
     a_f = _parzen_weights(fixed, w, bins=bins, sigma_ratio=sigma_ratio, kernel=kernel)
@@ -183,10 +191,7 @@ def mutual_information(
     joint = _joint_histogram(
         a_f.reshape(-1, channels, bins), a_m.reshape(-1, channels, bins), w.reshape(-1)
     )
-    h_f, h_m, h_fm = _entropies(joint)
-    if normalized:
-        return -jnp.mean(_nmi_from_entropies(h_f, h_m, h_fm))
-    return -jnp.mean(h_f + h_m - h_fm)
+    return _loss_from_joint(joint, normalized)
 
 
 def nmi(
@@ -261,10 +266,7 @@ def mi_of_samples(
     bins = fixed_weights.shape[-1]
     a_m = parzen_weights(moving, bins=bins, kernel=kernel, sigma_ratio=sigma_ratio)
     joint = _joint_histogram(fixed_weights[:, None, :], a_m[:, None, :], weights)
-    h_f, h_m, h_fm = _entropies(joint)
-    if normalized:
-        return -jnp.mean(_nmi_from_entropies(h_f, h_m, h_fm))
-    return -jnp.mean(h_f + h_m - h_fm)
+    return _loss_from_joint(joint, normalized)
 
 
 def parzen_weights(x: Float[Array, "*shape"], *, bins: int = 32, kernel: str = "bspline",
@@ -274,7 +276,5 @@ def parzen_weights(x: Float[Array, "*shape"], *, bins: int = 32, kernel: str = "
     Raises:
       ValueError: unknown ``kernel``, or ``bins`` < 4 for ``"bspline"``.
     """
-    _check_kernel(kernel)
-    if kernel == "bspline" and bins < 4:
-        raise ValueError(f"the bspline kernel needs bins >= 4, got {bins}")
+    _check_kernel(kernel, bins)
     return _bin_weights(jnp.clip(jnp.asarray(x, jnp.float32), 0.0, 1.0), bins, sigma_ratio, kernel)

@@ -612,6 +612,12 @@ def _field_to_disp(field, level_shape, cfg: InstanceConfig):
     return resize_disp(_integrate_field(field, cfg), level_shape)
 
 
+def _level_box(box_fine, ratio, level_shape):
+    """A fine-grid ``(2, D)`` box on a level grid ``ratio`` times coarser (per axis), clipped to it."""
+    return np.stack([np.floor(box_fine[0] / ratio), np.minimum(np.ceil(box_fine[1] / ratio),
+                                                               np.asarray(level_shape) - 1)]).astype(np.int32)
+
+
 def _foreground_box(fixed, moving, margin=4):
     """(2, D) int32 bounding box of voxels above 5 % of the range in either (normalised) image."""
     fg = np.asarray(jnp.maximum(jnp.max(fixed, -1), jnp.max(moving, -1)) > 0.05)
@@ -658,14 +664,15 @@ def _affine_pyramid(fixed, moving, valid, *, factors, cfg):
                  for k, x in enumerate((fixed, moving, valid)))
 
 
-def _affine_stage(fixed, moving, candidates, cfg, spacing, moving_mask, mask_f, report):
+def _affine_stage(fixed, moving, candidates, cfg, spacing, moving_mask, level_mask, report):
     """Coarse-to-fine affine (or rigid) stage; returns ``(matrix, curves, chosen initialisation)``.
 
     Each candidate initial matrix (headers, centre of mass, a given one) is
     refined at the coarsest level; the one with the lowest final similarity
     goes on to the finer levels. Parameters act in mm about the fixed
     foreground's centre (``spacing``: mm per grid voxel), so ``"rigid"`` is
-    exactly rigid in world space on anisotropic grids.
+    exactly rigid in world space on anisotropic grids. ``level_mask(factor)``
+    is the user's fixed mask at a level (or None).
     """
     fine_shape = fixed.shape[:-1]
     d = len(fine_shape)
@@ -676,8 +683,10 @@ def _affine_stage(fixed, moving, candidates, cfg, spacing, moving_mask, mask_f, 
              else jnp.asarray(moving_mask, jnp.float32).reshape(fine_shape + (1,)))
     center_mm, radius = _affine_geometry(fixed, spacing)
     factors = [2 ** (cfg.affine_levels - 1 - i) * cfg.affine_finest_factor for i in range(cfg.affine_levels)]
+    n_points = cfg.affine_samples
     if cfg.transform in ("svf", "disp"):  # a deformable stage follows: the affine need not reach the finest grid
         factors = [f for f in factors if f >= cfg.affine_deformable_factor] or factors[:1]
+        n_points = cfg.affine_deformable_samples
     fixed_levels, moving_levels, valid_levels = _affine_pyramid(fixed, moving, valid, factors=tuple(factors),
                                                                 cfg=acfg)
     n_raw = sum(num_params(d).values())
@@ -686,12 +695,9 @@ def _affine_stage(fixed, moving, candidates, cfg, spacing, moving_mask, mask_f, 
         fixed_f, moving_f = fixed_levels[i], moving_levels[i]
         level_shape = fixed_f.shape[:-1]
         ratio = np.asarray(fine_shape, np.float32) / np.asarray(level_shape, np.float32)
-        box = np.stack([np.floor(box_fine[0] / ratio), np.minimum(np.ceil(box_fine[1] / ratio),
-                                                                  np.asarray(level_shape) - 1)]).astype(int)
-        n_points = cfg.affine_deformable_samples if cfg.transform in ("svf", "disp") else cfg.affine_samples
-        points, weights = _affine_points(level_shape, box, n_points, seed=i)
-        if mask_f is not None:
-            lm = (_downsample_jit(mask_f[..., None], factor=factors[i])[..., 0] > 0.5).astype(jnp.float32)
+        points, weights = _affine_points(level_shape, _level_box(box_fine, ratio, level_shape), n_points, seed=i)
+        lm = level_mask(factors[i])
+        if lm is not None:
             weights = weights * lm[tuple(points[:, k] for k in range(d))]
         step0 = cfg.affine_learning_rate * float(np.mean(np.asarray(spacing) * ratio))
         iters = cfg.affine_iterations[i % len(cfg.affine_iterations)]
@@ -730,7 +736,7 @@ def _deformable_mask(fixed, moving_aff, mask, moving_mask, matrix, cfg):
     if moving_mask is not None:
         fov = _resample_affine(jnp.asarray(moving_mask, jnp.float32).reshape(fixed.shape[:-1] + (1,)), matrix,
                                padding="zeros")[..., 0]
-        fov = 1.0 - _foreground(1.0 - (fov[..., None] > 0.99), jnp.zeros_like(fov[..., None]), FOV_EROSION)
+        fov = 1.0 - _dilate((fov <= 0.99).astype(jnp.float32), FOV_EROSION)  # erosion
         out = fov if out is None else out * fov
     if cfg.foreground_mask:
         fg = _foreground(fixed, moving_aff, cfg.foreground_dilation)
@@ -741,12 +747,16 @@ def _deformable_mask(fixed, moving_aff, mask, moving_mask, matrix, cfg):
 @functools.partial(jax.jit, static_argnames=("dilation",))
 def _foreground(fixed, moving_aff, dilation):
     """Union of the two images' foregrounds (> 5 % of the normalised range), dilated by ``dilation`` voxels."""
-    fg = (jnp.maximum(jnp.max(fixed, -1), jnp.max(moving_aff, -1)) > 0.05).astype(jnp.float32)
-    if dilation > 0:
-        for ax in range(fg.ndim):  # separable box dilation
-            win = tuple(2 * dilation + 1 if a == ax else 1 for a in range(fg.ndim))
-            fg = jax.lax.reduce_window(fg, 0.0, jax.lax.max, win, (1,) * fg.ndim, "SAME")
-    return fg
+    return _dilate((jnp.maximum(jnp.max(fixed, -1), jnp.max(moving_aff, -1)) > 0.05).astype(jnp.float32), dilation)
+
+
+@functools.partial(jax.jit, static_argnames=("radius",))
+def _dilate(mask, radius):
+    """Binary ``(*spatial)`` float mask dilated by a separable box of ``radius`` voxels."""
+    for ax in range(mask.ndim):
+        win = tuple(2 * radius + 1 if a == ax else 1 for a in range(mask.ndim))
+        mask = jax.lax.reduce_window(mask, 0.0, jax.lax.max, win, (1,) * mask.ndim, "SAME")
+    return mask
 
 
 def _check_pair(fixed, moving, mask):
@@ -819,10 +829,11 @@ def register_instance(
     report = progress or (lambda _: None)
     curves = []
 
-    def level_mask(factor):
-        if mask_f is None:
+    def level_mask(factor, full=mask_f):
+        """``full`` (default: the user's mask) at a pyramid level, binarised; None for no mask."""
+        if full is None:
             return None
-        m = _downsample_jit(mask_f[..., None], factor=factor)[..., 0]
+        m = _downsample_jit(full[..., None], factor=factor)[..., 0]
         return (m > 0.5).astype(jnp.float32)
 
     # -- affine stage
@@ -839,7 +850,7 @@ def register_instance(
         candidates = {"header": eye}
     matrix = next(iter(candidates.values()))
     if run_affine:
-        matrix, aff_curves, chosen = _affine_stage(fixed, moving, candidates, cfg, spacing, moving_mask, mask_f,
+        matrix, aff_curves, chosen = _affine_stage(fixed, moving, candidates, cfg, spacing, moving_mask, level_mask,
                                                    report)
         curves.extend(aff_curves)
         report(f"affine initialisation: {chosen}")
@@ -855,7 +866,7 @@ def register_instance(
     moving_aff = _resample_affine(moving, jnp.asarray(matrix, jnp.float32), padding="zeros")
     field = None
     box_fine = _foreground_box(fixed, moving_aff)
-    mask_f = _deformable_mask(fixed, moving_aff, mask_f, moving_mask, jnp.asarray(matrix, jnp.float32), cfg)
+    sim_mask = _deformable_mask(fixed, moving_aff, mask_f, moving_mask, jnp.asarray(matrix, jnp.float32), cfg)
     key = jax.random.key(0)
     if cfg.similarity == "dns":
         fixed_desc, moving_desc = _box_features(feature_fn, fixed, moving_aff)
@@ -876,13 +887,12 @@ def register_instance(
         level_shape = fixed_f.shape[:-1]
         spacing = max(1.0, cfg.control_spacing / factor)
         field_shape = tuple(max(2, int(np.ceil(s / spacing))) for s in level_shape)
-        box = np.stack([np.floor(box_fine[0] / factor), np.minimum(np.ceil(box_fine[1] / factor),
-                                                                   np.asarray(level_shape) - 1)]).astype(np.int32)
+        box = _level_box(box_fine, factor, level_shape)
         if field is None:
             field = jnp.zeros(field_shape + (d,), jnp.float32)
         else:
             field = resize_disp(field, field_shape)
-        field, curve = _deformable_level(field, fixed_f, moving_f, level_mask(factor), jnp.asarray(box),
+        field, curve = _deformable_level(field, fixed_f, moving_f, level_mask(factor, sim_mask), jnp.asarray(box),
                                          jax.random.fold_in(key, lvl), cfg=cfg, level=lvl)
         curves.append(np.asarray(curve))
         report(f"deformable level {lvl + 1}/{cfg.levels} {level_shape}: loss {float(curve[0]):.4g} -> {float(curve[-1]):.4g}")
