@@ -110,6 +110,8 @@ def parse_args(argv=None):
     p.add_argument("--name", default="io_registration", help="stem of the output files (default io_registration)")
     p.add_argument("--dns-weights", default=None,
                    help="MASR-Net weights for io-dns (.safetensors; default: the shipped dns_brain)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="InstanceConfig override for the jaxreg methods (repeatable; VALUE a Python literal)")
     p.add_argument("--fast", action="store_true", help=argparse.SUPPRESS)  # debug: few iterations
     args = p.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -225,11 +227,25 @@ def label_scores(pred, target, labels, spacing, *, hd=True) -> dict:
 
 # ----------------------------------------------------------------------------- methods
 
+def parse_overrides(items) -> dict:
+    """``["relative_eps=1.0", "learning_rates=(0.02, 0.01, 0.006)"]`` -> dict (values as Python literals)."""
+    import ast
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set needs KEY=VALUE, got {item!r}")
+        out[key.strip()] = ast.literal_eval(value.strip())
+    return out
+
+
 class Runner:
     """Runs one method on one pair of NIfTI files; returns the fixed-voxel map and timings."""
 
     def __init__(self, args):
         self.fast = args.fast
+        self.overrides = parse_overrides(args.set)
         self.threads = args.threads
         self.compiled = {}  # method -> set of working-grid shapes already run in this process
         self.dns_weights = args.dns_weights
@@ -245,7 +261,7 @@ class Runner:
     def config(self, method):
         from jaxreg.pipeline import config_for
 
-        return config_for(method, **(FAST_JAX if self.fast else {}))
+        return config_for(method, **(FAST_JAX if self.fast else {}), **self.overrides)
 
     def run_jax(self, method, fixed, moving):
         """``(disp_fixed, info, reg)`` for a jaxreg method; ``fixed``/``moving`` are Volumes."""
@@ -812,6 +828,7 @@ def main(argv=None):
         "dns_weights": args.dns_weights or ("jaxreg/weights/dns_brain" if any(m.startswith("io-dns") for m in args.methods)
                                             else None),
         "fast_overrides": {"jaxreg": FAST_JAX, "ants": FAST_ANTS} if args.fast else None,
+        "instance_overrides": parse_overrides(args.set),
     }
     log(f"io_registration: {meta['machine']}")
     log(f"command: {command}")
