@@ -13,6 +13,8 @@ import shutil
 import sys
 import tempfile
 
+import numpy as np
+
 EXIT_USAGE = 2
 EXIT_INPUT = 3
 
@@ -25,7 +27,9 @@ class CLIError(Exception):
         self.code = code
 
 
-METHOD_CHOICES = ["io-mind", "io-dns", "io-dns-random", "io-mi", "io-nmi", "io-ngf", "io-lncc", "io-mse", "vxm"]
+METHOD_CHOICES = ["io-mind", "io-dns", "io-dns-random", "io-mi", "io-nmi", "io-ngf", "io-lncc", "io-mse", "vxm",
+                  "keymorph"]
+KEYPOINT_OUTPUTS = ("keypoints_fixed.csv", "keypoints_moving.csv")
 EVALUATE_OUTPUTS = ("per_pair.csv", "summary.json", "summary.md")
 REGISTER_OUTPUTS = ("warped.nii.gz", "warp.nii.gz", "inverse_warp.nii.gz", "warped_labels.nii.gz",
                     "metrics.json", "qc.png")
@@ -52,18 +56,23 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--method", default="io-mind", choices=METHOD_CHOICES,
                    help="io-*: instance optimisation with that similarity (default io-mind; io-dns: learned "
                         "DNS descriptors, weights shipped; io-dns-random: the same network untrained); "
-                        "vxm: a trained VoxelMorph-style network (--checkpoint)")
-    r.add_argument("--weights", help="io-dns: MASR-Net weights (.safetensors with its .json beside it; "
+                        "vxm: a trained VoxelMorph-style network (--checkpoint); keymorph: learned keypoints "
+                        "aligned in closed form (--transform affine|tps, weights shipped)")
+    r.add_argument("--weights", help="io-dns / keymorph: network weights (.safetensors with its .json beside it; "
                                      "default: the shipped brain weights)")
     r.add_argument("--checkpoint", help="training run directory (train.main --workdir) for --method vxm")
     r.add_argument("--lambda", dest="lam", type=float, default=None,
                    help="regularisation weight in [0, 1] for a lambda-conditioned network")
-    r.add_argument("--transform", default="svf", choices=["svf", "disp", "affine", "rigid"],
-                   help="transform model (default svf: diffeomorphic)")
+    r.add_argument("--transform", default=None, choices=["svf", "disp", "affine", "rigid", "tps"],
+                   help="transform model (default svf: diffeomorphic; keymorph: affine (default) or tps)")
+    r.add_argument("--tps-lambda", dest="tps_lambda", default=None,
+                   help="keymorph --transform tps: the TPS regulariser lambda >= 0 (default 0: the keypoints "
+                        "are matched exactly; large: tends to the affine)")
     r.add_argument("--no-affine", action="store_true", help="skip the affine pre-alignment")
-    r.add_argument("--init", default="auto", choices=["auto", "header", "com"],
+    r.add_argument("--init", default="auto", choices=["auto", "header", "com", "keymorph"],
                    help="start of the affine/rigid stage: header (the scans' NIfTI affines), com (centre-of-mass "
-                        "translation) or auto (default: refine both at the coarsest level, keep the better fit)")
+                        "translation), auto (default: refine both at the coarsest level, keep the better fit) or "
+                        "keymorph (the shipped KeyMorph affine: robust to any rotation)")
     r.add_argument("--levels", type=int, default=None, help="pyramid levels (default 3)")
     r.add_argument("--iterations", type=_parse_levels, default=None,
                    help="Adam steps per level, coarse to fine, e.g. 100,80,50")
@@ -150,7 +159,7 @@ def _load_inputs(args):
 def run_register(args) -> dict:
     """Implementation of ``jaxreg register``; returns the metrics dict."""
     out = pathlib.Path(args.out)
-    _check_out_dir(out, REGISTER_OUTPUTS, args.overwrite)
+    _check_out_dir(out, REGISTER_OUTPUTS + (KEYPOINT_OUTPUTS if args.method == "keymorph" else ()), args.overwrite)
     fixed, moving, fixed_labels, moving_labels = _load_inputs(args)
 
     from jaxreg import pipeline
@@ -160,9 +169,10 @@ def run_register(args) -> dict:
 
     report = _progress(args.quiet)
     runner, config, feature_fn = _registration_runner(args, report)
-    report(f"jaxreg register: {args.method}, {config.transform}, fixed {fixed.data.shape}, "
-           f"moving {moving.data.shape}")
+    report(f"jaxreg register: {args.method}, {getattr(runner, 'transform', config.transform)}, "
+           f"fixed {fixed.data.shape}, moving {moving.data.shape}")
     reg = runner(fixed, moving)
+    keypoints = getattr(runner, "keypoints", None)
     warped_labels = moving_labels_on_fixed = None
     if moving_labels is not None:
         warped_labels = pipeline.warp_labels_to_fixed(moving_labels, fixed, reg)
@@ -184,8 +194,20 @@ def run_register(args) -> dict:
             save_image(tmp / "warped_labels.nii.gz", warped_labels, fixed.affine, dtype="int32")
         with open(tmp / "metrics.json", "w") as f:
             json.dump(metrics, f, indent=2)
+        qc_points = None
+        if keypoints is not None:
+            to_fixed = np.linalg.inv(fixed.affine)
+            qc_points = tuple(keypoints[k] @ to_fixed[:3, :3].T + to_fixed[:3, 3]
+                              for k in ("moving_keypoints", "fixed_keypoints"))
+            for name, k in zip(KEYPOINT_OUTPUTS, ("fixed_keypoints", "moving_keypoints")):
+                _write_keypoints(tmp / name, keypoints[k])
+            metrics["keypoints"] = {"count": int(len(keypoints["fixed_keypoints"])),
+                                    "files": list(KEYPOINT_OUTPUTS), "frame": "world mm, NIfTI RAS+"}
+            with open(tmp / "metrics.json", "w") as f:
+                json.dump(metrics, f, indent=2)
         qc_figure(fixed.data, reg.moving_on_fixed, reg.warped, reg.disp_fixed, jacobian_det(reg.disp_fixed),
-                  tmp / "qc.png", title=f"{args.method} ({config.transform})")
+                  tmp / "qc.png", title=f"{args.method} ({getattr(runner, 'transform', config.transform)})",
+                  keypoints=qc_points)
         _commit_outputs(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -194,11 +216,80 @@ def run_register(args) -> dict:
     return metrics
 
 
+def _write_keypoints(path, points):
+    """``index,x_ras_mm,y_ras_mm,z_ras_mm`` rows: keypoints in world mm of the NIfTI (RAS+) frame."""
+    with open(path, "w") as f:
+        f.write("index,x_ras_mm,y_ras_mm,z_ras_mm\n")
+        for i, p in enumerate(np.asarray(points, np.float64)):
+            f.write(f"{i},{p[0]:.3f},{p[1]:.3f},{p[2]:.3f}\n")
+
+
+def _load_keymorph(weights):
+    from jaxreg import pipeline
+
+    try:
+        return pipeline.load_keymorph(weights)
+    except FileNotFoundError as e:
+        raise CLIError(f"--weights: {e}" if weights else f"the shipped KeyMorph weights are missing: {e}") from None
+    except ValueError as e:
+        raise CLIError(f"--weights {weights}: {e}" if weights else str(e)) from None
+
+
+def _keymorph_runner(args, report):
+    from jaxreg import pipeline
+    from jaxreg.methods.keymorph import check_lambda
+    from jaxreg.optimize import InstanceConfig
+
+    transform = getattr(args, "transform", None) or "affine"
+    if transform not in ("affine", "tps"):
+        raise CLIError(f"--method keymorph takes --transform affine or tps, not {transform}", EXIT_USAGE)
+    lam = 0.0
+    if getattr(args, "tps_lambda", None) is not None:
+        if transform != "tps":
+            raise CLIError("--tps-lambda is only used with --transform tps", EXIT_USAGE)
+        try:
+            lam = check_lambda(args.tps_lambda)
+        except ValueError as e:
+            raise CLIError(f"--tps-lambda: {e}", EXIT_USAGE) from None
+    for flag, name in (("checkpoint", "--checkpoint"), ("lam", "--lambda"), ("levels", "--levels"),
+                       ("iterations", "--iterations")):
+        if getattr(args, flag, None) is not None:
+            raise CLIError(f"{name} is not used by --method keymorph", EXIT_USAGE)
+    if getattr(args, "init", "auto") not in (None, "auto"):
+        raise CLIError("--init is for the io-* methods (--init keymorph: KeyMorph's affine starts their affine "
+                       "stage); --method keymorph needs none", EXIT_USAGE)
+    model = _load_keymorph(getattr(args, "weights", None))
+    resolution = getattr(args, "resolution", None)
+    res = 2.0 if resolution is None else (resolution or None)
+
+    def run(f, m):
+        reg, pts = pipeline.register_volumes_keymorph(f, m, model=model, transform=transform, tps_lambda=lam,
+                                                      resolution=res, progress=report)
+        run.keypoints = pts
+        return reg
+
+    run.keypoints, run.transform = None, transform if transform == "affine" else f"tps, lambda {lam:g}"
+    config = InstanceConfig(similarity="mi", transform="affine" if transform == "affine" else "disp")
+    return run, config, None
+
+
 def _registration_runner(args, report):
-    """``(run(fixed, moving) -> Registration, config, feature_fn)`` for ``args.method`` (validated before any work)."""
+    """``(run(fixed, moving) -> Registration, config, feature_fn)`` for ``args.method`` (validated before any work).
+
+    ``run.keypoints`` holds KeyMorph's keypoints after a ``--method keymorph`` run.
+    """
     from jaxreg import pipeline
 
     resolution = getattr(args, "resolution", None)
+    if args.method == "keymorph":
+        return _keymorph_runner(args, report)
+    if getattr(args, "transform", None) == "tps":
+        raise CLIError("--transform tps is only for --method keymorph", EXIT_USAGE)
+    if getattr(args, "tps_lambda", None) is not None:
+        raise CLIError("--tps-lambda is only used with --method keymorph --transform tps", EXIT_USAGE)
+    init = getattr(args, "init", None) or "auto"
+    if args.method == "vxm" and init != "auto":
+        raise CLIError("--init is for the io-* methods", EXIT_USAGE)
     if args.method == "vxm":
         if not args.checkpoint:
             raise CLIError("--method vxm needs --checkpoint DIR (a training run directory)", EXIT_USAGE)
@@ -226,20 +317,32 @@ def _registration_runner(args, report):
         raise CLIError("--checkpoint is only used with --method vxm", EXIT_USAGE)
     weights = getattr(args, "weights", None)
     if weights is not None and args.method != "io-dns":
-        raise CLIError(f"--weights is only used with --method io-dns, not {args.method}", EXIT_USAGE)
+        raise CLIError(f"--weights is only used with --method io-dns or keymorph, not {args.method}", EXIT_USAGE)
     try:
         feature_fn = pipeline.feature_fn_for(args.method, weights)
     except FileNotFoundError as e:
         raise CLIError(f"--weights: {e}") from None
     except ValueError as e:
         raise CLIError(f"--weights {weights}: {e}" if weights else str(e)) from None
-    config = pipeline.config_for(args.method, transform=getattr(args, "transform", "svf"),
+    config = pipeline.config_for(args.method, transform=getattr(args, "transform", None) or "svf",
                                  affine=not getattr(args, "no_affine", False), levels=getattr(args, "levels", None),
                                  iterations=getattr(args, "iterations", None),
-                                 affine_init=getattr(args, "init", None) or "auto")
+                                 affine_init="auto" if init == "keymorph" else init)
     res = 2.0 if resolution is None else (resolution or None)
-    return (lambda f, m: pipeline.register_volumes(f, m, config=config, resolution=res, progress=report,
-                                                   feature_fn=feature_fn)), config, feature_fn
+    keymorph = _load_keymorph(None) if init == "keymorph" else None
+
+    def run(f, m):
+        start = None
+        if keymorph is not None:
+            pts = pipeline.keymorph_points(f, m, keymorph)
+            start = pts["fitted"][1]
+            if config.transform == "rigid" or (config.transform != "affine" and config.affine_model == "rigid"):
+                start = pipeline.nearest_rigid(start, pts["fixed_keypoints"].mean(0))
+            report("KeyMorph affine initialisation")
+        return pipeline.register_volumes(f, m, config=config, resolution=res, progress=report,
+                                         feature_fn=feature_fn, init=start)
+
+    return run, config, feature_fn
 
 
 def _read_pairs(path):

@@ -205,7 +205,7 @@ def _geometry(fixed: Volume, moving: Volume, work_shape, work_affine) -> dict:
 
 def register_volumes(fixed: Volume, moving: Volume, *, config: InstanceConfig, resolution: float | None = 2.0,
                      progress: Callable[[str], None] | None = None,
-                     feature_fn: Callable | None = None) -> Registration:
+                     feature_fn: Callable | None = None, init=None) -> Registration:
     """Register two 3D scans in world space (see module docstring).
 
     Args:
@@ -215,6 +215,10 @@ def register_volumes(fixed: Volume, moving: Volume, *, config: InstanceConfig, r
       resolution: working-grid spacing in mm (None: the fixed grid itself).
       progress: optional callback for progress messages.
       feature_fn: learned descriptors for ``similarity="dns"`` (:func:`feature_fn_for`).
+      init: optional ``(4, 4)`` world (mm) affine, fixed -> moving, that
+        replaces the header / centre-of-mass initialisation of the affine
+        stage (``--init keymorph``: :func:`keymorph_init`); it counts in
+        ``runtime_s`` only if computed inside (it is not).
 
     Returns:
       :class:`Registration`.
@@ -225,8 +229,11 @@ def register_volumes(fixed: Volume, moving: Volume, *, config: InstanceConfig, r
     work_shape, work_affine, fixed_w, moving_w = _working_images(fixed, moving, resolution)
 
     t0 = time.perf_counter()
+    init_matrix = None
+    if init is not None:  # world fixed -> moving, as a working-grid voxel map (both images live on that grid)
+        init_matrix = np.linalg.inv(work_affine) @ np.asarray(init, np.float64) @ work_affine
     res = register_instance(fixed_w, moving_w, config=config, progress=progress, feature_fn=feature_fn,
-                            **_geometry(fixed, moving, work_shape, work_affine))
+                            init_matrix=init_matrix, **_geometry(fixed, moving, work_shape, work_affine))
     jax.block_until_ready(res.total_disp)
     runtime = time.perf_counter() - t0
     return _finish(fixed, moving, fixed_w, moving_w, work_shape, work_affine, res, runtime)
@@ -282,6 +289,118 @@ def register_volumes_learned(fixed: Volume, moving: Volume, *, module, model, la
     report(f"network forward done ({runtime:.1f} s with the affine stage)")
     res = InstanceResult(matrix, u, total, inverse, out.velocity[crop], ())
     return _finish(fixed, moving, fixed_w, moving_w, work_shape, work_affine, res, runtime)
+
+
+KEYMORPH_WEIGHTS = "keymorph_brain"
+
+
+def load_keymorph(weights: str | None = None):
+    """The KeyMorph detector from ``weights`` (a ``.safetensors`` path; default the shipped ``keymorph_brain``).
+
+    Raises:
+      FileNotFoundError: a missing weights file; ValueError: weights of another method or not 3D.
+    """
+    from jaxreg.weights import load_model
+
+    _, model, _ = load_model(weights or KEYMORPH_WEIGHTS, method="keymorph")
+    if model.ndim != 3:
+        raise ValueError(f"the KeyMorph weights are for {model.ndim}D images; jaxreg register needs 3D weights")
+    return model
+
+
+def keymorph_points(fixed: Volume, moving: Volume, model, *, transform: str = "affine",
+                    tps_lambda: float = 0.0) -> dict:
+    """KeyMorph on two scans in world space: keypoints (world mm, NIfTI RAS) and the fitted map.
+
+    Each scan goes onto its own input cube (:func:`jaxreg.methods.keymorph.canonical_grid`), the
+    detector gives ``(N, 3)`` keypoints there, and the map is fitted between the keypoints in world
+    mm (fixed -> moving: the pull-back). For the affine this equals the fit on the cube voxels; a TPS
+    is unchanged too, because :func:`jaxreg.spatial.tps_solve` normalises the control points.
+
+    Returns:
+      dict with ``fixed_keypoints``, ``moving_keypoints`` (``(N, 3)`` float64 world mm) and ``fitted``
+      (:func:`jaxreg.methods.keymorph.fit_points` in world mm; for the affine a ``(4, 4)`` matrix).
+
+    Raises:
+      ValueError: bad ``transform`` / ``tps_lambda`` or non-3D scans.
+    """
+    from jaxreg.data.keymorph import to_cube
+    from jaxreg.methods import keymorph as km
+
+    if transform not in ("affine", "tps"):
+        raise ValueError(f"transform must be 'affine' or 'tps', got {transform!r}")
+    lam = km.check_lambda(tps_lambda)
+    cfg = model.config
+    pts = []
+    for vol in (fixed, moving):
+        if vol.data.ndim != 3:
+            raise ValueError(f"KeyMorph needs 3D scans, got shape {vol.data.shape}")
+        cube = km.canonical_grid(vol.data, vol.affine, grid=cfg.grid, spacing=cfg.spacing)
+        kp = np.asarray(km.keypoints(model, to_cube(vol, cube, cfg.grid)[..., None]), np.float64)
+        pts.append(kp @ cube[:3, :3].T + cube[:3, 3])
+    fitted = km.fit_points(jnp.asarray(pts[0], jnp.float32), jnp.asarray(pts[1], jnp.float32),
+                           transform=transform, tps_lambda=lam)
+    if fitted[0] == "affine":  # the same least squares (eq. 3) in float64: world mm are ~100
+        sol, *_ = np.linalg.lstsq(np.concatenate([pts[0], np.ones((len(pts[0]), 1))], 1), pts[1], rcond=None)
+        fitted = ("affine", np.concatenate([sol.T, [[0, 0, 0, 1]]], 0))
+    return {"fixed_keypoints": pts[0], "moving_keypoints": pts[1], "fitted": fitted}
+
+
+def nearest_rigid(matrix, center) -> np.ndarray:
+    """The rigid ``(4, 4)`` world map closest to an affine one: the rotation of the polar decomposition
+    of its linear part, mapping ``center`` (mm) where the affine does. What ``--init keymorph`` hands a
+    rigid stage."""
+    m = np.asarray(matrix, np.float64)
+    c = np.asarray(center, np.float64)
+    u, _, vt = np.linalg.svd(m[:3, :3])
+    r = u @ vt
+    if np.linalg.det(r) < 0:
+        u[:, -1] *= -1
+        r = u @ vt
+    out = np.eye(4)
+    out[:3, :3] = r
+    out[:3, 3] = m[:3, :3] @ c + m[:3, 3] - r @ c
+    return out
+
+
+def register_volumes_keymorph(fixed: Volume, moving: Volume, *, model, transform: str = "affine",
+                              tps_lambda: float = 0.0, resolution: float | None = 2.0,
+                              progress: Callable[[str], None] | None = None) -> tuple[Registration, dict]:
+    """``jaxreg register --method keymorph``: the KeyMorph map on the working grid, as any other result.
+
+    Returns:
+      ``(Registration, keypoints)`` with ``keypoints`` from :func:`keymorph_points`. The TPS result has
+      no inverse warp (None); the affine one has its exact inverse.
+
+    Raises:
+      ValueError: bad ``transform`` / ``tps_lambda`` or non-3D scans.
+    """
+    from jaxreg.methods.keymorph import map_points
+    from jaxreg.spatial import affine_to_disp
+
+    report = progress or (lambda _: None)
+    work_shape, work_affine, fixed_w, moving_w = _working_images(fixed, moving, resolution)
+    t0 = time.perf_counter()
+    pts = keymorph_points(fixed, moving, model, transform=transform, tps_lambda=tps_lambda)
+    w, w_inv = np.asarray(work_affine, np.float64), np.linalg.inv(work_affine)
+    zero = jnp.zeros(tuple(work_shape) + (3,), jnp.float32)
+    if pts["fitted"][0] == "affine":
+        matrix = w_inv @ pts["fitted"][1] @ w
+        total = affine_to_disp(jnp.asarray(matrix, jnp.float32), tuple(work_shape))
+        inverse = affine_to_disp(jnp.asarray(np.linalg.inv(matrix), jnp.float32), tuple(work_shape))
+    else:
+        matrix = np.eye(4)
+        grid = identity_grid(tuple(work_shape)).reshape(-1, 3)
+        world = grid @ jnp.asarray(w[:3, :3].T, jnp.float32) + jnp.asarray(w[:3, 3], jnp.float32)
+        moved = map_points(pts["fitted"], world, chunk=65536)
+        total = ((moved @ jnp.asarray(w_inv[:3, :3].T, jnp.float32) + jnp.asarray(w_inv[:3, 3], jnp.float32))
+                 - grid).reshape(tuple(work_shape) + (3,))
+        inverse = None
+    jax.block_until_ready(total)
+    runtime = time.perf_counter() - t0
+    report(f"keymorph {transform} done ({runtime:.1f} s)")
+    res = InstanceResult(matrix, zero, total, inverse, None, ())
+    return _finish(fixed, moving, fixed_w, moving_w, work_shape, work_affine, res, runtime), pts
 
 
 _resize_disp = jax.jit(resize_disp, static_argnames=("shape",))

@@ -31,7 +31,8 @@ def checkerboard(a, b, tiles: int = 8):
     return np.where(board, _norm(a), _norm(b))
 
 
-def qc_figure(fixed, moving, warped, disp, jacobian_det, path, *, overwrite: bool = False, title: str = ""):
+def qc_figure(fixed, moving, warped, disp, jacobian_det, path, *, overwrite: bool = False, title: str = "",
+              keypoints=None, slab: float = 5.0):
     """Save a QC figure: overlays and checkerboards before/after, deformed grid, Jacobian map.
 
     All inputs live on the fixed grid (``moving`` already resampled into it).
@@ -44,6 +45,11 @@ def qc_figure(fixed, moving, warped, disp, jacobian_det, path, *, overwrite: boo
       path: output PNG path, written atomically.
       overwrite: replace an existing file.
       title: figure title.
+      keypoints: optional ``(moving_kp, fixed_kp)``, each ``(N, D)`` in fixed
+        voxel coordinates: the moving keypoints (through the headers only) are
+        drawn as green dots on "overlay before", the fixed keypoints as
+        magenta crosses on "overlay after" (KeyMorph); for 3D, those within
+        ``slab`` voxels of the shown slice.
 
     Raises:
       FileExistsError: if ``path`` exists and ``overwrite`` is False.
@@ -77,6 +83,14 @@ def qc_figure(fixed, moving, warped, disp, jacobian_det, path, *, overwrite: boo
                 ax.imshow(np.transpose(img, (1, 0, 2)), origin="lower")
             else:
                 ax.imshow(img.T, origin="lower", cmap="gray")
+    if keypoints is not None:
+        for ax, pts, style in ((axes[0, 0], keypoints[0], "g."), (axes[1, 0], keypoints[1], "mx")):
+            pts = np.asarray(pts, np.float64)
+            if d == 3:
+                pts = pts[np.abs(pts[:, 2] - k) <= slab]
+            ax.plot(pts[:, 0], pts[:, 1], style, ms=4)
+            ax.set_xlim(-0.5, f.shape[0] - 0.5)
+            ax.set_ylim(-0.5, f.shape[1] - 0.5)
     ax = axes[0, 2]
     ax.imshow(_norm(w).T, origin="lower", cmap="gray")
     step = max(1, min(u2.shape[:2]) // 24)

@@ -161,5 +161,5 @@ def test_register_init_option_reaches_the_affine_stage(init):
 
 def test_register_rejects_an_unknown_init(capsys):
     with pytest.raises(SystemExit) as e:
-        main(["register", "--fixed", "f.nii.gz", "--moving", "m.nii.gz", "--out", "o", "--init", "keymorph"])
+        main(["register", "--fixed", "f.nii.gz", "--moving", "m.nii.gz", "--out", "o", "--init", "pca"])
     assert e.value.code != 0 and "--init" in capsys.readouterr().err

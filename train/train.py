@@ -92,11 +92,69 @@ def build_view_data(config):
     return source, val, None
 
 
+def build_keymorph_data(config):
+    """``(KeyMorphSource, val_examples, None)`` for KeyMorph (``config.data.kind == 'keymorph'``).
+
+    ``data.labelled_cases`` (IXI ids with labels), ``data.multi_cases``
+    (multi-contrast cases of ``data.root``) and ``data.val_cases`` (IXI ids)
+    are loaded onto their input cubes; labels are remapped with one table
+    over the labelled and validation subjects. Validation: the ordered pairs
+    of ``val_cases``, each with its moving scan also rotated in its header by
+    ``data.val_rotation`` degrees about a random axis (seed 0) for the
+    keypoint repeatability.
+    """
+    from jaxreg.data.keymorph import (KeyMorphSource, label_table, load_cube_subject, remap_labels, rotate_header,
+                                      rotation_about_axis, to_cube)
+    from jaxreg.data.views import shared_data_subjects
+    from jaxreg.io import Volume, load_image, load_labels
+    from jaxreg.methods.keymorph import canonical_grid
+
+    d, m = config.data, config.model
+    grid, spacing = tuple(m.grid), float(m.spacing)
+    root = pathlib.Path(d.root)
+
+    def ixi(i):
+        return load_cube_subject(i, {"t1": root / "ixi" / f"{i}_t1.nii.gz"}, grid=grid, spacing=spacing,
+                                 labels_path=root / "ixi" / f"{i}_labels.nii.gz")
+
+    labelled, val_subjects = [ixi(i) for i in d.labelled_cases], [ixi(i) for i in d.val_cases]
+    # the table comes from the full-resolution maps: small labels may vanish on the coarse cube
+    table = label_table([np.unique(np.asarray(load_labels(root / "ixi" / f"{s.name}_labels.nii.gz").data))
+                         for s in labelled + val_subjects])
+    if len(table) + 1 != m.num_labels:
+        raise ValueError(f"the label maps hold {len(table)} labels; set model.num_labels = {len(table) + 1}")
+    for s in labelled + val_subjects:
+        s.labels = remap_labels(s.labels, table)
+    multi = [load_cube_subject(n, p, grid=grid, spacing=spacing)
+             for n, p in shared_data_subjects(d.root, d.multi_cases).items()]
+    source = KeyMorphSource(labelled, multi, pretrain_examples=d.pretrain_steps * config.batch_size,
+                            consistency_prob=d.consistency_prob, pretrain_multi=d.get("pretrain_multi", False),
+                            seed=config.seed)
+    val, rng = [], np.random.default_rng(0)
+    for fi, f in enumerate(val_subjects):
+        for mi, mv in enumerate(val_subjects):
+            if fi == mi:
+                continue
+            vol = load_image(root / "ixi" / f"{mv.name}_t1.nii.gz")
+            rot = rotation_about_axis(rng.normal(size=3), d.val_rotation)
+            centre = mv.affine[:3, :3] @ ((np.asarray(grid) - 1) / 2) + mv.affine[:3, 3]
+            rvol = Volume(vol.data, rotate_header(vol.affine, rot, centre))
+            cube_r = canonical_grid(rvol.data, rvol.affine, grid=grid, spacing=spacing)
+            # rotated-cube voxel -> original-cube voxel: original world = R^-1 (world' - c) + c
+            back = np.linalg.inv(mv.affine) @ np.linalg.inv(rotate_header(np.eye(4), rot, centre)) @ cube_r
+            val.append({"fixed": f.images["t1"][..., None], "moving": mv.images["t1"][..., None],
+                        "fixed_labels": f.labels, "moving_labels": mv.labels, "name": f"{mv.name}->{f.name}",
+                        "moving_rotated": to_cube(rvol, cube_r, grid)[..., None], "rotation": back})
+    return source, val, None
+
+
 def build_data(config, workdir: pathlib.Path):
     """``(train_source, val_examples, grid)`` from ``config.data`` (see configs/)."""
     d = config.data
     if d.get("kind") == "views":
         return build_view_data(config)
+    if d.get("kind") == "keymorph":
+        return build_keymorph_data(config)
     manifest = d.manifest or builtin_manifest(d.source, d.root, workdir)
     subjects = read_manifest(manifest, contrasts=tuple(d.contrasts))
     loaded, shape, affine = load_subjects(subjects, contrasts=tuple(d.contrasts), resolution=d.resolution,
@@ -135,6 +193,8 @@ def build_data(config, workdir: pathlib.Path):
 
 
 # ----------------------------------------------------------------------------- model and steps
+
+BATCH_KEYS = ("fixed", "moving", "fixed_target", "same", "fixed_labels", "moving_labels", "task", "pretrain")
 
 def make_optimizer(config) -> optax.GradientTransformation:
     lr = config.learning_rate
@@ -308,8 +368,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     with tqdm(total=config.num_train_steps, initial=start, desc="train", disable=config.get("quiet", False)) as bar:
         for step in range(start, config.num_train_steps):
             batch = next(it)
-            batch = parallel.shard_batch({k: batch[k] for k in ("fixed", "moving", "fixed_target", "same")
-                                          if k in batch}, mesh)
+            batch = parallel.shard_batch({k: batch[k] for k in BATCH_KEYS if k in batch}, mesh)
             state, metrics = train_step(state, batch)
             steps_since += 1
             done = step + 1

@@ -30,6 +30,21 @@ class ViewSubject:
     images: dict
 
 
+def load_subject_volumes(name: str, paths: dict, *, ndim: int = 3) -> dict:
+    """``contrast -> Volume`` of a subject's images (``contrast -> NIfTI path``).
+
+    Raises:
+      ValueError: no contrasts, or an image that is not ``ndim``-D.
+    """
+    if not paths:
+        raise ValueError(f"subject {name} has no images")
+    vols = {c: load_image(p) for c, p in paths.items()}
+    for c, v in vols.items():
+        if v.data.ndim != ndim:
+            raise ValueError(f"subject {name} {c}: need a {ndim}D image, got {v.data.shape}")
+    return vols
+
+
 def load_view_subject(name: str, paths: dict, *, resolution: float = 2.0) -> ViewSubject:
     """Resample a subject's contrasts (``contrast -> NIfTI path``) onto its first contrast's working grid.
 
@@ -38,12 +53,7 @@ def load_view_subject(name: str, paths: dict, *, resolution: float = 2.0) -> Vie
     """
     from jaxreg.pipeline import resample_smooth, working_grid
 
-    if not paths:
-        raise ValueError(f"subject {name} has no images")
-    vols = {c: load_image(p) for c, p in paths.items()}
-    for c, v in vols.items():
-        if v.data.ndim != 3:
-            raise ValueError(f"subject {name} {c}: need a 3D image, got {v.data.shape}")
+    vols = load_subject_volumes(name, paths)
     first = next(iter(vols.values()))
     shape, affine, _ = working_grid(first.data.shape, first.affine, resolution)
     images = {c: normalize(np.asarray(resample_smooth(v, shape, affine))[..., 0]) for c, v in vols.items()}

@@ -4,9 +4,28 @@ import dataclasses
 import jax
 from flax import nnx
 
-from jaxreg.methods import dns, voxelmorph
+from jaxreg.methods import dns, keymorph, voxelmorph
 
-METHODS = {"dns": dns, "voxelmorph": voxelmorph}
+METHODS = {"dns": dns, "keymorph": keymorph, "voxelmorph": voxelmorph}
+
+
+@nnx.jit
+def _forward(model, x):
+    return model(x)
+
+
+def forward_one(model, image, what: str):
+    """``model`` on one ``(*spatial, 1)`` image (jitted, batch of 1), returning its unbatched output.
+
+    Raises:
+      ValueError: an image whose rank or channels do not match ``model.ndim`` (``what`` names the caller).
+    """
+    import jax.numpy as jnp
+
+    image = jnp.asarray(image, jnp.float32)
+    if image.ndim != model.ndim + 1 or image.shape[-1] != 1:
+        raise ValueError(f"{what} expects a (*spatial[{model.ndim}], 1) image, got {image.shape}")
+    return _forward(model, image[None])[0]
 
 
 def method_config(name: str, model: dict):

@@ -132,21 +132,15 @@ def loss_fn(model: MASRNet, batch: dict, *, key):
     return loss, {"similarity": loss, "smoothness": jnp.zeros(()), "top1": jnp.mean(top1)}
 
 
-@nnx.jit
-def _forward(model, x):
-    return model(x)
-
-
 def descriptors(model: MASRNet, image) -> jnp.ndarray:
     """The DSIR of one image: ``(*spatial, 1)`` float in [0, 1] -> ``(*spatial, C_d)`` float32 (jitted).
 
     Raises:
       ValueError: an image whose rank does not match the model.
     """
-    image = jnp.asarray(image, jnp.float32)
-    if image.ndim != model.ndim + 1 or image.shape[-1] != 1:
-        raise ValueError(f"descriptors expects a (*spatial[{model.ndim}], 1) image, got {image.shape}")
-    return _forward(model, image[None])[0]
+    from jaxreg.methods import forward_one
+
+    return forward_one(model, image, "descriptors")
 
 
 def feature_fn(model: MASRNet):

@@ -19,7 +19,7 @@ import sys
 
 import numpy as np
 
-SHIPPED = ("dns_brain",)
+SHIPPED = ("dns_brain", "keymorph_brain")
 MAX_BYTES = 5 * 1024 * 1024
 
 

@@ -180,3 +180,24 @@ def test_keypoint_detector_shapes(ndim, shape):
     assert np.all((np.asarray(pts) >= -0.5) & (np.asarray(pts) <= np.asarray(shape) - 0.5))
     with pytest.raises(ValueError, match="expects"):
         net(x[..., 0])
+
+
+@pytest.mark.parametrize("shape", [(9, 8, 7), (8, 10, 6)])
+def test_strided_conv_equals_xla_strided_same_conv(shape):
+    """The CPU path (stride-1 conv sampled at the strided centres) is exactly XLA's strided "SAME" conv."""
+    from jaxreg.nn.keypoints import strided_conv
+
+    conv = nnx.Conv(2, 3, (3, 3, 3), padding="SAME", rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(2), (1, *shape, 2))
+    ref = jax.lax.conv_general_dilated(x, conv.kernel[...], (2, 2, 2), "SAME",
+                                       dimension_numbers=("NDHWC", "DHWIO", "NDHWC")) + conv.bias[...]
+    np.testing.assert_allclose(np.asarray(strided_conv(conv, x, 2)), np.asarray(ref), atol=1e-5)
+
+
+def test_keypoint_detector_downsample_option():
+    from jaxreg.nn import KeypointDetector
+
+    net = KeypointDetector(3, num_keypoints=3, widths=(4, 8, 8), downsample=(True, True, False), rngs=nnx.Rngs(0))
+    assert net.maps(jnp.ones((1, 16, 16, 16, 1))).shape == (1, 4, 4, 4, 3)
+    with pytest.raises(ValueError, match="one entry per stage"):
+        KeypointDetector(3, widths=(4, 8), downsample=(True,), rngs=nnx.Rngs(0))
