@@ -112,7 +112,8 @@ def main(argv=None) -> int:
                 elif method == "io-mind":
                     reg = pipeline.register_volumes(fixed, mv, config=io_svf)
                 elif method == "io-mind+km":
-                    reg = pipeline.register_volumes(fixed, mv, config=io_svf, init=pts["fitted"][1])
+                    reg = pipeline.register_volumes(fixed, mv, config=io_svf,
+                                                    init=pipeline.keymorph_init(fixed, mv, model))
                 else:
                     raise SystemExit(f"unknown method {method}")
                 row[method] = dice(reg, fixed_labels, ml, fixed)

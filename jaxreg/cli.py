@@ -334,11 +334,8 @@ def _registration_runner(args, report):
     def run(f, m):
         start = None
         if keymorph is not None:
-            pts = pipeline.keymorph_points(f, m, keymorph)
-            start = pts["fitted"][1]
-            if config.transform == "rigid" or (config.transform != "affine" and config.affine_model == "rigid"):
-                start = pipeline.nearest_rigid(start, pts["fixed_keypoints"].mean(0))
-            report("KeyMorph affine initialisation")
+            rigid = config.transform == "rigid" or (config.transform != "affine" and config.affine_model == "rigid")
+            start = pipeline.keymorph_init(f, m, keymorph, rigid=rigid, progress=report)
         return pipeline.register_volumes(f, m, config=config, resolution=res, progress=report,
                                          feature_fn=feature_fn, init=start)
 

@@ -89,3 +89,19 @@ def test_keymorph_end_to_end_on_real_ixi(tmp_path):
     assert main(["register", "--out", str(tmp_path / "io"), "--method", "io-mind", "--init", "keymorph"]
                 + common) == 0
     assert json.loads((tmp_path / "io" / "metrics.json").read_text())["dice_mean"] > 0.55
+
+
+def test_keymorph_init_rejects_a_reflection_and_projects_to_rigid(monkeypatch):
+    from jaxreg import pipeline
+
+    pts = {"fixed_keypoints": np.zeros((4, 3)), "moving_keypoints": np.zeros((4, 3))}
+    reflect = np.diag([-1.0, 1.0, 1.0, 1.0])
+    monkeypatch.setattr(pipeline, "keymorph_points", lambda f, m, model: dict(pts, fitted=("affine", reflect)))
+    assert pipeline.keymorph_init(None, None, None) is None
+    scaled = np.diag([1.2, 0.9, 1.0, 1.0])
+    scaled[:3, 3] = [5.0, 0.0, -2.0]
+    monkeypatch.setattr(pipeline, "keymorph_points", lambda f, m, model: dict(pts, fitted=("affine", scaled)))
+    np.testing.assert_allclose(pipeline.keymorph_init(None, None, None), scaled)
+    rigid = pipeline.keymorph_init(None, None, None, rigid=True)
+    np.testing.assert_allclose(rigid[:3, :3], np.eye(3), atol=1e-12)
+    np.testing.assert_allclose(rigid[:3, 3], [5.0, 0.0, -2.0])  # the keypoints' centroid (0) maps as before

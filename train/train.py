@@ -129,6 +129,7 @@ def build_keymorph_data(config):
              for n, p in shared_data_subjects(d.root, d.multi_cases).items()]
     source = KeyMorphSource(labelled, multi, pretrain_examples=d.pretrain_steps * config.batch_size,
                             consistency_prob=d.consistency_prob, pretrain_multi=d.get("pretrain_multi", False),
+                            pretrain_always=d.get("pretrain_always", False),
                             seed=config.seed)
     val, rng = [], np.random.default_rng(0)
     for fi, f in enumerate(val_subjects):

@@ -106,11 +106,14 @@ class KeyMorphSource:
       pretrain_multi: pretrain on the multi-contrast subjects too (default: the labelled ones only;
         with all 13 subjects of configs/keymorph_brain.py the pretraining loss stayed at the
         keypoints-at-the-centre value for 740 steps, with the 5 IXI T1s it halved in 200).
+      pretrain_always: keep eq. (12) on every example after the pretraining (ours: without it the
+        keypoints contracted to an 11 mm spread in the soft-Dice phase).
       seed: base seed.
     """
 
     def __init__(self, labelled: list[CubeSubject], multi: list[CubeSubject], *, pretrain_examples: int = 0,
-                 consistency_prob: float = 0.5, pretrain_multi: bool = False, seed: int = 0,
+                 consistency_prob: float = 0.5, pretrain_multi: bool = False, pretrain_always: bool = False,
+                 seed: int = 0,
                  length: int = 10 ** 8):
         if len(labelled) < 2:
             raise ValueError(f"KeyMorphSource needs at least 2 labelled subjects, got {len(labelled)}")
@@ -119,6 +122,7 @@ class KeyMorphSource:
         self.labelled, self.multi = labelled, multi
         self.pretrain_examples, self.consistency_prob = int(pretrain_examples), float(consistency_prob)
         self.seed, self.length, self.pretrain_multi = seed, length, pretrain_multi
+        self.pretrain_always = pretrain_always
         self.grid = next(iter(labelled[0].images.values())).shape
         self._zeros = np.zeros(self.grid, np.int32)
 
@@ -128,7 +132,7 @@ class KeyMorphSource:
     def __getitem__(self, index: int) -> dict:
         rng = np.random.default_rng([self.seed, int(index)])
         ex = {"fixed_labels": self._zeros, "moving_labels": self._zeros,
-              "pretrain": np.float32(index < self.pretrain_examples)}
+              "pretrain": np.float32(self.pretrain_always or index < self.pretrain_examples)}
         if index < self.pretrain_examples:
             pool = self.labelled + (self.multi if self.pretrain_multi else [])
             s = pool[int(rng.integers(len(pool)))]

@@ -396,7 +396,9 @@ def validate(model: KeypointDetector, examples: list) -> dict:
     optionally ``moving_rotated`` + ``rotation`` (input-grid voxel matrix, rotated -> original frame).
 
     Returns ``val_dice`` (mean), ``val_repeat_vox`` (mean distance between the rotated moving image's
-    keypoints mapped back and the unrotated moving image's keypoints) and per-pair rows.
+    keypoints mapped back and the unrotated moving image's keypoints), ``val_spread_vox`` (RMS distance
+    of the fixed keypoints from their centroid: a repeatability is only small relative to it) and
+    per-pair rows.
     """
     from jaxreg.metrics import dice as dice_fn
     from jaxreg.spatial import affine_to_disp, warp_labels
@@ -406,13 +408,16 @@ def validate(model: KeypointDetector, examples: list) -> dict:
         out = register(model, ex["fixed"], ex["moving"])
         disp = affine_to_disp(out["fitted"][1], ex["fixed"].shape[:-1])
         warped = np.asarray(warp_labels(jnp.asarray(ex["moving_labels"]), disp))
-        row = {"name": ex["name"], "dice": float(np.nanmean(np.asarray(dice_fn(warped, ex["fixed_labels"]))))}
+        kf = np.asarray(out["fixed_keypoints"])
+        row = {"name": ex["name"], "dice": float(np.nanmean(np.asarray(dice_fn(warped, ex["fixed_labels"])))),
+               "spread_vox": float(np.sqrt(np.mean(np.sum((kf - kf.mean(0)) ** 2, -1))))}
         if "moving_rotated" in ex:
             kr = keypoints(model, ex["moving_rotated"])
             back = _apply_matrix(jnp.asarray(ex["rotation"], jnp.float32), kr)
             row["repeat_vox"] = float(jnp.mean(jnp.linalg.norm(back - out["moving_keypoints"], axis=-1)))
         rows.append(row)
-    res = {"val_dice": float(np.mean([r["dice"] for r in rows])), "val_pairs": rows}
+    res = {"val_dice": float(np.mean([r["dice"] for r in rows])),
+           "val_spread_vox": float(np.mean([r["spread_vox"] for r in rows])), "val_pairs": rows}
     rep = [r["repeat_vox"] for r in rows if "repeat_vox" in r]
     if rep:
         res["val_repeat_vox"] = float(np.mean(rep))

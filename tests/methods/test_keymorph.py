@@ -95,6 +95,18 @@ def test_pair_and_consistency_losses_are_finite_with_finite_gradients(transform)
             assert float(loss) == pytest.approx(cfg.consistency_weight * float(aux["consistency"]), rel=1e-5)
 
 
+def test_validate_reports_dice_repeatability_and_spread():
+    cfg = km.Config(**SMALL)
+    model = km.init(jax.random.key(0), cfg)
+    x = _blob((16,) * 3, (7.0, 8.0, 9.0), sigma=3.0)[..., None]
+    lab = (x[..., 0] > 0.3).astype(np.int32)
+    ex = {"fixed": x, "moving": x, "fixed_labels": lab, "moving_labels": lab, "name": "same",
+          "moving_rotated": x, "rotation": np.eye(4)}
+    res = km.validate(model, [ex])
+    assert res["val_dice"] == pytest.approx(1.0, abs=1e-6) and res["val_repeat_vox"] == pytest.approx(0.0, abs=1e-5)
+    assert res["val_spread_vox"] > 0
+
+
 def test_register_maps_fixed_keypoints_onto_moving_keypoints():
     cfg = km.Config(**SMALL)
     model = km.init(jax.random.key(0), cfg)
@@ -146,5 +158,8 @@ def test_labels_remap_and_source_examples():
         else:
             assert ex["fixed_labels"].max() == 0
     np.testing.assert_array_equal(src[11]["moving"], src[11]["moving"])
+    always = KeyMorphSource(subjects, multi, pretrain_examples=5, pretrain_always=True, seed=1)
+    assert all(always[i]["pretrain"] == 1 for i in range(10)) and {float(always[i]["task"]) for i in range(5, 60)} \
+        == {0.0, 1.0}
     with pytest.raises(ValueError, match="2 labelled"):
         KeyMorphSource(subjects[:1], multi)
