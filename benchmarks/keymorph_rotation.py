@@ -113,7 +113,7 @@ def main(argv=None) -> int:
                     reg = pipeline.register_volumes(fixed, mv, config=io_svf)
                 elif method == "io-mind+km":
                     reg = pipeline.register_volumes(fixed, mv, config=io_svf,
-                                                    init=pipeline.keymorph_init(fixed, mv, model))
+                                                    init=pipeline.keymorph_init(fixed, mv, model, points=pts))
                 else:
                     raise SystemExit(f"unknown method {method}")
                 row[method] = dice(reg, fixed_labels, ml, fixed)

@@ -192,8 +192,6 @@ def run_register(args) -> dict:
             save_itk_warp(tmp / "inverse_warp.nii.gz", reg.inverse_warp_lps, fixed.affine)
         if warped_labels is not None:
             save_image(tmp / "warped_labels.nii.gz", warped_labels, fixed.affine, dtype="int32")
-        with open(tmp / "metrics.json", "w") as f:
-            json.dump(metrics, f, indent=2)
         qc_points = None
         if keypoints is not None:
             to_fixed = np.linalg.inv(fixed.affine)
@@ -203,8 +201,8 @@ def run_register(args) -> dict:
                 _write_keypoints(tmp / name, keypoints[k])
             metrics["keypoints"] = {"count": int(len(keypoints["fixed_keypoints"])),
                                     "files": list(KEYPOINT_OUTPUTS), "frame": "world mm, NIfTI RAS+"}
-            with open(tmp / "metrics.json", "w") as f:
-                json.dump(metrics, f, indent=2)
+        with open(tmp / "metrics.json", "w") as f:
+            json.dump(metrics, f, indent=2)
         qc_figure(fixed.data, reg.moving_on_fixed, reg.warped, reg.disp_fixed, jacobian_det(reg.disp_fixed),
                   tmp / "qc.png", title=f"{args.method} ({getattr(runner, 'transform', config.transform)})",
                   keypoints=qc_points)
@@ -334,8 +332,7 @@ def _registration_runner(args, report):
     def run(f, m):
         start = None
         if keymorph is not None:
-            rigid = config.transform == "rigid" or (config.transform != "affine" and config.affine_model == "rigid")
-            start = pipeline.keymorph_init(f, m, keymorph, rigid=rigid, progress=report)
+            start = pipeline.keymorph_init(f, m, keymorph, rigid=config.rigid_affine, progress=report)
         return pipeline.register_volumes(f, m, config=config, resolution=res, progress=report,
                                          feature_fn=feature_fn, init=start)
 

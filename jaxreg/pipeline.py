@@ -347,16 +347,17 @@ def keymorph_points(fixed: Volume, moving: Volume, model, *, transform: str = "a
 
 
 def keymorph_init(fixed: Volume, moving: Volume, model, *, rigid: bool = False,
-                  progress: Callable[[str], None] | None = None):
+                  progress: Callable[[str], None] | None = None, points: dict | None = None):
     """KeyMorph's world affine (fixed -> moving) as the start of an io-* affine stage, or None.
 
     ``rigid``: its nearest rotation about the fixed keypoints' centroid. None (use the default
     initialisation) when the fit is a reflection or degenerate (det <= 0): keypoints that are nearly
     coplanar can give one, and a reflection cannot be undone by the affine stage (measured: 100 % folding
-    on an IXI pair rotated by 135 degrees).
+    on an IXI pair rotated by 135 degrees). ``points``: an affine :func:`keymorph_points` result
+    already computed for this pair.
     """
     report = progress or (lambda _: None)
-    pts = keymorph_points(fixed, moving, model)
+    pts = points if points is not None else keymorph_points(fixed, moving, model)  # affine ones
     start = np.asarray(pts["fitted"][1], np.float64)
     if not np.isfinite(start).all() or np.linalg.det(start[:3, :3]) <= 0:
         report("KeyMorph affine is degenerate or a reflection: using the default initialisation")

@@ -106,7 +106,7 @@ def build_keymorph_data(config):
     from jaxreg.data.keymorph import (KeyMorphSource, label_table, load_cube_subject, remap_labels, rotate_header,
                                       rotation_about_axis, to_cube)
     from jaxreg.data.views import shared_data_subjects
-    from jaxreg.io import Volume, load_image, load_labels
+    from jaxreg.io import Volume
     from jaxreg.methods.keymorph import canonical_grid
 
     d, m = config.data, config.model
@@ -118,9 +118,7 @@ def build_keymorph_data(config):
                                  labels_path=root / "ixi" / f"{i}_labels.nii.gz")
 
     labelled, val_subjects = [ixi(i) for i in d.labelled_cases], [ixi(i) for i in d.val_cases]
-    # the table comes from the full-resolution maps: small labels may vanish on the coarse cube
-    table = label_table([np.unique(np.asarray(load_labels(root / "ixi" / f"{s.name}_labels.nii.gz").data))
-                         for s in labelled + val_subjects])
+    table = label_table([s.label_values for s in labelled + val_subjects])
     if len(table) + 1 != m.num_labels:
         raise ValueError(f"the label maps hold {len(table)} labels; set model.num_labels = {len(table) + 1}")
     for s in labelled + val_subjects:
@@ -136,7 +134,7 @@ def build_keymorph_data(config):
         for mi, mv in enumerate(val_subjects):
             if fi == mi:
                 continue
-            vol = load_image(root / "ixi" / f"{mv.name}_t1.nii.gz")
+            vol = mv.source
             rot = rotation_about_axis(rng.normal(size=3), d.val_rotation)
             centre = mv.affine[:3, :3] @ ((np.asarray(grid) - 1) / 2) + mv.affine[:3, 3]
             rvol = Volume(vol.data, rotate_header(vol.affine, rot, centre))

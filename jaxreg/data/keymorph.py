@@ -21,12 +21,16 @@ from jaxreg.io import Volume, load_labels, resample_to_grid
 @dataclasses.dataclass
 class CubeSubject:
     """One subject on its input cube: ``images`` contrast -> ``(*grid)`` float32 in [0, 1]; ``labels``
-    ``(*grid)`` int32 (remapped) or None; ``affine`` the cube's voxel -> world matrix."""
+    ``(*grid)`` int32 (remapped) or None; ``affine`` the cube's voxel -> world matrix; ``label_values``
+    the nonzero values of the full-resolution label map (small labels may vanish on the coarse cube);
+    ``source`` the first contrast as loaded (for the validation rotations)."""
 
     name: str
     images: dict
     affine: np.ndarray
     labels: np.ndarray | None = None
+    label_values: np.ndarray | None = None
+    source: Volume | None = None
 
 
 def to_cube(vol: Volume, cube_affine, grid, *, labels: bool = False) -> np.ndarray:
@@ -52,8 +56,11 @@ def load_cube_subject(name: str, paths: dict, *, grid, spacing: float, labels_pa
     first = next(iter(vols.values()))
     cube = canonical_grid(first.data, first.affine, grid=grid, spacing=spacing)
     images = {c: to_cube(v, cube, grid) for c, v in vols.items()}
-    lab = None if labels_path is None else to_cube(load_labels(labels_path), cube, grid, labels=True)
-    return CubeSubject(name, images, cube, lab)
+    lab = values = None
+    if labels_path is not None:
+        full = load_labels(labels_path)
+        lab, values = to_cube(full, cube, grid, labels=True), np.unique(np.asarray(full.data))
+    return CubeSubject(name, images, cube, lab, values, first)
 
 
 def label_table(label_maps) -> np.ndarray:

@@ -249,6 +249,12 @@ class InstanceConfig:
     affine_deformable_factor: int = 2
     affine_deformable_samples: int = 2 ** 15
 
+    @property
+    def rigid_affine(self) -> bool:
+        """Whether the affine stage is rigid: ``transform="rigid"``, or a deformable transform whose
+        pre-alignment is ``affine_model="rigid"``."""
+        return self.transform == "rigid" or (self.transform != "affine" and self.affine_model == "rigid")
+
     def __post_init__(self):
         if self.similarity not in SIMILARITIES:
             raise ValueError(f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
@@ -697,7 +703,7 @@ def _affine_stage(fixed, moving, candidates, cfg, spacing, moving_mask, level_ma
     """
     fine_shape = fixed.shape[:-1]
     d = len(fine_shape)
-    rigid = cfg.transform == "rigid" or (cfg.transform != "affine" and cfg.affine_model == "rigid")
+    rigid = cfg.rigid_affine
     acfg = dataclasses.replace(cfg, similarity=_affine_similarity(cfg))
     spacing = jnp.ones(d, jnp.float32) if spacing is None else jnp.asarray(spacing, jnp.float32).reshape(d)
     valid = (jnp.ones(fine_shape + (1,), jnp.float32) if moving_mask is None
