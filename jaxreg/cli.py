@@ -27,7 +27,7 @@ class CLIError(Exception):
         self.code = code
 
 
-METHOD_CHOICES = ["io-mind", "io-dns", "io-dns-random", "io-mi", "io-nmi", "io-ngf", "io-lncc", "io-mse", "vxm",
+METHOD_CHOICES = ["io-mind", "io-dns", "io-dns-random", "io-mi", "io-nmi", "io-ngf", "io-lncc", "io-mse", "vxm", "car",
                   "keymorph"]
 KEYPOINT_OUTPUTS = ("keypoints_fixed.csv", "keypoints_moving.csv")
 EVALUATE_OUTPUTS = ("per_pair.csv", "summary.json", "summary.md")
@@ -56,11 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--method", default="io-mind", choices=METHOD_CHOICES,
                    help="io-*: instance optimisation with that similarity (default io-mind; io-dns: learned "
                         "DNS descriptors, weights shipped; io-dns-random: the same network untrained); "
-                        "vxm: a trained VoxelMorph-style network (--checkpoint); keymorph: learned keypoints "
+                        "vxm: a trained VoxelMorph-style network (--checkpoint); car: a trained contrast-agnostic "
+                        "CAR network (--checkpoint, 3D, skull-stripped scans); keymorph: learned keypoints "
                         "aligned in closed form (--transform affine|tps, weights shipped)")
     r.add_argument("--weights", help="io-dns / keymorph: network weights (.safetensors with its .json beside it; "
                                      "default: the shipped brain weights)")
-    r.add_argument("--checkpoint", help="training run directory (train.main --workdir) for --method vxm")
+    r.add_argument("--checkpoint", help="training run directory (train.main --workdir) for --method vxm or car")
     r.add_argument("--lambda", dest="lam", type=float, default=None,
                    help="regularisation weight in [0, 1] for a lambda-conditioned network")
     r.add_argument("--transform", default=None, choices=["svf", "disp", "affine", "rigid", "tps"],
@@ -96,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--pairs", required=True,
                    help="CSV with columns fixed, moving [, fixed_labels, moving_labels, name]")
     e.add_argument("--method", default="io-mind", choices=METHOD_CHOICES)
-    e.add_argument("--checkpoint", help="training run directory for --method vxm")
+    e.add_argument("--checkpoint", help="training run directory for --method vxm or car")
     e.add_argument("--weights", help="io-dns: MASR-Net weights (default: shipped)")
     e.add_argument("--lambda", dest="lam", type=float, default=None)
     e.add_argument("--resolution", type=float, default=None,
@@ -286,16 +287,23 @@ def _registration_runner(args, report):
     if getattr(args, "tps_lambda", None) is not None:
         raise CLIError("--tps-lambda is only used with --method keymorph --transform tps", EXIT_USAGE)
     init = getattr(args, "init", None) or "auto"
-    if args.method == "vxm" and init != "auto":
+    learned = {"vxm": "voxelmorph", "car": "car"}
+    if args.method in learned and init != "auto":
         raise CLIError("--init is for the io-* methods", EXIT_USAGE)
-    if args.method == "vxm":
+    if args.method in learned:
         if not args.checkpoint:
-            raise CLIError("--method vxm needs --checkpoint DIR (a training run directory)", EXIT_USAGE)
+            raise CLIError(f"--method {args.method} needs --checkpoint DIR (a training run directory)", EXIT_USAGE)
         from jaxreg.io.checkpoint import load_trained
         from jaxreg.methods import restore_model
         from jaxreg.optimize import InstanceConfig
 
         run_cfg, params, step = load_trained(args.checkpoint)
+        if run_cfg.get("method") != learned[args.method]:
+            raise CLIError(f"--checkpoint {args.checkpoint} holds a {run_cfg.get('method')!r} network, not "
+                           f"{learned[args.method]!r} (--method {args.method})", EXIT_USAGE)
+        if int(run_cfg.get("model", {}).get("ndim", 3)) != 3:
+            raise CLIError(f"--checkpoint {args.checkpoint} holds a {run_cfg['model']['ndim']}D network; "
+                           f"registering NIfTI volumes needs a 3D one (e.g. configs/car_brain3d.py)", EXIT_USAGE)
         module, model = restore_model(run_cfg, params)
         if model.config.hyper and args.lam is None:
             raise CLIError("this network is lambda-conditioned: pass --lambda in [0, 1]", EXIT_USAGE)
@@ -312,7 +320,7 @@ def _registration_runner(args, report):
         return (lambda f, m: pipeline.register_volumes_learned(f, m, module=module, model=model, lam=args.lam,
                                                                resolution=res, progress=report)), config, None
     if getattr(args, "checkpoint", None):
-        raise CLIError("--checkpoint is only used with --method vxm", EXIT_USAGE)
+        raise CLIError("--checkpoint is only used with --method vxm or car", EXIT_USAGE)
     weights = getattr(args, "weights", None)
     if weights is not None and args.method != "io-dns":
         raise CLIError(f"--weights is only used with --method io-dns or keymorph, not {args.method}", EXIT_USAGE)

@@ -7,6 +7,12 @@ import numpy as np
 import pytest
 
 jax.config.update("jax_enable_x64", False)
+# The CLI persists XLA executables (~/.cache/jaxreg/xla); tests use a cache of their own session, so that
+# they neither read nor fill the user's (a full run once segfaulted in JAX reading an entry of that shared cache).
+if "JAXREG_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["JAXREG_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxreg-test-xla-")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA = pathlib.Path(os.environ.get("JAXREG_DATA", ROOT.parent / "shared" / "data"))

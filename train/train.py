@@ -147,6 +147,72 @@ def build_keymorph_data(config):
     return source, val, None
 
 
+def car_examples(subjects, data, *, num_slices: int, seed: int = 0) -> list:
+    """CAR's evaluation pairs: known deformations of every contrast of ``data.test_cases``, IXI label pairs.
+
+    ``subjects`` holds the test cases and then the labelled IXI cases
+    (``data.label_cases``). Known-deformation pairs:
+    :func:`jaxreg.data.car.known_deformation_examples` (``contrast`` names
+    the moving contrast; fixed is the T1). Label pairs: each ordered pair of
+    the labelled cases, mono-contrast and with the fixed image ``sin``
+    remapped (an unseen synthetic contrast), ``num_slices`` slices each (or
+    the whole volume in 3D), for Dice over the labels present.
+    """
+    from jaxreg.data.car import central_slices, known_deformation_examples
+    from jaxreg.data.pipeline import sin_remap
+
+    axis = _axis(data)
+    tests = [s for s in subjects if s.labels is None]
+    labelled = [s for s in subjects if s.labels is not None]
+    out = known_deformation_examples(tests, num_slices=num_slices, deform_voxels=data.deform_voxels,
+                                     deform_spacing=data.deform_spacing, seed=seed, axis=axis)
+    for fs in labelled:
+        for ms in labelled:
+            if fs is ms:
+                continue
+            ks = central_slices(fs.images["t1"], num_slices, axis=axis) if axis is not None else [None]
+            for k in ks:
+                take = (lambda a: np.take(a, k, axis=axis)) if axis is not None else (lambda a: a)  # noqa: E731
+                f, m = np.array(take(fs.images["t1"]), np.float32), np.array(take(ms.images["t1"]), np.float32)
+                for contrast, fixed in (("t1", f), ("sin", sin_remap(f))):
+                    out.append({"fixed": fixed, "moving": m, "fixed_labels": take(fs.labels),
+                                "moving_labels": take(ms.labels), "contrast": f"t1->{contrast}",
+                                "case": f"{ms.name}->{fs.name}",
+                                "name": f"{ms.name}->{fs.name} t1->{contrast}" + (f" slice {k}" if k is not None else "")})
+    return out
+
+
+def load_car_subjects(config):
+    """``(train_subjects, eval_subjects, grid)`` of a CAR config (T1 only for training)."""
+    from jaxreg.data.car import load_brain_subjects
+
+    d = config.data
+    names = list(d.train_cases) + list(d.test_cases) + list(d.label_cases)
+    loaded, shape, affine = load_brain_subjects(d.root, names, resolution=d.resolution,
+                                                multiple=2 ** len(config.model.enc_features),
+                                                crop=tuple(d.crop) or None)
+    train = loaded[:len(d.train_cases)]
+    for s in train:
+        s.images, s.labels = {"t1": s.images["t1"]}, None
+    return train, loaded[len(d.train_cases):], (shape, affine)
+
+
+def build_car_data(config):
+    """``(PairSource, val_examples, grid)`` for CAR and its baselines (``config.data.kind == 'car'``).
+
+    Training: T1 pairs of ``data.train_cases`` (``data.mode``: ``inter``,
+    two subjects, or ``self``, one image and its deformed copy; random slices
+    along ``data.slice_axis`` in 2D) with random smooth deformations. Validation:
+    :func:`car_examples` with ``data.num_val`` slices.
+    """
+    d = config.data
+    train, evals, grid = load_car_subjects(config)
+    source = PairSource(train, mode=d.mode, fixed_contrast="t1", moving_contrast="t1", seed=config.seed,
+                        deform_voxels=d.deform_voxels, deform_spacing=d.deform_spacing,
+                        deform_fixed=d.deform_fixed, slice_axis=_axis(d), flip=d.flip)
+    return source, car_examples(evals, d, num_slices=d.num_val), grid
+
+
 def build_data(config, workdir: pathlib.Path):
     """``(train_source, val_examples, grid)`` from ``config.data`` (see configs/)."""
     d = config.data
@@ -154,6 +220,8 @@ def build_data(config, workdir: pathlib.Path):
         return build_view_data(config)
     if d.get("kind") == "keymorph":
         return build_keymorph_data(config)
+    if d.get("kind") == "car":
+        return build_car_data(config)
     manifest = d.manifest or builtin_manifest(d.source, d.root, workdir)
     subjects = read_manifest(manifest, contrasts=tuple(d.contrasts))
     loaded, shape, affine = load_subjects(subjects, contrasts=tuple(d.contrasts), resolution=d.resolution,
@@ -260,6 +328,8 @@ def evaluate(forward, params, examples, *, lam=None, spacing: float = 1.0) -> di
     endpoint error in mm (``spacing`` mm voxels) over the fixed image's
     foreground (> 0.05), after (``val_epe_mm``) and before
     (``val_epe_before_mm``, i.e. of the identity) registration.
+    Examples with a ``contrast`` name also give ``val_epe_mm_<contrast>`` /
+    ``val_dice_<contrast>`` per contrast.
     Also returns ``first_disp``, the first example's displacement (for the QC image).
     """
     folds, sd, per, epes = [], [], [], []
@@ -280,6 +350,8 @@ def evaluate(forward, params, examples, *, lam=None, spacing: float = 1.0) -> di
             row["epe_mm"] = M.endpoint_error_stats(np.asarray(disp), truth, spacing=sp, mask=fg)["mean"]
             row["epe_before_mm"] = M.endpoint_error_stats(np.zeros_like(truth), truth, spacing=sp, mask=fg)["mean"]
             epes.append((row["epe_mm"], row["epe_before_mm"]))
+        if "contrast" in ex:
+            row["contrast"] = ex["contrast"]
         folds.append(row["folding_percent"])
         sd.append(row["sdlogj"])
         per.append(row)
@@ -291,6 +363,12 @@ def evaluate(forward, params, examples, *, lam=None, spacing: float = 1.0) -> di
         out["val_dice_before"] = float(np.mean([r["dice_before"] for r in scored])) if scored else float("nan")
     if epes:
         out["val_epe_mm"], out["val_epe_before_mm"] = (float(v) for v in np.mean(epes, axis=0))
+    for c in sorted({r["contrast"] for r in per if "contrast" in r}):  # per moving contrast (CAR's tests)
+        rows = [r for r in per if r.get("contrast") == c]
+        for k in ("epe_mm", "dice"):
+            vals = [r[k] for r in rows if k in r and np.isfinite(r[k])]
+            if vals:
+                out[f"val_{k}_{c.replace('->', '_')}"] = float(np.mean(vals))
     return out
 
 

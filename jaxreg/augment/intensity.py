@@ -102,3 +102,67 @@ def random_bezier(key: PRNGKeyArray, image: Float[Array, "*spatial C"], *, num_p
     x = jnp.clip(jnp.asarray(image, jnp.float32), 0.0, 1.0)
     x = jnp.where(jax.random.uniform(k_inv, ()) < invert_prob, 1.0 - x, x)
     return jnp.interp(x, curve[:, 0], curve[:, 1]).astype(jnp.float32)
+
+
+def random_convolution(key: PRNGKeyArray, image: Float[Array, "*spatial C"], *, layers: int = 4,
+                       channels: int = 8, kernel_size: int = 1, weight_range: tuple = (0.0, 10.0),
+                       bias_std: float = 1.0, negative_slope: float = 0.2) -> Float[Array, "*spatial 1"]:
+    """Random-convolution (RC) contrast augmentation: a random contrast of the same anatomy (CAR Sec. 2.1).
+
+    ``layers`` random convolutions (``C -> channels -> ... -> channels -> 1``)
+    with kernel weights drawn from ``U(weight_range)`` and then zero-centred
+    (the distribution's mean subtracted, CAR Sec. 3 "Implementation details":
+    U(0, 10), re-shifted to zero centre), a bias ``N(0, bias_std)`` per
+    output channel (the official code's shift; the paper is silent), each
+    followed by LeakyReLU(``negative_slope``) (0.2, CAR Sec. 3); the result
+    is min-max normalised to [0, 1] (as the official code's ``imgnorm``).
+    With ``kernel_size = 1`` (CAR's choice) the map is pointwise: it changes
+    contrast without blurring and commutes with any warp. ``kernel_size = 3``
+    is the paper's RC-3 ablation (Table 3), zero padding ("same").
+
+    Args:
+      key: PRNG key (all weights are drawn from it; deterministic for a key).
+      image: ``(*spatial, C)`` float image (2D or 3D), e.g. in [0, 1].
+      layers: number of RC layers (>= 1; CAR: 4).
+      channels: intermediate channels (the official code: 8).
+      kernel_size: odd spatial kernel size (1 = CAR, 3 = RC-3).
+      weight_range: ``(low, high)`` of the uniform weight distribution before centring.
+      bias_std: standard deviation of the biases (0 = none).
+      negative_slope: LeakyReLU slope.
+
+    Returns:
+      ``(*spatial, 1)`` float32 image in [0, 1] (constant images give 0).
+
+    Raises:
+      ValueError: ``layers < 1``, an even or non-positive ``kernel_size``, ``channels < 1``.
+
+    References:
+      Wang et al., "CAR: Contrast-Agnostic Deformable Medical Image
+      Registration with Contrast-Invariant Latent Regularization", WBIR
+      2024, Sec. 2.1 and 3; random convolutions: Xu et al., ICLR 2021.
+    """
+    if int(layers) != layers or layers < 1:
+        raise ValueError(f"layers must be an int >= 1, got {layers}")
+    if int(kernel_size) != kernel_size or kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size}")
+    if int(channels) != channels or channels < 1:
+        raise ValueError(f"channels must be an int >= 1, got {channels}")
+    x = jnp.asarray(image, jnp.float32)
+    d = x.ndim - 1
+    lo, hi = float(weight_range[0]), float(weight_range[1])
+    widths = [x.shape[-1]] + [int(channels)] * (int(layers) - 1) + [1]
+    keys = jax.random.split(key, 2 * int(layers))
+    for i in range(int(layers)):
+        cin, cout = widths[i], widths[i + 1]
+        w = jax.random.uniform(keys[2 * i], (kernel_size,) * d + (cin, cout), minval=lo, maxval=hi) - 0.5 * (lo + hi)
+        b = bias_std * jax.random.normal(keys[2 * i + 1], (cout,))
+        if kernel_size == 1:
+            x = jnp.einsum("...i,io->...o", x, w.reshape(cin, cout))
+        else:
+            spatial = "DHW"[3 - d:]
+            x = jax.lax.conv_general_dilated(x[None], w, (1,) * d, "SAME",
+                                             dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))[0]
+        x = jax.nn.leaky_relu(x + b, negative_slope)
+    lo_x, hi_x = jnp.min(x), jnp.max(x)
+    span = hi_x - lo_x
+    return jnp.where(span > 0, (x - lo_x) / jnp.where(span > 0, span, 1.0), 0.0).astype(jnp.float32)

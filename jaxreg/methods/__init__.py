@@ -4,9 +4,9 @@ import dataclasses
 import jax
 from flax import nnx
 
-from jaxreg.methods import dns, keymorph, voxelmorph
+from jaxreg.methods import car, dns, keymorph, voxelmorph
 
-METHODS = {"dns": dns, "keymorph": keymorph, "voxelmorph": voxelmorph}
+METHODS = {"car": car, "dns": dns, "keymorph": keymorph, "voxelmorph": voxelmorph}
 
 
 @nnx.jit

@@ -211,7 +211,8 @@ def multiscale_similarity(config: Config, fixed, warped, mask=None) -> Float[Arr
     return total / n
 
 
-def _check_batch(batch, config):
+def check_batch(batch, config):
+    """Raise ValueError unless ``batch`` holds ``fixed``/``moving`` of one shape ``(B, *spatial[ndim], in_channels)``."""
     for k in ("fixed", "moving"):
         if k not in batch:
             raise ValueError(f"batch needs 'fixed' and 'moving', got keys {sorted(batch)}")
@@ -238,7 +239,7 @@ def loss_fn(model: VoxelMorph, batch: dict, *, key) -> tuple[Float[Array, ""], d
       ValueError: on missing keys or mismatched shapes (at trace time).
     """
     cfg = model.config
-    _check_batch(batch, cfg)
+    check_batch(batch, cfg)
     fixed, moving = batch["fixed"], batch["moving"]
     b = fixed.shape[0]
     mask = batch.get("mask")
@@ -274,7 +275,7 @@ class Result(NamedTuple):
     Attributes:
       disp: ``(B, *spatial, D)`` ``exp(v)``; ``warped(x) = moving(x + disp(x))``.
       inverse_disp: ``(B, *spatial, D)`` ``exp(-v)``.
-      velocity: ``(B, *spatial, D)``.
+      velocity: ``(B, *spatial, D)`` the network's field (the displacement itself for a displacement network).
       warped: ``(B, *spatial, C)`` moving warped onto the fixed grid.
     """
 
@@ -304,7 +305,7 @@ def register(model: VoxelMorph, fixed, moving, *, lam: float | None = None) -> R
     unbatched = jnp.ndim(fixed) == cfg.ndim + 1
     f = jnp.asarray(fixed, jnp.float32)[None] if unbatched else jnp.asarray(fixed, jnp.float32)
     m = jnp.asarray(moving, jnp.float32)[None] if unbatched else jnp.asarray(moving, jnp.float32)
-    _check_batch({"fixed": f, "moving": m}, cfg)
+    check_batch({"fixed": f, "moving": m}, cfg)
     if cfg.hyper and lam is None:
         raise ValueError("this model is lambda-conditioned: pass lam in [0, 1]")
     if not cfg.hyper and lam is not None:
