@@ -39,16 +39,17 @@ def _world_centroid(vol, mask) -> np.ndarray:
     return vol.affine[:3, :3] @ fg.mean(0) + vol.affine[:3, 3]
 
 
-def brain_mask_volume(root, name: str):
+def brain_mask_volume(root, name: str, labels=None):
     """``(data, affine)`` of the brain mask that strips case ``name``, or None if it comes skull-stripped.
 
-    IXI: DLMUSE labels > 0, holes filled, dilated by one voxel (the labels
-    leave out sulcal CSF); MNI152: grey + white matter probability > 25 %,
-    holes filled, dilated by one voxel.
+    IXI: DLMUSE labels > 0 (``labels``, the loaded label volume, or read from
+    ``root``), holes filled, dilated by one voxel (the labels leave out sulcal
+    CSF); MNI152: grey + white matter probability > 25 %, holes filled,
+    dilated by one voxel.
     """
     root = pathlib.Path(root)
     if name.startswith("ixi/"):
-        lab = load_image(root / "ixi" / f"{name[4:]}_labels.nii.gz")
+        lab = labels if labels is not None else load_image(root / "ixi" / f"{name[4:]}_labels.nii.gz")
         m = lab.data > 0
     elif name == "mni152":
         gm, wm = load_image(root / "mni152" / "gm.nii.gz"), load_image(root / "mni152" / "wm.nii.gz")
@@ -99,7 +100,8 @@ def load_brain_subjects(root, names, *, resolution: float = 2.0, multiple: int =
                 shift = np.eye(4)
                 shift[:3, 3] = before
                 shape, affine = crop, affine @ shift
-        mask = brain_mask_volume(root, name)
+        lab = load_image(root / "ixi" / f"{name[4:]}_labels.nii.gz") if name.startswith("ixi/") else None
+        mask = brain_mask_volume(root, name, labels=lab)
 
         def on_grid(data, aff, matrix, order=1):
             return resample_to_grid(data, aff, shape, affine, order=order, matrix=matrix)
@@ -124,8 +126,7 @@ def load_brain_subjects(root, names, *, resolution: float = 2.0, multiple: int =
         if ref is None:
             ref = images["t1"] if "t1" in images else next(iter(images.values()))
         labels = None
-        if with_labels and name.startswith("ixi/"):
-            lab = load_image(root / "ixi" / f"{name[4:]}_labels.nii.gz")
+        if with_labels and lab is not None:
             labels = on_grid(lab.data, lab.affine, matrix, order=0).astype(np.int32)
         out.append(SubjectData(name, images, labels))
     return out, tuple(shape), np.asarray(affine)

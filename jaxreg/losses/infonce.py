@@ -11,8 +11,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 
-def _normalize(x, eps=1e-8):
-    # double-where: no NaN gradient for a zero vector
+def unit_normalize(x, eps=1e-8):
+    """L2-normalise the last axis; zero vectors stay zero (double-where: no NaN gradient)."""
     sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
     safe = jnp.where(sq > eps * eps, sq, 1.0)
     return jnp.where(sq > eps * eps, x / jnp.sqrt(safe), 0.0)
@@ -59,8 +59,8 @@ def infonce(
     if query.ndim != 2 or query.shape != key_vectors.shape:
         raise ValueError(f"infonce expects query and key_vectors of one shape (N, C), got "
                          f"{query.shape} and {key_vectors.shape}")
-    q = _normalize(query.astype(jnp.float32))
-    k = _normalize(key_vectors.astype(jnp.float32))
+    q = unit_normalize(query.astype(jnp.float32))
+    k = unit_normalize(key_vectors.astype(jnp.float32))
     logits = jnp.matmul(q, k.T, precision=jax.lax.Precision.HIGHEST) / temperature
     if weights is not None:
         w = jnp.asarray(weights, jnp.float32)

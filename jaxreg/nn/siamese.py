@@ -17,27 +17,20 @@ L2-normalised per location, and the network outputs a displacement field
 """
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
+from jaxreg.losses.infonce import unit_normalize
 from jaxreg.nn.blocks import ConvBlock, max_pool, upsample_to
 from jaxreg.nn.conv import conv_general_dilated
-from jaxreg.spatial import integrate, invert, resize_disp
+from jaxreg.nn.unet import field_to_disp
+from jaxreg.spatial import invert, resize_disp
 
 CAR_ENC = (128, 128, 128, 128)  # CAR Sec. 3: 128 channels in each encoder
 CAR_DEC = (256, 256, 256, 256)  # and 256 in the decoder
 CAR_FINAL = (256, 256, 256)  # official code: dec_nf = [256] * 7 (4 decoder + 3 full-resolution convs)
-
-
-def _unit(x, eps=1e-8):
-    """L2-normalise the channel axis (zero vectors stay zero, no NaN gradient)."""
-    sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
-    ok = sq > eps * eps
-    return jnp.where(ok, x / jnp.sqrt(jnp.where(ok, sq, 1.0)), 0.0)
 
 
 class SiameseRegNet(nnx.Module):
@@ -122,13 +115,10 @@ class SiameseRegNet(nnx.Module):
             x = block(x)
             skips.append(x)
             x = max_pool(x, self.ndim)
-        return skips, x, _unit(self.proj(x))
+        return skips, x, unit_normalize(self.proj(x))
 
     def _exp(self, v, shape):
-        if self.int_steps == 0:
-            return resize_disp(v, shape)
-        small = tuple(max(2, math.ceil(s / self.int_downsize)) for s in shape)
-        return resize_disp(integrate(resize_disp(v, small), steps=self.int_steps), shape)
+        return field_to_disp(v, shape, int_steps=self.int_steps, int_downsize=self.int_downsize)
 
     def _inverse(self, v, shape):
         if self.int_steps == 0:

@@ -25,6 +25,19 @@ VXM_DEC = (32, 32, 32, 32)
 VXM_FINAL = (32, 16, 16)
 
 
+def field_to_disp(v, shape, *, int_steps: int, int_downsize: int):
+    """Displacement on the grid ``shape`` from a network's field ``v`` ``(*grid, D)`` on its own (possibly coarser) grid.
+
+    ``int_steps == 0``: ``v`` is the displacement, resized to ``shape``. Otherwise ``exp(v)`` by
+    scaling and squaring on a grid ``int_downsize`` times coarser than ``shape``, resized back.
+    ``resize_disp`` is the identity when the grids already match.
+    """
+    if int_steps == 0:
+        return resize_disp(v, shape)
+    small = tuple(max(2, math.ceil(s / int_downsize)) for s in shape)
+    return resize_disp(integrate(resize_disp(v, small), steps=int_steps), shape)
+
+
 class UNet(nnx.Module):
     """U-Net over ``(B, *spatial, in_channels)`` returning ``(B, *spatial / 2**out_level, final_features[-1])``.
 
@@ -152,14 +165,7 @@ class SVFNet(nnx.Module):
         self.conditioned_features = self.unet.conditioned_features
 
     def _exp(self, v, shape):
-        """``exp(v)`` on the grid ``shape`` for a velocity ``v`` on its own (possibly coarser) grid.
-
-        ``resize_disp`` is the identity when the grids already match.
-        """
-        if self.int_steps == 0:
-            return resize_disp(v, shape)
-        small = tuple(max(2, math.ceil(s / self.int_downsize)) for s in shape)
-        return resize_disp(integrate(resize_disp(v, small), steps=self.int_steps), shape)
+        return field_to_disp(v, shape, int_steps=self.int_steps, int_downsize=self.int_downsize)
 
     def __call__(self, fixed: Float[Array, "B *spatial C"], moving: Float[Array, "B *spatial C"], film=None,
                  *, inverse: bool | None = None):
