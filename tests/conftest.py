@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 jax.config.update("jax_enable_x64", False)
-# The CLI persists XLA executables (~/.cache/jaxreg/xla); tests use a cache of their own session, so that
-# they neither read nor fill the user's (a full run once segfaulted in JAX reading an entry of that shared cache).
-if "JAXREG_CACHE_DIR" not in os.environ:
-    import tempfile
-
-    os.environ["JAXREG_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxreg-test-xla-")
+# The CLI persists XLA executables (~/.cache/jaxreg/xla, jaxreg.cli._enable_compilation_cache), and once a
+# test has called jaxreg.cli.main every later jit of the pytest process writes and reads that cache. Two full runs
+# crashed inside JAX reading an entry back (a segfault in compilation_cache.get_executable_and_time, first with
+# the user's cache, then with a per-session one; the last CI run aborted late in the suite, where not shown), so tests run without the persistent
+# cache unless JAXREG_CACHE_DIR is set explicitly.
+os.environ.setdefault("JAXREG_CACHE_DIR", "")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA = pathlib.Path(os.environ.get("JAXREG_DATA", ROOT.parent / "shared" / "data"))
