@@ -42,7 +42,9 @@ def test_register_car_writes_all_outputs(tiny_car, data_dir, tmp_path):
     out = tmp_path / "out"
     rc = main(["register", "--fixed", str(case / "t1.nii.gz"), "--moving", str(case / "t2.nii.gz"), "--out", str(out),
                "--method", "car", "--checkpoint", str(run), "--resolution", "4", "--quiet"])
-    assert rc == 0  # 4 mm: the affine pre-alignment's pyramid degenerates on an 8 mm grid (~5 voxels at its top)
+    # 4 mm: at 8 mm the affine stage once gave a reflection (94 % folding; now rejected by its determinant
+    # guard), and the 2-step network alone still folds 6.9 % of that coarse grid
+    assert rc == 0
     for name in ("warped.nii.gz", "warp.nii.gz", "inverse_warp.nii.gz", "metrics.json", "qc.png"):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())

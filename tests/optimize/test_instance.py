@@ -249,3 +249,29 @@ def test_relative_eps_option_recovers_a_known_deformation():
     assert after < 0.7 * before, (before, after)
     with pytest.raises(ValueError, match="relative_eps"):
         InstanceConfig(relative_eps=-1.0)
+
+
+def test_plausible_affine_rejects_reflections_collapses_and_nans():
+    eye = np.eye(4)
+    assert inst.plausible_affine(eye)
+    assert not inst.plausible_affine(np.diag([-1.0, 1.0, 1.0, 1.0]))  # a reflection, det -1
+    assert not inst.plausible_affine(np.diag([0.4, 0.5, 0.5, 1.0]))  # det 0.1: a collapse
+    assert not inst.plausible_affine(np.diag([2.1, 2.0, 2.0, 1.0]))  # det 8.4
+    assert not inst.plausible_affine(np.where(eye == 1, np.nan, 0.0))
+    assert inst.plausible_affine(np.diag([0.5, 1.0, 1.0]), det_range=(0.4, 1.0))
+
+
+def test_affine_stage_keeps_the_initialisation_when_every_result_is_rejected(monkeypatch):
+    """With an accepted range that excludes every refinement, the stage keeps the unrefined start, says so,
+    so a degenerate fit never reaches the output."""
+    fixed = _phantom()
+    t = jnp.asarray([3.0, -2.0])
+    moving = warp(fixed, -jnp.broadcast_to(t, SHAPE + (2,)), padding="border")
+    monkeypatch.setattr(inst, "AFFINE_DET_RANGE", (1.5, 8.0))  # det 1 (any near-rigid fit) is now out of range
+    messages = []
+    cfg = InstanceConfig(similarity="mse", transform="affine", affine_similarity=None, affine_init="auto", **FAST)
+    res = register_instance(fixed, moving, config=cfg, progress=messages.append)
+    assert sum("rejected (determinant out of range)" in m for m in messages) == 2  # header and com
+    assert any(m.startswith("affine stage rejected") for m in messages)
+    # the kept start is the header or the centre of mass: a pure translation, no refinement
+    np.testing.assert_allclose(res.matrix[:2, :2], np.eye(2), atol=1e-6)
