@@ -34,3 +34,14 @@ def data_dir() -> pathlib.Path:
             pytest.fail(msg)
         pytest.skip(msg)
     return DATA
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each test module, so that one pytest process does not keep every
+    executable of the suite (the full suite in one process crashed inside XLA late in the run)."""
+    yield
+    import gc
+
+    jax.clear_caches()
+    gc.collect()
