@@ -178,8 +178,7 @@ def run_register(args) -> dict:
     if moving_labels is not None:
         warped_labels = pipeline.warp_labels_to_fixed(moving_labels, fixed, reg)
         if fixed_labels is not None:
-            moving_labels_on_fixed = pipeline.warp_labels_to_fixed(
-                moving_labels, fixed, reg._replace(disp_fixed=0 * reg.disp_fixed))
+            moving_labels_on_fixed = pipeline.warp_labels_to_fixed(moving_labels, fixed, None)
     metrics = pipeline.registration_metrics(args.method, config, reg, fixed, fixed_labels, warped_labels,
                                             moving_labels_on_fixed, feature_fn=feature_fn)
 

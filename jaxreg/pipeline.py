@@ -459,10 +459,10 @@ def _finish(fixed, moving, fixed_w, moving_w, work_shape, work_affine, res, runt
                         np.asarray(moving_on_fixed), work, res.losses, runtime, res.matrix)
 
 
-def warp_labels_to_fixed(labels: Volume, fixed: Volume, reg: Registration) -> np.ndarray:
-    """Moving labels resampled (nearest neighbour) onto the fixed grid by the registration."""
+def warp_labels_to_fixed(labels: Volume, fixed: Volume, reg: Registration | None) -> np.ndarray:
+    """Moving labels resampled (nearest neighbour) onto the fixed grid by the registration (None: by the headers only)."""
     g = grid_to_grid_matrix(fixed.affine, labels.affine)
-    coords = _map_coords(g, fixed.data.shape, jnp.asarray(reg.disp_fixed))
+    coords = _map_coords(g, fixed.data.shape, None if reg is None else jnp.asarray(reg.disp_fixed))
     return np.asarray(_sample(jnp.asarray(labels.data, jnp.int32), coords, order=0)).astype(np.int32)
 
 
