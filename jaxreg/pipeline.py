@@ -193,7 +193,7 @@ def _working_images(fixed: Volume, moving: Volume, resolution: float | None):
 def field_of_view(vol: Volume, shape, affine) -> jnp.ndarray:
     """``(*shape)`` float32 mask of the grid ``(shape, affine)`` inside ``vol``'s field of view (1 inside, 0 out)."""
     g = grid_to_grid_matrix(affine, vol.affine)
-    x = np.asarray(identity_grid(tuple(shape)), np.float64) @ g[:3, :3].T + g[:3, 3]
+    x = np.stack(np.indices(tuple(shape), np.float64), -1) @ g[:3, :3].T + g[:3, 3]
     lo, hi = -0.5, np.asarray(vol.data.shape[:3], np.float64) - 0.5
     return jnp.asarray(np.all((x >= lo) & (x <= hi), axis=-1), jnp.float32)
 
@@ -461,9 +461,14 @@ def _finish(fixed, moving, fixed_w, moving_w, work_shape, work_affine, res, runt
 
 def warp_labels_to_fixed(labels: Volume, fixed: Volume, reg: Registration | None) -> np.ndarray:
     """Moving labels resampled (nearest neighbour) onto the fixed grid by the registration (None: by the headers only)."""
-    g = grid_to_grid_matrix(fixed.affine, labels.affine)
-    coords = _map_coords(g, fixed.data.shape, None if reg is None else jnp.asarray(reg.disp_fixed))
-    return np.asarray(_sample(jnp.asarray(labels.data, jnp.int32), coords, order=0)).astype(np.int32)
+    g = jnp.asarray(grid_to_grid_matrix(fixed.affine, labels.affine), jnp.float32)
+    disp = None if reg is None else jnp.asarray(reg.disp_fixed)
+    return np.asarray(_warp_labels(jnp.asarray(labels.data, jnp.int32), g, disp, shape=tuple(fixed.data.shape)))
+
+
+@functools.partial(jax.jit, static_argnames=("shape",))
+def _warp_labels(labels, g, disp, *, shape):
+    return sample(labels, _map_coords(g, shape, disp), order=0)
 
 
 def similarity_value(config: InstanceConfig, fixed_w, moving_w, feature_fn: Callable | None = None) -> float:

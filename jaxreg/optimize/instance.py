@@ -212,6 +212,12 @@ class InstanceConfig:
         better fit, so an aligned pair is never moved away by a centre of
         mass skewed by a different field of view, and a pair whose headers
         are far off still starts close; ``"header"`` or ``"com"``: only that.
+      grid_buckets: zero-pad the grid at the high end of each axis to
+        :func:`bucket_shape` (at most 25 % more voxels per axis), with the
+        padding outside both masks, so scans of different sizes in one size
+        class share every compiled program (issue 18). The step sizes and
+        regularisation follow the unpadded grid, so padding changes only the
+        control grid's extent and the random samples.
     """
 
     similarity: str = "mind"
@@ -248,6 +254,7 @@ class InstanceConfig:
     affine_model: str = "affine"
     affine_deformable_factor: int = 2
     affine_deformable_samples: int = 2 ** 15
+    grid_buckets: bool = True
 
     @property
     def rigid_affine(self) -> bool:
@@ -306,7 +313,9 @@ class InstanceResult(NamedTuple):
       inverse_disp: ``(*spatial, D)`` displacement of the inverse whole map
         (``svf``: exact ``exp(-v)``; ``disp``: fixed-point inverse; affine:
         the inverse matrix), or None.
-      velocity: the optimised velocity on its coarse grid (``svf``), else None.
+      velocity: the optimised velocity on its coarse grid (``svf``), else None;
+        with ``grid_buckets`` that grid spans the padded :func:`bucket_shape`
+        (its high end lies outside the input grid).
       losses: tuple of per-level ``(iterations,)`` loss curves (affine stage
         first), float32 numpy arrays.
     """
@@ -320,6 +329,25 @@ class InstanceResult(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- pyramid and features
+
+
+def bucket_size(n: int) -> int:
+    """The size class of an axis of ``n`` voxels: the smallest ``m * 2**k >= n`` with ``m`` in 4..7.
+
+    So 8, 10, 12, 14, 16, 20, ..., 64, 80, 96, 112, 128, 160, ...: four sizes
+    per octave, at most 25 % (usually ~10 %) larger than ``n``. Sizes of 64
+    and more are multiples of 16, so the 3-level pyramid divides them exactly.
+    """
+    n = int(n)
+    if n <= 8:
+        return max(n, 1)
+    step = 2 ** (int(np.floor(np.log2(n))) - 2)
+    return int(np.ceil(n / step) * step)
+
+
+def bucket_shape(shape: Sequence[int]) -> tuple:
+    """:func:`bucket_size` of every axis: the grid :func:`register_instance` optimises on (``grid_buckets``)."""
+    return tuple(bucket_size(n) for n in shape)
 
 
 def _level_shape(shape, factor):
@@ -336,6 +364,12 @@ def _downsample(image, factor):
 
 
 _downsample_jit = jax.jit(_downsample, static_argnames=("factor",))
+
+
+@functools.partial(jax.jit, static_argnames=("factor",))
+def _binary_level_mask(mask, *, factor):
+    """A ``(*spatial)`` mask downsampled to pyramid level ``factor`` and binarised at 0.5."""
+    return (_downsample(mask[..., None], factor)[..., 0] > 0.5).astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("factor", "cfg"))
@@ -383,20 +417,22 @@ def normalize_intensity(image: Float[Array, "*spatial C"], *, lower=0.5, upper=9
     Returns:
       ``(*spatial, C)`` float32 image in ``[0, 1]`` (constant channels map to 0).
 
-    Concrete inputs take the percentiles on the host (``np.percentile``,
+    Concrete inputs are normalised on the host (``np.percentile``,
     partition-based: ~20 ms for a 2 mm brain, where XLA's CPU sort took
-    0.7 s); traced inputs use ``jnp.percentile``. Both interpolate linearly.
+    0.7 s; and no program compiled per image shape); traced inputs use
+    ``jnp.percentile``. Both interpolate linearly.
     """
     axes = tuple(range(jnp.ndim(image) - 1))
     if isinstance(image, jax.core.Tracer):
         x = jnp.asarray(image, jnp.float32)
         lo = jnp.percentile(x, lower, axis=axes, keepdims=True)
         hi = jnp.percentile(x, upper, axis=axes, keepdims=True)
-    else:
+    else:  # all on the host: no program to compile per image shape
         host = np.asarray(image, np.float32)
-        lo, hi = np.percentile(host, [lower, upper], axis=axes, keepdims=True)
-        x = jnp.asarray(host)
-        lo, hi = jnp.asarray(lo, jnp.float32), jnp.asarray(hi, jnp.float32)
+        lo, hi = np.percentile(host, [lower, upper], axis=axes, keepdims=True).astype(np.float32)
+        span = hi - lo
+        safe = np.where(span > 0, span, np.float32(1.0))
+        return jnp.asarray(np.where(span > 0, np.clip((host - lo) / safe, 0.0, 1.0), np.float32(0.0)))
     span = hi - lo
     safe = jnp.where(span > 0, span, 1.0)
     return jnp.where(span > 0, jnp.clip((x - lo) / safe, 0.0, 1.0), 0.0)
@@ -414,6 +450,14 @@ def center_of_mass(image: Float[Array, "*spatial C"], *, threshold: float | None
     Returns:
       ``(D,)`` float32 voxel coordinates.
     """
+    if not isinstance(image, jax.core.Tracer):  # host: no program compiled per image shape
+        w = np.sum(np.maximum(np.asarray(image, np.float32), 0.0), axis=-1)
+        if threshold is not None:
+            w = (w > threshold * np.max(w)).astype(np.float32)
+        total = max(float(w.sum()), 1e-12)
+        return jnp.asarray([np.tensordot(np.sum(w, axis=tuple(a for a in range(w.ndim) if a != ax)),
+                                         np.arange(w.shape[ax], dtype=np.float64), 1) / total
+                            for ax in range(w.ndim)], jnp.float32)
     w = jnp.sum(jnp.maximum(image, 0.0), axis=-1)
     if threshold is not None:
         w = (w > threshold * jnp.max(w)).astype(jnp.float32)
@@ -425,13 +469,16 @@ def center_of_mass(image: Float[Array, "*spatial C"], *, threshold: float | None
 
 
 def _affine_geometry(fixed, spacing):
-    """``(center_mm, radius_mm)``: centre of the fixed foreground and its RMS radius, in mm of the grid axes."""
-    w = (jnp.sum(jnp.maximum(fixed, 0.0), -1) > 0.05 * jnp.max(fixed)).astype(jnp.float32)
-    x = identity_grid(w.shape) * spacing
-    n = jnp.maximum(jnp.sum(w), 1.0)
-    c = jnp.sum(x * w[..., None], axis=tuple(range(w.ndim))) / n
-    r = jnp.sqrt(jnp.sum(jnp.sum((x - c) ** 2, -1) * w) / n)
-    return c, jnp.maximum(r, 1.0)
+    """``(center_mm, radius_mm)``: centre of the fixed foreground and its RMS radius, in mm of the grid axes
+    (on the host: float32 arrays)."""
+    f = np.asarray(fixed, np.float32)
+    idx = np.nonzero(np.sum(np.maximum(f, 0.0), -1) > 0.05 * np.max(f))
+    if len(idx[0]) == 0:
+        return jnp.zeros(f.ndim - 1, jnp.float32), jnp.float32(1.0)
+    x = np.stack(idx, -1).astype(np.float64) * np.asarray(spacing, np.float64)
+    c = x.mean(0)
+    r = np.sqrt(np.mean(np.sum((x - c) ** 2, -1)))
+    return jnp.asarray(c, jnp.float32), jnp.float32(max(r, 1.0))
 
 
 def _affine_units(ndim: int, radius, rigid: bool):
@@ -444,6 +491,11 @@ def _affine_units(ndim: int, radius, rigid: bool):
     if rigid:
         trainable[n["translation"] + n["rotation"]:] = 0.0
     return units, jnp.asarray(trainable)
+
+
+@functools.partial(jax.jit, static_argnames=("rigid",))
+def _raw_to_matrix_jit(raw, spacing, center_mm, radius, *, rigid):
+    return _raw_to_matrix(raw, spacing, center_mm, radius, rigid)
 
 
 def _raw_to_matrix(raw, spacing, center_mm, radius, rigid):
@@ -552,15 +604,16 @@ def _field_disp_at(disp_field, points, level_shape):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "level"), donate_argnums=(0,))
-def _deformable_level(field, fixed_f, moving_f, mask, box, key, *, cfg, level):
+def _deformable_level(field, fixed_f, moving_f, mask, box, key, n_mean, *, cfg, level):
     """Adam on the control-grid velocity/displacement at one level; returns (field, losses).
 
     ``box`` is ``(2, D)`` int32 (low, high) of the foreground bounding box
-    where random similarity samples are drawn.
+    where random similarity samples are drawn; ``n_mean`` (float32 scalar,
+    traced so padded grids share the program) the mean size in voxels of the
+    unpadded level grid, which sets the normalised step and regulariser.
     """
     level_shape = fixed_f.shape[:-1]
     d = len(level_shape)
-    n_mean = float(np.mean(level_shape))
     lr = cfg.learning_rates[level] * n_mean / 2.0
     # Diffusion of the level displacement in the paper's normalised units,
     # (2/N)^2 |grad u|^2 per level voxel; the field is `spacing` times coarser.
@@ -641,7 +694,7 @@ def _level_box(box_fine, ratio, level_shape):
 
 def _foreground_box(fixed, moving, margin=4):
     """(2, D) int32 bounding box of voxels above 5 % of the range in either (normalised) image."""
-    fg = np.asarray(jnp.maximum(jnp.max(fixed, -1), jnp.max(moving, -1)) > 0.05)
+    fg = np.maximum(np.max(np.asarray(fixed), -1), np.max(np.asarray(moving), -1)) > 0.05
     if not fg.any():
         fg = np.ones_like(fg)
     idx = np.nonzero(fg)
@@ -732,7 +785,8 @@ def _affine_stage(fixed, moving, candidates, cfg, spacing, moving_mask, level_ma
         points, weights = _affine_points(level_shape, _level_box(box_fine, ratio, level_shape), n_points, seed=i)
         lm = level_mask(factors[i])
         if lm is not None:
-            weights = weights * lm[tuple(points[:, k] for k in range(d))]
+            pts = np.asarray(points)
+            weights = jnp.asarray(np.asarray(weights) * np.asarray(lm)[tuple(pts[:, k] for k in range(d))])
         step0 = cfg.affine_learning_rate * float(np.mean(np.asarray(spacing) * ratio))
         iters = cfg.affine_iterations[i % len(cfg.affine_iterations)]
         raw, curve, n = _affine_level(raw, init, fixed_f, moving_f, valid_levels[i], points, weights,
@@ -741,7 +795,8 @@ def _affine_stage(fixed, moving, candidates, cfg, spacing, moving_mask, level_ma
         return raw, np.asarray(curve)[: max(int(n), 1)]
 
     def matrix_of(raw, cand):
-        return cand @ _raw_to_matrix(raw, spacing, center_mm, radius, rigid)
+        return np.asarray(cand, np.float64) @ np.asarray(_raw_to_matrix_jit(raw, spacing, center_mm, radius,
+                                                                            rigid=rigid), np.float64)
 
     box_fine = _foreground_box(fixed, moving)
     zero = jnp.zeros(n_raw, jnp.float32)
@@ -809,14 +864,22 @@ def _deformable_mask(fixed, moving_aff, mask, moving_mask, matrix, cfg):
     both foregrounds, dilated by ``cfg.foreground_dilation`` voxels."""
     out = mask
     if moving_mask is not None:
-        fov = _resample_affine(jnp.asarray(moving_mask, jnp.float32).reshape(fixed.shape[:-1] + (1,)), matrix,
-                               padding="zeros")[..., 0]
-        fov = 1.0 - _dilate((fov <= 0.99).astype(jnp.float32), FOV_EROSION)  # erosion
-        out = fov if out is None else out * fov
+        fov = _moving_fov(jnp.asarray(moving_mask, jnp.float32).reshape(fixed.shape[:-1] + (1,)), matrix)
+        out = fov if out is None else _multiply(out, fov)
     if cfg.foreground_mask:
         fg = _foreground(fixed, moving_aff, cfg.foreground_dilation)
-        out = fg if out is None else out * fg
+        out = fg if out is None else _multiply(out, fg)
     return out
+
+
+@jax.jit
+def _moving_fov(moving_mask, matrix):
+    """The moving field of view ``(*spatial, 1)`` after the affine ``matrix``, eroded by ``FOV_EROSION``."""
+    fov = _resample_affine(moving_mask, matrix, padding="zeros")[..., 0]
+    return 1.0 - _dilate((fov <= 0.99).astype(jnp.float32), FOV_EROSION)  # erosion
+
+
+_multiply = jax.jit(jnp.multiply)
 
 
 @functools.partial(jax.jit, static_argnames=("dilation",))
@@ -897,9 +960,18 @@ def register_instance(
     cfg = config
     fixed = normalize_intensity(fixed)
     moving = normalize_intensity(moving)
+    true_shape = fixed.shape[:-1]
+    d = len(true_shape)
+    mask_f = None if mask is None else jnp.asarray(np.asarray(mask, np.float32).reshape(true_shape))
+    if cfg.grid_buckets and bucket_shape(true_shape) != tuple(true_shape):
+        # zero padding at the high end keeps every voxel index (so the matrix) and is outside both masks
+        shape = bucket_shape(true_shape)
+        fixed, moving = _pad_to(fixed, shape), _pad_to(moving, shape)
+        inside = _pad_to(np.ones(true_shape + (1,), np.float32), shape)[..., 0]
+        mask_f = inside if mask_f is None else _pad_to(mask_f[..., None], shape)[..., 0]
+        moving_mask = inside if moving_mask is None else _pad_to(
+            np.asarray(moving_mask, np.float32).reshape(true_shape + (1,)), shape)[..., 0]
     fine_shape = fixed.shape[:-1]
-    d = len(fine_shape)
-    mask_f = None if mask is None else jnp.asarray(mask, jnp.float32).reshape(fine_shape)
     factors = [2 ** (cfg.levels - 1 - lvl) for lvl in range(cfg.levels)]
     report = progress or (lambda _: None)
     curves = []
@@ -908,16 +980,16 @@ def register_instance(
         """``full`` (default: the user's mask) at a pyramid level, binarised; None for no mask."""
         if full is None:
             return None
-        m = _downsample_jit(full[..., None], factor=factor)[..., 0]
-        return (m > 0.5).astype(jnp.float32)
+        return _binary_level_mask(full, factor=factor)
 
     # -- affine stage
     run_affine = cfg.affine or cfg.transform in ("affine", "rigid")
-    eye = jnp.eye(d + 1)
+    eye = np.eye(d + 1, dtype=np.float32)
     if init_matrix is not None:
-        candidates = {"given": jnp.asarray(init_matrix, jnp.float32)}
+        candidates = {"given": np.asarray(init_matrix, np.float32)}
     elif run_affine:
-        com = eye.at[:d, d].set(center_of_mass(moving) - center_of_mass(fixed))
+        com = eye.copy()
+        com[:d, d] = np.asarray(center_of_mass(moving)) - np.asarray(center_of_mass(fixed))
         candidates = {"header": eye, "com": com}
         if cfg.affine_init != "auto":
             candidates = {cfg.affine_init: candidates[cfg.affine_init]}
@@ -932,10 +1004,10 @@ def register_instance(
 
     matrix = np.asarray(matrix, np.float64)
     if cfg.transform in ("affine", "rigid"):
-        affine_disp = affine_to_disp(jnp.asarray(matrix, jnp.float32), fine_shape)
+        affine_disp = affine_to_disp(jnp.asarray(matrix, jnp.float32), true_shape)
         inv = np.linalg.inv(matrix)
         return InstanceResult(matrix, jnp.zeros_like(affine_disp), affine_disp,
-                              affine_to_disp(jnp.asarray(inv, jnp.float32), fine_shape), None, tuple(curves))
+                              affine_to_disp(jnp.asarray(inv, jnp.float32), true_shape), None, tuple(curves))
 
     # -- deformable stage on the affinely resampled moving image
     moving_aff = _resample_affine(moving, jnp.asarray(matrix, jnp.float32), padding="zeros")
@@ -967,14 +1039,18 @@ def register_instance(
             field = jnp.zeros(field_shape + (d,), jnp.float32)
         else:
             field = resize_disp(field, field_shape)
+        n_mean = np.float32(np.mean(_level_shape(true_shape, factor)))
         field, curve = _deformable_level(field, fixed_f, moving_f, level_mask(factor, sim_mask), jnp.asarray(box),
-                                         jax.random.fold_in(key, lvl), cfg=cfg, level=lvl)
+                                         jax.random.fold_in(key, lvl), n_mean, cfg=cfg, level=lvl)
         curves.append(np.asarray(curve))
         report(f"deformable level {lvl + 1}/{cfg.levels} {level_shape}: loss {float(curve[0]):.4g} -> {float(curve[-1]):.4g}")
 
     disp, total, inverse = _finish_deformable(field, jnp.asarray(matrix, jnp.float32),
                                               jnp.asarray(np.linalg.inv(matrix), jnp.float32),
                                               cfg=cfg, fine_shape=fine_shape)
+    if fine_shape != tuple(true_shape):  # crop the padding on the host (an eager slice compiles per shape)
+        crop = tuple(slice(0, n) for n in true_shape)
+        disp, total, inverse = (jnp.asarray(np.asarray(x)[crop]) for x in (disp, total, inverse))
     velocity = field if cfg.transform == "svf" else None
     return InstanceResult(matrix, disp, total, inverse, velocity, tuple(curves))
 
@@ -993,6 +1069,11 @@ def _finish_deformable(field, matrix, inv_matrix, *, cfg, fine_shape):
     inv_local = _field_to_disp(-field, fine_shape, cfg) if cfg.transform == "svf" else invert(disp)
     total, inverse = _compose(matrix, inv_matrix, disp, inv_local)
     return disp, total, inverse
+
+
+def _pad_to(x, shape):
+    """Zero-pad ``(*spatial, C)`` at the high end of each axis to ``shape`` (on the host)."""
+    return jnp.asarray(np.pad(np.asarray(x, np.float32), [(0, n - s) for n, s in zip(shape, x.shape[:-1])] + [(0, 0)]))
 
 
 def compose_affine_deformable(matrix, disp: Float[Array, "*spatial D"], inverse_disp: Float[Array, "*spatial D"]):

@@ -61,7 +61,9 @@ def test_deformable_recovers_known_deformation(transform):
     if transform == "svf":
         # The default number of squarings (5) integrates the optimised velocity
         # as accurately as 12 would, to a few hundredths of a voxel.
-        exact = resize_disp(integrate(res.velocity, steps=12), SHAPE)
+        # (the velocity's control grid spans the padded bucket grid, SHAPE's (48, 44) -> (48, 48))
+        assert inst.bucket_shape(SHAPE) == (48, 48)
+        exact = resize_disp(integrate(res.velocity, steps=12), inst.bucket_shape(SHAPE))[: SHAPE[0], : SHAPE[1]]
         assert float(jnp.max(jnp.abs(res.disp - exact))) < 0.03
 
 
@@ -87,6 +89,45 @@ def test_compiles_once_per_shape():
     sizes = [f._cache_size() for f in jitted]
     register_instance(moving, fixed, config=cfg)  # same shapes, new values
     assert [f._cache_size() for f in jitted] == sizes
+
+
+def test_bucket_size_is_a_small_ladder():
+    sizes = [inst.bucket_size(n) for n in range(1, 400)]
+    assert all(b >= n and b <= max(1.25 * n, 8) for n, b in zip(range(1, 400), sizes))
+    assert all(inst.bucket_size(b) == b for b in sizes)  # idempotent
+    assert sizes == sorted(sizes)
+    assert sorted(set(b for b in sizes if 64 <= b <= 256)) == [64, 80, 96, 112, 128, 160, 192, 224, 256]
+    assert inst.bucket_shape((120, 120, 78)) == (128, 128, 80) and inst.bucket_shape((75, 90)) == (80, 96)
+
+
+def test_scans_of_one_size_class_share_every_program():
+    """(44, 45) and (47, 41) both pad to (48, 48): the second registration compiles no level program."""
+    cfg = InstanceConfig(similarity="mse", affine=True, **FAST)
+    for shape in ((44, 45), (47, 41)):
+        fixed = _phantom(shape)
+        moving = warp(fixed, jnp.full(shape + (2,), 0.7))
+        res = register_instance(fixed, moving, config=cfg)
+        assert res.total_disp.shape == shape + (2,) and res.inverse_disp.shape == shape + (2,)
+        if shape == (44, 45):
+            jitted = (inst._deformable_level, inst._affine_level, inst._level_features, inst._finish_deformable,
+                      inst._affine_pyramid)
+            sizes = [f._cache_size() for f in jitted]
+    assert [f._cache_size() for f in jitted] == sizes
+
+
+def test_grid_buckets_change_the_result_by_little():
+    """Padding (48, 44) to (48, 48) changes only the control grid's extent: the map moves < 0.1 voxel."""
+    fixed = _phantom()
+    disp_true, inv_true = random_deformation(jax.random.key(1), SHAPE, mean_magnitude=1.5, control_spacing=12)
+    moving = warp(fixed, inv_true, padding="border")
+    cfg = InstanceConfig(similarity="mse", affine=False, **FAST)
+    padded = register_instance(fixed, moving, config=cfg)
+    plain = register_instance(fixed, moving, config=dataclasses.replace(cfg, grid_buckets=False))
+    inner = (slice(8, -8), slice(8, -8))
+    diff = jnp.linalg.norm(padded.total_disp - plain.total_disp, axis=-1)[inner]
+    err = [float(jnp.mean(jnp.linalg.norm(r.total_disp - disp_true, axis=-1)[inner])) for r in (padded, plain)]
+    assert float(jnp.mean(diff)) < 0.1, (float(jnp.mean(diff)), err)
+    assert abs(err[0] - err[1]) < 0.05, err
 
 
 def test_3d_runs_and_recovers_translation():
