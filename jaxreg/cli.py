@@ -9,11 +9,11 @@ import argparse
 import json
 import os
 import pathlib
-import shutil
 import sys
-import tempfile
 
 import numpy as np
+
+from jaxreg.outputs import KEYPOINT_OUTPUTS, REGISTER_OUTPUTS, atomic_dir, check_out_dir, write_registration
 
 EXIT_USAGE = 2
 EXIT_INPUT = 3
@@ -29,10 +29,7 @@ class CLIError(Exception):
 
 METHOD_CHOICES = ["io-mind", "io-dns", "io-dns-random", "io-mi", "io-nmi", "io-ngf", "io-lncc", "io-mse", "vxm", "car",
                   "keymorph"]
-KEYPOINT_OUTPUTS = ("keypoints_fixed.csv", "keypoints_moving.csv")
 EVALUATE_OUTPUTS = ("per_pair.csv", "summary.json", "summary.md")
-REGISTER_OUTPUTS = ("warped.nii.gz", "warp.nii.gz", "inverse_warp.nii.gz", "warped_labels.nii.gz",
-                    "metrics.json", "qc.png")
 
 
 def _parse_levels(text):
@@ -51,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("register", help="register a moving scan to a fixed scan")
     r.add_argument("--fixed", required=True, help="fixed NIfTI (defines the output grid)")
-    r.add_argument("--moving", required=True, help="moving NIfTI (any grid/orientation)")
+    r.add_argument("--moving", required=True, nargs="+",
+                   help="moving NIfTI (any grid/orientation); several: a cohort registered in one process "
+                        "(start-up and compilation paid once), each into --out/<moving file name>/")
     r.add_argument("--out", required=True, help="output directory")
     r.add_argument("--method", default="io-mind", choices=METHOD_CHOICES,
                    help="io-*: instance optimisation with that similarity (default io-mind; io-dns: learned "
@@ -78,10 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--iterations", type=_parse_levels, default=None,
                    help="Adam steps per level, coarse to fine, e.g. 100,80,50")
     r.add_argument("--resolution", type=float, default=None,
-                   help="working-grid spacing in mm (default 2, or the network's training resolution for vxm; "
-                        "0 = the fixed grid)")
+                   help="working-grid spacing in mm; 0 = the fixed grid. Default: the coarsest grid with 80 "
+                        "voxels across the median extent of the fixed field of view, at most 2 mm and never finer "
+                        "than the fixed scan (brains: 2 mm; a 4x8x8 cm spinal-cord field of view: 1 mm); vxm and "
+                        "car: the network's training resolution")
     r.add_argument("--fixed-labels", help="fixed label map (integer NIfTI) for Dice/HD95")
-    r.add_argument("--moving-labels", help="moving label map, warped with the moving scan")
+    r.add_argument("--moving-labels", nargs="+", help="moving label map, warped with the moving scan (one per "
+                                                        "--moving scan)")
     r.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     r.add_argument("--quiet", action="store_true", help="no progress output")
 
@@ -114,17 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_out_dir(out: pathlib.Path, names, overwrite: bool):
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out} exists and is not a directory")
-    clash = [n for n in names if (out / n).exists()]
-    if clash and not overwrite:
-        raise CLIError(f"{out} already holds {', '.join(clash)}; pass --overwrite to replace")
-
-
-def _commit_outputs(tmp: pathlib.Path, out: pathlib.Path):
-    out.mkdir(parents=True, exist_ok=True)
-    for f in sorted(tmp.iterdir()):
-        os.replace(f, out / f.name)
+    try:
+        check_out_dir(out, names, overwrite)
+    except (NotADirectoryError, FileExistsError) as e:
+        raise CLIError(str(e)) from None
 
 
 def _progress(quiet):
@@ -135,41 +130,114 @@ def _progress(quiet):
     return lambda msg: tqdm.write(msg, file=sys.stderr)
 
 
-def _load_inputs(args):
+def _load_fixed(fixed_path, labels_path=None):
     from jaxreg.io import load_image, load_labels
 
-    fixed = load_image(args.fixed)
-    moving = load_image(args.moving)
-    fixed_labels = moving_labels = None
-    if args.fixed_labels:
-        fixed_labels = load_labels(args.fixed_labels)
-        if fixed_labels.data.shape != fixed.data.shape:
-            raise CLIError(f"--fixed-labels shape {fixed_labels.data.shape} differs from --fixed "
-                           f"{fixed.data.shape}")
-    if args.moving_labels:
-        moving_labels = load_labels(args.moving_labels)
-        if moving_labels.data.shape != moving.data.shape:
-            raise CLIError(f"--moving-labels shape {moving_labels.data.shape} differs from --moving "
+    fixed = load_image(fixed_path)
+    if fixed.data.ndim != 3:
+        raise CLIError(f"--fixed must be a 3D scan, got shape {fixed.data.shape}")
+    labels = None
+    if labels_path:
+        labels = load_labels(labels_path)
+        if labels.data.shape != fixed.data.shape:
+            raise CLIError(f"--fixed-labels shape {labels.data.shape} differs from --fixed {fixed.data.shape}")
+    return fixed, labels
+
+
+def _load_moving(moving_path, labels_path=None):
+    from jaxreg.io import load_image, load_labels
+
+    moving = load_image(moving_path)
+    if moving.data.ndim != 3:
+        raise CLIError(f"--moving {moving_path} must be a 3D scan, got shape {moving.data.shape}")
+    labels = None
+    if labels_path:
+        labels = load_labels(labels_path)
+        if labels.data.shape != moving.data.shape:
+            raise CLIError(f"--moving-labels shape {labels.data.shape} differs from --moving {moving_path} "
                            f"{moving.data.shape}")
-    for name, vol in (("--fixed", fixed), ("--moving", moving)):
-        if vol.data.ndim != 3:
-            raise CLIError(f"{name} must be a 3D scan, got shape {vol.data.shape}")
+    return moving, labels
+
+
+def _load_inputs(args):
+    fixed, fixed_labels = _load_fixed(args.fixed, args.fixed_labels)
+    moving, moving_labels = _load_moving(args.moving, args.moving_labels)
     return fixed, moving, fixed_labels, moving_labels
 
 
-def run_register(args) -> dict:
-    """Implementation of ``jaxreg register``; returns the metrics dict."""
+def _nifti_stem(path) -> str:
+    name = pathlib.Path(path).name
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def _as_list(value):
+    if value is None:
+        return []
+    return [value] if isinstance(value, (str, os.PathLike)) else list(value)
+
+
+def _register_plan(args):
+    """``[(moving, moving_labels or None, out folder)]``, validated before any work: one moving scan writes into
+    ``--out``, several write into ``--out/<moving file stem>/`` (stems must differ)."""
+    movings = _as_list(args.moving)
+    labels = _as_list(getattr(args, "moving_labels", None))
+    if labels and len(labels) != len(movings):
+        raise CLIError(f"--moving-labels needs one label map per --moving scan ({len(movings)}), got {len(labels)}",
+                       EXIT_USAGE)
+    for path in [args.fixed, *movings, *labels, *_as_list(getattr(args, "fixed_labels", None))]:
+        if not pathlib.Path(path).is_file():
+            raise CLIError(f"{path} does not exist")
     out = pathlib.Path(args.out)
-    _check_out_dir(out, REGISTER_OUTPUTS + (KEYPOINT_OUTPUTS if args.method == "keymorph" else ()), args.overwrite)
-    fixed, moving, fixed_labels, moving_labels = _load_inputs(args)
+    if len(movings) == 1:
+        outs = [out]
+    else:
+        stems = [_nifti_stem(m) for m in movings]
+        dupes = sorted({x for x in stems if stems.count(x) > 1})
+        if dupes:
+            raise CLIError(f"several --moving scans share the name {', '.join(dupes)}: their output folders "
+                           f"(--out/<name>) would clash", EXIT_USAGE)
+        outs = [out / stem for stem in stems]
+    names = REGISTER_OUTPUTS + (KEYPOINT_OUTPUTS if args.method == "keymorph" else ())
+    for o in outs:
+        _check_out_dir(o, names, args.overwrite)
+    return [(m, labels[i] if labels else None, o) for i, (m, o) in enumerate(zip(movings, outs))]
 
-    from jaxreg import pipeline
-    from jaxreg.io import save_image, save_itk_warp
-    from jaxreg.metrics import jacobian_det
-    from jaxreg.viz import qc_figure
 
+def run_register(args):
+    """Implementation of ``jaxreg register``: the metrics dict (one moving scan) or a list of them (several).
+
+    Several ``--moving`` scans share one process, so start-up, the fixed scan and the compiled programs
+    (for working grids of one size class) are paid once. Every pair keeps the single-pair guarantees: a
+    pair that fails writes nothing and the others still run; the command then exits non-zero.
+    """
+    plan = _register_plan(args)
+    fixed, fixed_labels = _load_fixed(args.fixed, getattr(args, "fixed_labels", None))
     report = _progress(args.quiet)
     runner, config, feature_fn = _registration_runner(args, report)
+    if len(plan) == 1:
+        return _register_pair(args, runner, config, feature_fn, fixed, fixed_labels, *plan[0], report)
+    results, failed = [], []
+    for k, (moving_path, labels_path, out) in enumerate(plan):
+        report(f"pair {k + 1}/{len(plan)}: {moving_path}")
+        try:
+            results.append(_register_pair(args, runner, config, feature_fn, fixed, fixed_labels, moving_path,
+                                          labels_path, out, report))
+        except (CLIError, ValueError, OSError) as e:
+            print(f"jaxreg register: error: {moving_path}: {e} (nothing written to {out})", file=sys.stderr)
+            failed.append(str(moving_path))
+    if failed:
+        raise CLIError(f"{len(failed)} of {len(plan)} pairs failed ({', '.join(failed)}); the other "
+                       f"{len(plan) - len(failed)} were written")
+    return results
+
+
+def _register_pair(args, runner, config, feature_fn, fixed, fixed_labels, moving_path, labels_path, out, report):
+    from jaxreg import pipeline
+
+    moving, moving_labels = _load_moving(moving_path, labels_path)
     report(f"jaxreg register: {args.method}, {getattr(runner, 'transform', config.transform)}, "
            f"fixed {fixed.data.shape}, moving {moving.data.shape}")
     reg = runner(fixed, moving)
@@ -181,45 +249,11 @@ def run_register(args) -> dict:
             moving_labels_on_fixed = pipeline.warp_labels_to_fixed(moving_labels, fixed, None)
     metrics = pipeline.registration_metrics(args.method, config, reg, fixed, fixed_labels, warped_labels,
                                             moving_labels_on_fixed, feature_fn=feature_fn)
-
-    out_parent = out.resolve().parent
-    out_parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out_parent))
-    try:
-        save_image(tmp / "warped.nii.gz", reg.warped, fixed.affine)
-        save_itk_warp(tmp / "warp.nii.gz", reg.warp_lps, fixed.affine)
-        if reg.inverse_warp_lps is not None:
-            save_itk_warp(tmp / "inverse_warp.nii.gz", reg.inverse_warp_lps, fixed.affine)
-        if warped_labels is not None:
-            save_image(tmp / "warped_labels.nii.gz", warped_labels, fixed.affine, dtype="int32")
-        qc_points = None
-        if keypoints is not None:
-            to_fixed = np.linalg.inv(fixed.affine)
-            qc_points = tuple(keypoints[k] @ to_fixed[:3, :3].T + to_fixed[:3, 3]
-                              for k in ("moving_keypoints", "fixed_keypoints"))
-            for name, k in zip(KEYPOINT_OUTPUTS, ("fixed_keypoints", "moving_keypoints")):
-                _write_keypoints(tmp / name, keypoints[k])
-            metrics["keypoints"] = {"count": int(len(keypoints["fixed_keypoints"])),
-                                    "files": list(KEYPOINT_OUTPUTS), "frame": "world mm, NIfTI RAS+"}
-        with open(tmp / "metrics.json", "w") as f:
-            json.dump(metrics, f, indent=2)
-        qc_figure(fixed.data, reg.moving_on_fixed, reg.warped, reg.disp_fixed, jacobian_det(reg.disp_fixed),
-                  tmp / "qc.png", title=f"{args.method} ({getattr(runner, 'transform', config.transform)})",
-                  keypoints=qc_points)
-        _commit_outputs(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    write_registration(out, fixed=fixed, reg=reg, metrics=metrics, warped_labels=warped_labels, keypoints=keypoints,
+                       title=f"{args.method} ({getattr(runner, 'transform', config.transform)})")
     report(f"wrote {out}: runtime {metrics['runtime_s']:.1f} s, folding {metrics['folding_percent']:.3f} %"
            + (f", Dice {metrics['dice_mean']:.3f}" if "dice_mean" in metrics else ""))
     return metrics
-
-
-def _write_keypoints(path, points):
-    """``index,x_ras_mm,y_ras_mm,z_ras_mm`` rows: keypoints in world mm of the NIfTI (RAS+) frame."""
-    with open(path, "w") as f:
-        f.write("index,x_ras_mm,y_ras_mm,z_ras_mm\n")
-        for i, p in enumerate(np.asarray(points, np.float64)):
-            f.write(f"{i},{p[0]:.3f},{p[1]:.3f},{p[2]:.3f}\n")
 
 
 def _load_keymorph(weights):
@@ -258,7 +292,7 @@ def _keymorph_runner(args, report):
                        "stage); --method keymorph needs none", EXIT_USAGE)
     model = _load_keymorph(getattr(args, "weights", None))
     resolution = getattr(args, "resolution", None)
-    res = 2.0 if resolution is None else (resolution or None)
+    res = "auto" if resolution is None else (resolution or None)
 
     def run(f, m):
         reg, pts = pipeline.register_volumes_keymorph(f, m, model=model, transform=transform, tps_lambda=lam,
@@ -333,7 +367,7 @@ def _registration_runner(args, report):
                                  affine=not getattr(args, "no_affine", False), levels=getattr(args, "levels", None),
                                  iterations=getattr(args, "iterations", None),
                                  affine_init="auto" if init == "keymorph" else init)
-    res = 2.0 if resolution is None else (resolution or None)
+    res = "auto" if resolution is None else (resolution or None)
     keymorph = _load_keymorph(None) if init == "keymorph" else None
 
     def run(f, m):
@@ -399,7 +433,7 @@ def run_evaluate(args) -> dict:
         warped_labels = before = None
         if moving_labels is not None:
             warped_labels = pipeline.warp_labels_to_fixed(moving_labels, fixed, reg)
-            before = pipeline.warp_labels_to_fixed(moving_labels, fixed, reg._replace(disp_fixed=0 * reg.disp_fixed))
+            before = pipeline.warp_labels_to_fixed(moving_labels, fixed, None)
         m = pipeline.registration_metrics(args.method, config, reg, fixed, fixed_labels, warped_labels, before,
                                           feature_fn=feature_fn)
         row = {"name": p["name"], **{key: m.get(key) for key in SUMMARY_KEYS}}
@@ -418,16 +452,10 @@ def run_evaluate(args) -> dict:
     fmt = lambda v: "–" if v is None else f"{v:.4g}"  # noqa: E731
     md += [f"| {r['name']} | " + " | ".join(fmt(r[k]) for k in SUMMARY_KEYS) + " |" for r in rows]
     md.append("| **mean** | " + " | ".join(fmt(summary[f"{k}_mean"]) for k in SUMMARY_KEYS) + " |")
-    out_parent = out.resolve().parent
-    out_parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out_parent))
-    try:
+    with atomic_dir(out) as tmp:
         (tmp / "per_pair.csv").write_text(buf.getvalue())
         (tmp / "summary.json").write_text(json.dumps({"summary": summary, "pairs": rows}, indent=1))
         (tmp / "summary.md").write_text("\n".join(md) + "\n")
-        _commit_outputs(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     report(f"wrote {out}")
     return summary
 

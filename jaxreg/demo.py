@@ -8,7 +8,6 @@ and registered back with ``jaxreg register`` (io-mind, SVF). The demo prints
 the endpoint error in mm inside the brain and the grey/white-matter Dice
 before and after.
 """
-import argparse
 import json
 import pathlib
 import sys
@@ -66,26 +65,38 @@ def make_demo_inputs(directory: pathlib.Path, *, seed: int = 0, mean_magnitude_m
 
 
 def run_demo(out="demo_out", *, overwrite: bool = False, seed: int = 0) -> dict:
-    """Run the demo; writes the ``jaxreg register`` outputs and ``demo.json`` to ``out``."""
-    from jaxreg.cli import REGISTER_OUTPUTS, _check_out_dir, run_register
-    from jaxreg.io import load_itk_warp, world_warp_to_voxel_disp
+    """Run the demo; writes the ``jaxreg register`` outputs and ``demo.json`` to ``out``.
+
+    It runs the library as ``jaxreg register --method io-mind`` does (``pipeline.register_volumes``,
+    ``pipeline.registration_metrics``, ``outputs.write_registration``) and scores the written warp.
+
+    Raises:
+      FileExistsError: ``out`` holds demo outputs and ``overwrite`` is False.
+    """
+    from jaxreg import pipeline
+    from jaxreg.io import load_image, load_itk_warp, load_labels, world_warp_to_voxel_disp
+    from jaxreg.outputs import REGISTER_OUTPUTS, check_out_dir, write_registration
 
     out = pathlib.Path(out)
-    _check_out_dir(out, REGISTER_OUTPUTS + ("demo.json",), overwrite)
+    check_out_dir(out, REGISTER_OUTPUTS + ("demo.json",), overwrite)
     with tempfile.TemporaryDirectory(prefix="jaxreg-demo-") as tmp:
         tmp = pathlib.Path(tmp)
         truth = make_demo_inputs(tmp, seed=seed)
         p = truth["paths"]
-        args = argparse.Namespace(fixed=str(p["fixed"]), moving=str(p["moving"]), out=str(out), method="io-mind",
-                                  transform="svf", no_affine=False, levels=None, iterations=None, resolution=2.0,
-                                  fixed_labels=str(p["fixed_labels"]), moving_labels=str(p["moving_labels"]),
-                                  overwrite=overwrite, quiet=False)
-        metrics = run_register(args)
+        fixed, moving = load_image(p["fixed"]), load_image(p["moving"])
+        fixed_labels, moving_labels = load_labels(p["fixed_labels"]), load_labels(p["moving_labels"])
+        config = pipeline.config_for("io-mind")
+        print(f"jaxreg demo: registering {p['moving'].name} to {p['fixed'].name} (io-mind, svf, 2 mm)",
+              file=sys.stderr)
+        reg = pipeline.register_volumes(fixed, moving, config=config, resolution=2.0,
+                                        progress=lambda msg: print(msg, file=sys.stderr))
+        warped_labels = pipeline.warp_labels_to_fixed(moving_labels, fixed, reg)
+        metrics = pipeline.registration_metrics("io-mind", config, reg, fixed, fixed_labels, warped_labels,
+                                                pipeline.warp_labels_to_fixed(moving_labels, fixed, None))
+        write_registration(out, fixed=fixed, reg=reg, metrics=metrics, warped_labels=warped_labels,
+                           title="io-mind (svf)")
         # Read the transform back from the written ITK warp: this checks the file, not just memory.
         d_lps, warp_affine = load_itk_warp(out / "warp.nii.gz")
-        from jaxreg.io import load_image
-
-        fixed = load_image(p["fixed"])
         disp = world_warp_to_voxel_disp(d_lps, warp_affine, fixed.affine)
     brain, sp = truth["brain"], truth["spacing"]
     before = np.linalg.norm(truth["disp_true"], axis=-1)[brain] * sp

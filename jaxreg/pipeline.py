@@ -24,6 +24,7 @@ from jaxreg import losses as L
 from jaxreg import metrics as M
 from jaxreg.io import Volume, grid_to_grid_matrix, resample_to_grid, voxel_disp_to_world
 from jaxreg.optimize import DNS_CONFIG, InstanceConfig, normalize_intensity, register_instance, similarity_fn
+from jaxreg.programs import program
 from jaxreg.optimize.instance import InstanceResult, _resample_affine, compose_affine_deformable
 from jaxreg.spatial import identity_grid, resize_disp, sample, voxel_spacing
 
@@ -71,7 +72,30 @@ def feature_fn_for(method: str, weights: str | None = None) -> Callable | None:
     return dns_method.feature_fn(model)
 
 
-def working_grid(shape, affine, resolution: float | None):
+AUTO_VOXELS = 80        # voxels across the median extent of the fixed field of view (auto_resolution)
+AUTO_MAX_SPACING = 2.0  # mm: the coarsest automatic working grid (brains: 2 mm, as before)
+
+
+def auto_resolution(shape, affine) -> float:
+    """The working-grid spacing (mm) ``jaxreg register`` uses by default: the coarsest grid that still has
+    ``AUTO_VOXELS`` (80) voxels across the median extent of the fixed field of view, at most
+    ``AUTO_MAX_SPACING`` (2 mm) and never finer than the fixed scan's finest spacing.
+
+    Brains (median extents 180-240 mm in ../shared/data) get 2 mm, today's default; a 4 x 8 x 8 cm
+    spinal-cord field of view gets 1 mm (80 mm / 80).
+
+    Args:
+      shape: fixed spatial shape (3 axes); affine: ``(4, 4)`` fixed voxel-to-world matrix.
+
+    Returns:
+      spacing in mm (float).
+    """
+    spacing = voxel_spacing(affine)[: len(shape)]
+    extent = float(np.median(np.asarray(shape, np.float64) * spacing))
+    return float(max(min(extent / AUTO_VOXELS, AUTO_MAX_SPACING), float(np.min(spacing))))
+
+
+def working_grid(shape, affine, resolution: float | str | None):
     """Grid over the same field of view as ``(shape, affine)`` with voxels of at least ``resolution`` mm.
 
     Voxel centres follow ``jax.image.resize`` (``x_fixed = (x_work + 0.5) r - 0.5``,
@@ -80,13 +104,18 @@ def working_grid(shape, affine, resolution: float | None):
     Args:
       shape: fixed spatial shape (3 axes).
       affine: ``(4, 4)`` fixed voxel-to-world matrix.
-      resolution: target spacing in mm, or None to keep the fixed grid.
+      resolution: target spacing in mm, ``"auto"`` (:func:`auto_resolution`), or None to keep the
+        fixed grid.
 
     Returns:
       ``(work_shape, work_affine, r)`` with ``r`` the per-axis size ratio.
     """
     shape = tuple(int(s) for s in shape)
     spacing = voxel_spacing(affine)[: len(shape)]
+    if isinstance(resolution, str):
+        if resolution != "auto":
+            raise ValueError(f"resolution must be a number of mm, 'auto' or None, got {resolution!r}")
+        resolution = auto_resolution(shape, affine)
     if resolution is None:
         return shape, np.asarray(affine, np.float64), np.ones(len(shape))
     target = np.maximum(spacing, float(resolution))
@@ -212,7 +241,8 @@ def register_volumes(fixed: Volume, moving: Volume, *, config: InstanceConfig, r
       fixed: fixed scan (defines the output grid).
       moving: moving scan, any grid/orientation.
       config: instance-optimisation options.
-      resolution: working-grid spacing in mm (None: the fixed grid itself).
+      resolution: working-grid spacing in mm, ``"auto"`` (:func:`auto_resolution`, the CLI default) or
+        None (the fixed grid itself).
       progress: optional callback for progress messages.
       feature_fn: learned descriptors for ``similarity="dns"`` (:func:`feature_fn_for`).
       init: optional ``(4, 4)`` world (mm) affine, fixed -> moving, that
@@ -428,7 +458,7 @@ def register_volumes_keymorph(fixed: Volume, moving: Volume, *, model, transform
 _resize_disp = jax.jit(resize_disp, static_argnames=("shape",))
 
 
-@functools.partial(jax.jit, static_argnames=("shape_f",))
+@program(static_argnames=("shape_f",))
 def _to_fixed_grid(total_disp, g, moving_data, moving_w, *, shape_f):
     """Working-grid map -> fixed grid: (disp_fixed, voxel map to moving voxels, warped, moving by the
     grid matrix only, warped on the working grid), one compiled call (eager ops took ~8 s at 1 mm)."""
@@ -466,7 +496,7 @@ def warp_labels_to_fixed(labels: Volume, fixed: Volume, reg: Registration | None
     return np.asarray(_warp_labels(jnp.asarray(labels.data, jnp.int32), g, disp, shape=tuple(fixed.data.shape)))
 
 
-@functools.partial(jax.jit, static_argnames=("shape",))
+@program(static_argnames=("shape",))
 def _warp_labels(labels, g, disp, *, shape):
     return sample(labels, _map_coords(g, shape, disp), order=0)
 
@@ -495,7 +525,7 @@ def _similarity_before_after(config: InstanceConfig, work: dict, feature_fn) -> 
             "similarity_after": float(L.cosine_similarity_loss(fd, wd))}
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
+@program(static_argnames=("config",))
 def _similarity(f, m, *, config):
     if config.similarity == "mind":
         kw = dict(radius=config.mind_radius, dilation=config.mind_dilation)

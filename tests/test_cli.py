@@ -163,3 +163,57 @@ def test_register_rejects_an_unknown_init(capsys):
     with pytest.raises(SystemExit) as e:
         main(["register", "--fixed", "f.nii.gz", "--moving", "m.nii.gz", "--out", "o", "--init", "pca"])
     assert e.value.code != 0 and "--init" in capsys.readouterr().err
+
+
+def test_register_cohort_writes_one_folder_per_moving_scan_equal_to_single_runs(tmp_path, pair):
+    fixed, moving = pair
+    second = _save(tmp_path / "second.nii.gz", 1.0 - _blobs(shift=(-1.0, 0.5, 1.0)))
+    assert _run(["register", "--fixed", fixed, "--moving", moving, second, "--out", str(tmp_path / "cohort")]
+                + FAST) == 0
+    assert _listing(tmp_path / "cohort") == ["moving", "second"]
+    for name, path in (("moving", moving), ("second", second)):
+        assert _run(["register", "--fixed", fixed, "--moving", path, "--out", str(tmp_path / f"one_{name}")]
+                    + FAST) == 0
+        assert _listing(tmp_path / "cohort" / name) == _listing(tmp_path / f"one_{name}")
+        a = nib.load(str(tmp_path / "cohort" / name / "warp.nii.gz")).get_fdata()
+        b = nib.load(str(tmp_path / f"one_{name}" / "warp.nii.gz")).get_fdata()
+        np.testing.assert_array_equal(a, b)
+
+
+def test_register_cohort_bad_pair_writes_nothing_for_it_and_fails(tmp_path, pair, capsys):
+    fixed, moving = pair
+    bad = _save(tmp_path / "bad.nii.gz", np.ones((24, 26, 22), np.float32))  # constant: rejected at load
+    code = _run(["register", "--fixed", fixed, "--moving", bad, moving, "--out", str(tmp_path / "cohort")] + FAST)
+    assert code != 0
+    err = capsys.readouterr().err
+    assert "bad.nii.gz" in err and "1 of 2 pairs failed" in err
+    assert _listing(tmp_path / "cohort") == ["moving"]  # the good pair is written, nothing of the bad one
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+
+
+@pytest.mark.parametrize("case", ["same names", "labels count", "missing"])
+def test_register_cohort_checks_every_input_before_any_work(tmp_path, pair, capsys, case):
+    fixed, moving = pair
+    other = tmp_path / "sub"
+    other.mkdir()
+    extra = {"same names": [_save(other / "moving.nii.gz", _blobs())],
+             "labels count": [moving, "--moving-labels", _save(tmp_path / "l.nii.gz", np.ones((24, 26, 22), np.int32))],
+             "missing": [str(tmp_path / "nope.nii.gz")]}[case]
+    before = _listing(tmp_path)
+    code = _run(["register", "--fixed", fixed, "--moving", moving, *extra, "--out", str(tmp_path / "cohort")] + FAST)
+    assert code != 0
+    err = capsys.readouterr().err
+    assert {"same names": "share the name", "labels count": "one label map per", "missing": "nope.nii.gz"}[case] in err
+    assert _listing(tmp_path) == before
+
+
+def test_demo_uses_the_library_not_the_cli():
+    """jaxreg.demo runs on pipeline + outputs; importing it does not import jaxreg.cli (issue 18.6)."""
+    import subprocess
+    import sys
+
+    code = "import sys, jaxreg.demo, jaxreg.outputs; print('jaxreg.cli' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+    src = (pathlib.Path(__file__).parents[1] / "jaxreg" / "demo.py").read_text()
+    assert "jaxreg.cli" not in src

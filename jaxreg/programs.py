@@ -1,0 +1,136 @@
+"""Compiled programs that a new process does not trace again: ``jax.jit`` plus a store of exported programs.
+
+XLA's persistent compilation cache (``jax_compilation_cache_dir``, which ``jaxreg register`` sets to
+``$JAXREG_CACHE_DIR``) saves compilation, but every new process still traces and lowers each program
+before it can look the executable up. For the instance optimiser's level programs that was ~0.5 s
+each (a warm ``jaxreg register`` traced for ~4 s of its 16.7 s; docs/design.md, issue 18). A function
+decorated with :func:`program` behaves as ``jax.jit`` and, while the compilation cache is on, also
+keeps the compiled executable of each (function, static arguments, argument shapes and dtypes) it
+has run beside that cache (``jax.experimental.serialize_executable``): a later process loads it
+without tracing, lowering or compiling. Like XLA's own cache, the store holds executables for this
+machine; it is read only from the user's own cache folder.
+
+The key covers the function's module and name, the static arguments' ``repr``, the argument tree,
+shapes and dtypes, the JAX version, the CPU model, backend and devices, and a hash of jaxreg's own sources,
+so changed code never runs a stale program. Anything that fails in storing or loading falls back to
+the plain ``jax.jit`` call.
+"""
+import functools
+import hashlib
+import os
+import pathlib
+import pickle
+import tempfile
+
+import jax
+import numpy as np
+
+_SOURCES_HASH = None
+_FAILED = object()
+
+
+def _sources_hash() -> str:
+    global _SOURCES_HASH
+    if _SOURCES_HASH is None:
+        h = hashlib.sha256()
+        root = pathlib.Path(__file__).resolve().parent
+        for path in sorted(root.rglob("*.py")):
+            h.update(str(path.relative_to(root)).encode())
+            h.update(path.read_bytes())
+        _SOURCES_HASH = h.hexdigest()[:16]
+    return _SOURCES_HASH
+
+
+def store_dir() -> pathlib.Path | None:
+    """Where exported programs are kept: ``<jax_compilation_cache_dir>/jaxreg-programs``, or None when the
+    compilation cache is off (then :func:`program` is exactly ``jax.jit``)."""
+    base = jax.config.jax_compilation_cache_dir
+    return pathlib.Path(base) / "jaxreg-programs" if base else None
+
+
+def _is_key(x) -> bool:
+    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def program(fn=None, *, static_argnames=(), donate_argnums=()):
+    """``jax.jit(fn, static_argnames=..., donate_argnums=...)`` whose programs persist across processes.
+
+    Static arguments must be passed by keyword. Typed PRNG keys among the arguments are fine (they
+    travel as their key data). Donation applies to the in-process ``jax.jit`` path only.
+    """
+    if fn is None:
+        return functools.partial(program, static_argnames=static_argnames, donate_argnums=donate_argnums)
+    jitted = jax.jit(fn, static_argnames=static_argnames, donate_argnums=donate_argnums)
+    runners = {}
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        store = store_dir()
+        if store is None:
+            return jitted(*args, **kwargs)
+        static = {k: kwargs.pop(k) for k in static_argnames if k in kwargs}
+        leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+        if any(isinstance(x, jax.core.Tracer) for x in leaves):  # called inside another trace: inline it
+            return jitted(*args, **kwargs, **static)
+        keys = tuple(str(jax.random.key_impl(x)) if _is_key(x) else None for x in leaves)
+        flat = [jax.random.key_data(x) if k else x for x, k in zip(leaves, keys)]
+        sig = tuple((tuple(np.shape(x)), str(getattr(x, "dtype", np.result_type(x))), bool(getattr(x, "weak_type",
+                                                                                             False))) for x in flat)
+        key = (repr(sorted(static.items())), str(treedef), sig, keys)
+        runner = runners.get(key)
+        if runner is None:
+            runner = runners[key] = _load_or_export(fn, static, treedef, keys, flat, key, store)
+        if runner is _FAILED:
+            return jitted(*args, **kwargs, **static)
+        return runner(*flat)
+
+    call._cache_size = jitted._cache_size
+    call.jitted = jitted
+    return call
+
+
+def _machine_tag() -> str:
+    """The CPU model (executables are compiled for the host's instruction set) and the backend's devices."""
+    import platform
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model}|{jax.default_backend()}|{jax.devices()[0].device_kind}|{len(jax.devices())}"
+
+
+def _load_or_export(fn, static, treedef, keys, flat, key, store):
+    from jax.experimental import serialize_executable as se
+
+    digest = hashlib.sha256(repr((fn.__module__, fn.__qualname__, key, jax.__version__, _machine_tag(),
+                                  _sources_hash())).encode()).hexdigest()[:32]
+    path = store / f"{fn.__qualname__.strip('_')}-{digest}.pkl"
+    if path.exists():
+        try:
+            with open(path, "rb") as f:
+                payload, in_tree, out_tree = pickle.load(f)
+            return se.deserialize_and_load(payload, in_tree, out_tree)
+        except Exception:  # noqa: BLE001 - unreadable or stale: compile again below
+            pass
+
+    def flat_fn(*xs):
+        xs = [jax.random.wrap_key_data(x, impl=k) if k else x for x, k in zip(xs, keys)]
+        args, kwargs = jax.tree_util.tree_unflatten(treedef, xs)
+        return fn(*args, **kwargs, **static)
+
+    try:
+        compiled = jax.jit(flat_fn).lower(*flat).compile()
+    except Exception:  # noqa: BLE001 - e.g. an argument jit handles but lower() does not: plain jit
+        return _FAILED
+    try:
+        store.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=store, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as f:
+            pickle.dump(se.serialize(compiled), f)
+        os.replace(tmp, path)
+    except Exception:  # noqa: BLE001 - a store that cannot be written costs only the next process's tracing
+        pass
+    return compiled

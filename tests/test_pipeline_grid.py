@@ -1,0 +1,27 @@
+"""Working-grid choice: auto_resolution's rule and working_grid's arguments."""
+import numpy as np
+import pytest
+
+from jaxreg.pipeline import auto_resolution, working_grid
+
+
+def _affine(spacing):
+    return np.diag(list(spacing) + [1.0])
+
+
+@pytest.mark.parametrize("shape, spacing, expected", [
+    ((182, 218, 182), (1.0, 1.0, 1.0), 2.0),     # 1 mm brain (median extent 182 mm): today's 2 mm
+    ((256, 224, 26), (0.9, 0.9, 5.5), 2.0),      # thick-slice brain: the in-plane extent decides
+    ((80, 160, 160), (0.5, 0.5, 0.5), 1.0),      # 4 x 8 x 8 cm spinal-cord field of view: 80 mm / 80 voxels
+    ((100, 100, 40), (0.4, 0.4, 1.0), 0.5),      # 4 x 4 cm: 0.5 mm
+    ((20, 20, 20), (3.0, 3.0, 3.0), 3.0),        # never finer than the scan itself
+])
+def test_auto_resolution_rule(shape, spacing, expected):
+    assert auto_resolution(shape, _affine(spacing)) == pytest.approx(expected)
+
+
+def test_working_grid_auto_and_bad_resolution():
+    shape, _, _ = working_grid((80, 160, 160), _affine((0.5, 0.5, 0.5)), "auto")
+    assert shape == (40, 80, 80)
+    with pytest.raises(ValueError, match="auto"):
+        working_grid((8, 8, 8), np.eye(4), "coarse")

@@ -1,0 +1,66 @@
+"""jaxreg.programs: jit whose compiled programs a new process loads without tracing."""
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxreg import programs
+
+SCRIPT = textwrap.dedent("""
+    import sys, jax, jax.numpy as jnp, numpy as np
+    jax.config.update("jax_compilation_cache_dir", sys.argv[1])
+    from jaxreg.programs import program
+    traced = []
+
+    @program(static_argnames=("power",))
+    def f(x, key, scale, *, power):
+        traced.append(1)
+        return (x ** power) * scale + jax.random.uniform(key, x.shape), {"sum": jnp.sum(x)}
+
+    out, extra = f(jnp.arange(4.0), jax.random.key(3), jnp.float32(2.0), power=int(sys.argv[2]))
+    print(len(traced), " ".join(f"{v:.6f}" for v in np.asarray(out)), float(extra["sum"]))
+""")
+
+
+def _run(cache, power=2):
+    out = subprocess.run([sys.executable, "-c", SCRIPT, str(cache), str(power)], capture_output=True, text=True,
+                         check=True).stdout.split()
+    return int(out[0]), out[1:]
+
+
+def test_a_new_process_loads_the_program_without_tracing(tmp_path):
+    n_first, first = _run(tmp_path)
+    n_second, second = _run(tmp_path)
+    assert n_first == 1 and n_second == 0  # the body ran (traced) only in the first process
+    assert first == second
+    assert len(list((tmp_path / "jaxreg-programs").glob("*.pkl"))) == 1
+    n_other, other = _run(tmp_path, power=3)  # another static argument: another program
+    assert n_other == 1 and other != first
+    assert len(list((tmp_path / "jaxreg-programs").glob("*.pkl"))) == 2
+
+
+def test_a_damaged_store_entry_is_compiled_again(tmp_path):
+    _, first = _run(tmp_path)
+    for p in (tmp_path / "jaxreg-programs").glob("*.pkl"):
+        p.write_bytes(b"not a program")
+    n, again = _run(tmp_path)
+    assert n == 1 and again == first
+
+
+def test_same_results_as_jit_inside_and_outside_a_trace(tmp_path, monkeypatch):
+    monkeypatch.setattr(programs, "store_dir", lambda: tmp_path)
+
+    @programs.program(static_argnames=("k",))
+    def g(x, *, k):
+        return jnp.cumsum(x) * k
+
+    x = jnp.linspace(0.0, 1.0, 7)
+    np.testing.assert_array_equal(np.asarray(g(x, k=3)), np.asarray(jnp.cumsum(x) * 3))
+    np.testing.assert_allclose(np.asarray(jax.jit(lambda y: g(y, k=2) + 1)(x)), np.asarray(jnp.cumsum(x) * 2 + 1))
+    assert len(list(tmp_path.glob("*.pkl"))) == 1  # the traced call was inlined, not stored
+    with pytest.raises(TypeError):
+        g(x, k=3, extra=1)
