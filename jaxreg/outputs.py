@@ -83,15 +83,20 @@ def write_registration(out, *, fixed, reg, metrics: dict, warped_labels=None, ke
     Files: ``warped.nii.gz``, ``warp.nii.gz`` (ITK displacement, LPS mm), ``inverse_warp.nii.gz`` (when the
     registration has an inverse), ``warped_labels.nii.gz``, ``keypoints_*.csv``, ``metrics.json``, ``qc.png``.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from jaxreg.io import save_image, save_itk_warp
 
-    with atomic_dir(out) as tmp:
-        save_image(tmp / "warped.nii.gz", reg.warped, fixed.affine)
-        save_itk_warp(tmp / "warp.nii.gz", reg.warp_lps, fixed.affine)
+    # The NIfTI files are written by worker threads (gzip releases the GIL: at 1 mm the two warps took 5.3 s
+    # of compression in one thread) while the QC figure is drawn here (pyplot stays on this thread).
+    with atomic_dir(out) as tmp, ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        jobs = [pool.submit(save_image, tmp / "warped.nii.gz", reg.warped, fixed.affine),
+                pool.submit(save_itk_warp, tmp / "warp.nii.gz", reg.warp_lps, fixed.affine)]
         if reg.inverse_warp_lps is not None:
-            save_itk_warp(tmp / "inverse_warp.nii.gz", reg.inverse_warp_lps, fixed.affine)
+            jobs.append(pool.submit(save_itk_warp, tmp / "inverse_warp.nii.gz", reg.inverse_warp_lps, fixed.affine))
         if warped_labels is not None:
-            save_image(tmp / "warped_labels.nii.gz", warped_labels, fixed.affine, dtype="int32")
+            jobs.append(pool.submit(save_image, tmp / "warped_labels.nii.gz", warped_labels, fixed.affine,
+                                    dtype="int32"))
         qc_points = None
         if keypoints is not None:
             to_fixed = np.linalg.inv(fixed.affine)
@@ -109,3 +114,5 @@ def write_registration(out, *, fixed, reg, metrics: dict, warped_labels=None, ke
 
             qc_figure(fixed.data, reg.moving_on_fixed, reg.warped, reg.disp_fixed, jacobian_det(reg.disp_fixed),
                       tmp / "qc.png", title=title, keypoints=qc_points)
+        for job in jobs:
+            job.result()  # re-raises a failed write (then nothing is moved into place)

@@ -79,7 +79,16 @@ def program(fn=None, *, static_argnames=(), donate_argnums=()):
         key = (repr(sorted(static.items())), str(treedef), sig, keys)
         runner = runners.get(key)
         if runner is None:
-            runner = runners[key] = _load_or_export(fn, static, treedef, keys, flat, key, store)
+            runner, path = _load_or_export(fn, static, treedef, keys, flat, key, store)
+            if path is not None:  # loaded from the store: its first run is checked before it is trusted
+                try:
+                    return jax.block_until_ready(runner(*flat))
+                except Exception:  # noqa: BLE001 - e.g. an executable that does not load on this host
+                    path.unlink(missing_ok=True)
+                    runner = _FAILED
+                finally:
+                    runners[key] = runner
+            runners[key] = runner
         if runner is _FAILED:
             return jitted(*args, **kwargs, **static)
         return runner(*flat)
@@ -112,7 +121,7 @@ def _load_or_export(fn, static, treedef, keys, flat, key, store):
         try:
             with open(path, "rb") as f:
                 payload, in_tree, out_tree = pickle.load(f)
-            return se.deserialize_and_load(payload, in_tree, out_tree)
+            return se.deserialize_and_load(payload, in_tree, out_tree), path
         except Exception:  # noqa: BLE001 - unreadable or stale: compile again below
             pass
 
@@ -122,9 +131,10 @@ def _load_or_export(fn, static, treedef, keys, flat, key, store):
         return fn(*args, **kwargs, **static)
 
     try:
-        compiled = jax.jit(flat_fn).lower(*flat).compile()
+        with _fresh_compilation():
+            compiled = jax.jit(flat_fn).lower(*flat).compile()
     except Exception:  # noqa: BLE001 - e.g. an argument jit handles but lower() does not: plain jit
-        return _FAILED
+        return _FAILED, None
     try:
         store.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=store, prefix=".tmp-")
@@ -133,4 +143,28 @@ def _load_or_export(fn, static, treedef, keys, flat, key, store):
         os.replace(tmp, path)
     except Exception:  # noqa: BLE001 - a store that cannot be written costs only the next process's tracing
         pass
-    return compiled
+    return compiled, None
+
+
+class _fresh_compilation:
+    """Compile without XLA's persistent cache: an executable that XLA loaded from its cache serialises
+    without its code on the CPU backend (measured: "Function ... not found" when the stored copy ran), so
+    stored programs are always compiled afresh (and are not written to XLA's cache twice)."""
+
+    def __enter__(self):
+        from jax._src import compilation_cache as cc
+
+        self.cc = cc
+        self.saved = None
+        try:
+            cc.is_cache_used(jax.devices()[0].client)  # initialise its memo, then switch it off
+            self.saved = cc._cache_used
+            cc._cache_used = False
+        except Exception:  # noqa: BLE001 - another JAX layout: compile as usual
+            self.saved = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            self.cc._cache_used = self.saved
+        return False

@@ -13,6 +13,7 @@ from jaxreg import programs
 SCRIPT = textwrap.dedent("""
     import sys, jax, jax.numpy as jnp, numpy as np
     jax.config.update("jax_compilation_cache_dir", sys.argv[1])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # as jaxreg register sets it
     from jaxreg.programs import program
     traced = []
 
@@ -64,3 +65,15 @@ def test_same_results_as_jit_inside_and_outside_a_trace(tmp_path, monkeypatch):
     assert len(list(tmp_path.glob("*.pkl"))) == 1  # the traced call was inlined, not stored
     with pytest.raises(TypeError):
         g(x, k=3, extra=1)
+
+
+def test_a_program_whose_executable_is_in_xlas_cache_is_stored_runnable(tmp_path):
+    """Executables XLA loaded from its own cache serialise without their code on the CPU (they failed with
+    "Function ... not found" when the stored copy ran): stored programs are compiled afresh."""
+    _, first = _run(tmp_path)
+    for p in (tmp_path / "jaxreg-programs").glob("*.pkl"):
+        p.unlink()  # as after a jaxreg update: XLA's cache has the program, the store does not
+    n, again = _run(tmp_path)
+    assert n == 1 and again == first
+    n, third = _run(tmp_path)
+    assert n == 0 and third == first
