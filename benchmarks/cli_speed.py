@@ -113,7 +113,9 @@ def _write(out, rows, extra, meta):
     lines = [f"# `jaxreg register` whole-command time vs an ANTs process ({meta['date']})", "",
              f"Command: `{meta['command']}` on commit {meta['commit']}, {meta['machine']}. "
              "Seconds from launch to exit of each process; ratio = jaxreg / ANTs on the same pair in this run. "
-             "cold = empty `JAXREG_CACHE_DIR`; warm = the same command again with that cache.", "",
+             "cold = empty `JAXREG_CACHE_DIR`; warm = the same command again with that cache. ANTs registers at "
+             "each scan's own resolution (1 mm for brats, ixi002, ms_mni), jaxreg on its 2 mm working grid: only "
+             "the ixi pair (2 mm scans) is the same job at the same resolution.", "",
              "| pair | working grid | size class | jaxreg cold (s) | jaxreg warm (s) | ANTs (s) | cold ratio | "
              "warm ratio |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
