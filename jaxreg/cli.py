@@ -130,33 +130,28 @@ def _progress(quiet):
     return lambda msg: tqdm.write(msg, file=sys.stderr)
 
 
-def _load_fixed(fixed_path, labels_path=None):
+def _load_scan(flag, path, labels_path=None):
+    """A 3D scan and its optional label map (same grid), with ``--fixed`` / ``--moving`` in the errors."""
     from jaxreg.io import load_image, load_labels
 
-    fixed = load_image(fixed_path)
-    if fixed.data.ndim != 3:
-        raise CLIError(f"--fixed must be a 3D scan, got shape {fixed.data.shape}")
+    scan = load_image(path)
+    name = flag if flag == "--fixed" else f"{flag} {path}"
+    if scan.data.ndim != 3:
+        raise CLIError(f"{name} must be a 3D scan, got shape {scan.data.shape}")
     labels = None
     if labels_path:
         labels = load_labels(labels_path)
-        if labels.data.shape != fixed.data.shape:
-            raise CLIError(f"--fixed-labels shape {labels.data.shape} differs from --fixed {fixed.data.shape}")
-    return fixed, labels
+        if labels.data.shape != scan.data.shape:
+            raise CLIError(f"{flag}-labels shape {labels.data.shape} differs from {name} {scan.data.shape}")
+    return scan, labels
 
 
-def _load_moving(moving_path, labels_path=None):
-    from jaxreg.io import load_image, load_labels
+def _load_fixed(path, labels_path=None):
+    return _load_scan("--fixed", path, labels_path)
 
-    moving = load_image(moving_path)
-    if moving.data.ndim != 3:
-        raise CLIError(f"--moving {moving_path} must be a 3D scan, got shape {moving.data.shape}")
-    labels = None
-    if labels_path:
-        labels = load_labels(labels_path)
-        if labels.data.shape != moving.data.shape:
-            raise CLIError(f"--moving-labels shape {labels.data.shape} differs from --moving {moving_path} "
-                           f"{moving.data.shape}")
-    return moving, labels
+
+def _load_moving(path, labels_path=None):
+    return _load_scan("--moving", path, labels_path)
 
 
 def _load_inputs(args):
