@@ -79,7 +79,7 @@ def program(fn=None, *, static_argnames=(), donate_argnums=()):
         key = (repr(sorted(static.items())), str(treedef), sig, keys)
         runner = runners.get(key)
         if runner is None:
-            runner, path = _load_or_export(fn, static, treedef, keys, flat, key, store)
+            runner, path = _load_or_compile(fn, static, treedef, keys, flat, key, store)
             if path is not None:  # loaded from the store: its first run is checked before it is trusted
                 try:
                     return jax.block_until_ready(runner(*flat))
@@ -111,7 +111,7 @@ def _machine_tag() -> str:
     return f"{model}|{jax.default_backend()}|{jax.devices()[0].device_kind}|{len(jax.devices())}"
 
 
-def _load_or_export(fn, static, treedef, keys, flat, key, store):
+def _load_or_compile(fn, static, treedef, keys, flat, key, store):
     from jax.experimental import serialize_executable as se
 
     digest = hashlib.sha256(repr((fn.__module__, fn.__qualname__, key, jax.__version__, _machine_tag(),
