@@ -146,20 +146,6 @@ def _load_scan(flag, path, labels_path=None):
     return scan, labels
 
 
-def _load_fixed(path, labels_path=None):
-    return _load_scan("--fixed", path, labels_path)
-
-
-def _load_moving(path, labels_path=None):
-    return _load_scan("--moving", path, labels_path)
-
-
-def _load_inputs(args):
-    fixed, fixed_labels = _load_fixed(args.fixed, args.fixed_labels)
-    moving, moving_labels = _load_moving(args.moving, args.moving_labels)
-    return fixed, moving, fixed_labels, moving_labels
-
-
 def _nifti_stem(path) -> str:
     name = pathlib.Path(path).name
     for ext in (".nii.gz", ".nii"):
@@ -168,21 +154,14 @@ def _nifti_stem(path) -> str:
     return name
 
 
-def _as_list(value):
-    if value is None:
-        return []
-    return [value] if isinstance(value, (str, os.PathLike)) else list(value)
-
-
 def _register_plan(args):
     """``[(moving, moving_labels or None, out folder)]``, validated before any work: one moving scan writes into
     ``--out``, several write into ``--out/<moving file stem>/`` (stems must differ)."""
-    movings = _as_list(args.moving)
-    labels = _as_list(getattr(args, "moving_labels", None))
+    movings, labels = args.moving, args.moving_labels or []
     if labels and len(labels) != len(movings):
         raise CLIError(f"--moving-labels needs one label map per --moving scan ({len(movings)}), got {len(labels)}",
                        EXIT_USAGE)
-    for path in [args.fixed, *movings, *labels, *_as_list(getattr(args, "fixed_labels", None))]:
+    for path in [args.fixed, *movings, *labels] + ([args.fixed_labels] if args.fixed_labels else []):
         if not pathlib.Path(path).is_file():
             raise CLIError(f"{path} does not exist")
     out = pathlib.Path(args.out)
@@ -209,7 +188,7 @@ def run_register(args):
     pair that fails writes nothing and the others still run; the command then exits non-zero.
     """
     plan = _register_plan(args)
-    fixed, fixed_labels = _load_fixed(args.fixed, getattr(args, "fixed_labels", None))
+    fixed, fixed_labels = _load_scan("--fixed", args.fixed, args.fixed_labels)
     report = _progress(args.quiet)
     runner, config, feature_fn = _registration_runner(args, report)
     if len(plan) == 1:
@@ -232,7 +211,7 @@ def run_register(args):
 def _register_pair(args, runner, config, feature_fn, fixed, fixed_labels, moving_path, labels_path, out, report):
     from jaxreg import pipeline
 
-    moving, moving_labels = _load_moving(moving_path, labels_path)
+    moving, moving_labels = _load_scan("--moving", moving_path, labels_path)
     report(f"jaxreg register: {args.method}, {getattr(runner, 'transform', config.transform)}, "
            f"fixed {fixed.data.shape}, moving {moving.data.shape}")
     reg = runner(fixed, moving)
@@ -421,9 +400,8 @@ def run_evaluate(args) -> dict:
 
     rows = []
     for k, p in enumerate(pairs):
-        a = argparse.Namespace(fixed=p["fixed"], moving=p["moving"], fixed_labels=p.get("fixed_labels") or None,
-                               moving_labels=p.get("moving_labels") or None)
-        fixed, moving, fixed_labels, moving_labels = _load_inputs(a)
+        fixed, fixed_labels = _load_scan("--fixed", p["fixed"], p.get("fixed_labels") or None)
+        moving, moving_labels = _load_scan("--moving", p["moving"], p.get("moving_labels") or None)
         reg = runner(fixed, moving)
         warped_labels = before = None
         if moving_labels is not None:

@@ -127,9 +127,6 @@ def working_grid(shape, affine, resolution: float | str | None):
     return work, np.asarray(affine, np.float64) @ s, r
 
 
-_sample = jax.jit(sample, static_argnames=("order", "padding"))
-
-
 def _map_coords(matrix, shape, disp=None):
     """``matrix @ (x + disp(x))`` on a grid, ``(*shape, 3)`` float32."""
     x = identity_grid(shape)

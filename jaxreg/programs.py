@@ -25,20 +25,17 @@ import tempfile
 import jax
 import numpy as np
 
-_SOURCES_HASH = None
 _FAILED = object()
 
 
+@functools.cache
 def _sources_hash() -> str:
-    global _SOURCES_HASH
-    if _SOURCES_HASH is None:
-        h = hashlib.sha256()
-        root = pathlib.Path(__file__).resolve().parent
-        for path in sorted(root.rglob("*.py")):
-            h.update(str(path.relative_to(root)).encode())
-            h.update(path.read_bytes())
-        _SOURCES_HASH = h.hexdigest()[:16]
-    return _SOURCES_HASH
+    h = hashlib.sha256()
+    root = pathlib.Path(__file__).resolve().parent
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def store_dir() -> pathlib.Path | None:
@@ -82,22 +79,23 @@ def program(fn=None, *, static_argnames=(), donate_argnums=()):
             runner, path = _load_or_compile(fn, static, treedef, keys, flat, key, store)
             if path is not None:  # loaded from the store: its first run is checked before it is trusted
                 try:
-                    return jax.block_until_ready(runner(*flat))
+                    out = jax.block_until_ready(runner(*flat))
                 except Exception:  # noqa: BLE001 - e.g. an executable that does not load on this host
                     path.unlink(missing_ok=True)
                     runner = _FAILED
-                finally:
+                else:
                     runners[key] = runner
+                    return out
             runners[key] = runner
         if runner is _FAILED:
             return jitted(*args, **kwargs, **static)
         return runner(*flat)
 
     call._cache_size = jitted._cache_size
-    call.jitted = jitted
     return call
 
 
+@functools.cache
 def _machine_tag() -> str:
     """The CPU model (executables are compiled for the host's instruction set) and the backend's devices."""
     import platform

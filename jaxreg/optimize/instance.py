@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import scipy.ndimage as ndi
 from jaxtyping import Array, Float
 
 from jaxreg import losses as L
@@ -455,10 +456,9 @@ def center_of_mass(image: Float[Array, "*spatial C"], *, threshold: float | None
         w = np.sum(np.maximum(np.asarray(image, np.float32), 0.0), axis=-1)
         if threshold is not None:
             w = (w > threshold * np.max(w)).astype(np.float32)
-        total = max(float(w.sum()), 1e-12)
-        return jnp.asarray([np.tensordot(np.sum(w, axis=tuple(a for a in range(w.ndim) if a != ax)),
-                                         np.arange(w.shape[ax], dtype=np.float64), 1) / total
-                            for ax in range(w.ndim)], jnp.float32)
+        if not w.sum() > 0:
+            return jnp.zeros(w.ndim, jnp.float32)
+        return jnp.asarray(ndi.center_of_mass(w), jnp.float32)
     w = jnp.sum(jnp.maximum(image, 0.0), axis=-1)
     if threshold is not None:
         w = (w > threshold * jnp.max(w)).astype(jnp.float32)
@@ -495,10 +495,6 @@ def _affine_units(ndim: int, radius, rigid: bool):
 
 
 @functools.partial(jax.jit, static_argnames=("rigid",))
-def _raw_to_matrix_jit(raw, spacing, center_mm, radius, *, rigid):
-    return _raw_to_matrix(raw, spacing, center_mm, radius, rigid)
-
-
 def _raw_to_matrix(raw, spacing, center_mm, radius, rigid):
     """Voxel-space matrix of raw affine parameters acting in mm about ``center_mm``: ``S^-1 A_mm S``."""
     d = spacing.shape[0]
@@ -796,8 +792,8 @@ def _affine_stage(fixed, moving, candidates, cfg, spacing, moving_mask, level_ma
         return raw, np.asarray(curve)[: max(int(n), 1)]
 
     def matrix_of(raw, cand):
-        return np.asarray(cand, np.float64) @ np.asarray(_raw_to_matrix_jit(raw, spacing, center_mm, radius,
-                                                                            rigid=rigid), np.float64)
+        return np.asarray(cand, np.float64) @ np.asarray(_raw_to_matrix(raw, spacing, center_mm, radius, rigid),
+                                                         np.float64)
 
     box_fine = _foreground_box(fixed, moving)
     zero = jnp.zeros(n_raw, jnp.float32)
