@@ -213,9 +213,86 @@ def build_car_data(config):
     return source, car_examples(evals, d, num_slices=d.num_val), grid
 
 
+def _label_table_remap(subjects):
+    """Remap every subject's labels onto ``1..K`` with one table (IXI's 148 DLMUSE values); returns K + 1."""
+    from jaxreg.data.keymorph import label_table, remap_labels
+
+    table = label_table([s.labels for s in subjects if s.labels is not None])
+    for s in subjects:
+        if s.labels is not None:
+            s.labels = remap_labels(s.labels, table)
+    return len(table) + 1
+
+
+def build_slice_data(config):
+    """``(SliceSource, val_examples, grid)`` for feature-extractor pretraining (``config.data.kind == 'slices'``).
+
+    ``data.train_cases`` / ``data.val_cases`` are loaded with
+    :func:`jaxreg.data.car.load_brain_subjects` (skull-stripped, affinely
+    aligned); ``model.contrasts`` are the channels; ``deepsim_seg`` remaps the
+    labels to ``1..K`` and requires ``model.num_classes == K + 1``.
+    """
+    from jaxreg.data.car import load_brain_subjects
+    from jaxreg.data.slices import SliceSource, central_slice_examples
+
+    d, m = config.data, config.model
+    seg = m.kind == "deepsim_seg"
+    names = list(d.train_cases) + list(d.val_cases)
+    loaded, shape, affine = load_brain_subjects(d.root, names, resolution=d.resolution, multiple=16,
+                                                crop=tuple(d.crop) or None, with_labels=seg)
+    if seg:
+        classes = _label_table_remap(loaded)
+        if classes != m.num_classes:
+            raise ValueError(f"the label maps hold {classes - 1} labels; set model.num_classes = {classes}")
+    train, val = loaded[:len(d.train_cases)], loaded[len(d.train_cases):]
+    axis = _axis(d)
+    source = SliceSource(train, contrasts=tuple(m.contrasts), slice_axis=axis, flip=d.flip, with_labels=seg,
+                         seed=config.seed)
+    return source, central_slice_examples(val, contrasts=tuple(m.contrasts), num_slices=d.num_val,
+                                          slice_axis=axis, with_labels=seg), (shape, affine)
+
+
+def build_crossreg_data(config):
+    """``(PairSource, val_examples, grid)`` for cross-contrast registration networks (``data.kind == 'crossreg'``).
+
+    Training: slices of ``data.train_cases`` (multi-contrast, skull-stripped,
+    affinely aligned, :func:`jaxreg.data.car.load_brain_subjects`): fixed =
+    ``data.fixed_contrast``, moving = one of ``data.moving_contrasts`` of the
+    same subject (or of another with ``data.inter_prob``), both deformed
+    independently (``deform_voxels``), one contrast pair per batch
+    (``contrast_block = batch_size``), indices into ``model.contrasts`` when
+    the model has them. Validation: :func:`jaxreg.data.car.known_deformation_examples`
+    of ``data.val_cases`` (endpoint error; tumour / lesion Dice where the case has labels).
+    """
+    from jaxreg.data.car import known_deformation_examples, load_brain_subjects
+
+    d = config.data
+    names = list(d.train_cases) + list(d.val_cases)
+    loaded, shape, affine = load_brain_subjects(d.root, names, resolution=d.resolution,
+                                                multiple=2 ** len(config.model.enc_features),
+                                                crop=tuple(d.crop) or None, with_labels=False, lesion_labels=True)
+    train, val = loaded[:len(d.train_cases)], loaded[len(d.train_cases):]
+    for s in train:
+        s.labels = None
+    moving = tuple(d.moving_contrasts)
+    names_idx = tuple(config.model.contrasts) if "contrasts" in config.model else (d.fixed_contrast, *moving)
+    source = PairSource(train, mode="intra", fixed_contrast=d.fixed_contrast, moving_contrast=moving,
+                        seed=config.seed, deform_voxels=d.deform_voxels, deform_spacing=d.deform_spacing,
+                        deform_fixed=True, slice_axis=_axis(d), flip=d.flip, contrast_block=config.batch_size,
+                        contrast_names=names_idx, inter_prob=d.inter_prob)
+    examples = known_deformation_examples(val, num_slices=d.num_val, deform_voxels=d.deform_voxels,
+                                          deform_spacing=d.deform_spacing, seed=0, axis=_axis(d),
+                                          fixed_contrast=d.fixed_contrast, contrasts=moving)
+    return source, examples, (shape, affine)
+
+
 def build_data(config, workdir: pathlib.Path):
     """``(train_source, val_examples, grid)`` from ``config.data`` (see configs/)."""
     d = config.data
+    if d.get("kind") == "slices":
+        return build_slice_data(config)
+    if d.get("kind") == "crossreg":
+        return build_crossreg_data(config)
     if d.get("kind") == "views":
         return build_view_data(config)
     if d.get("kind") == "keymorph":
@@ -261,7 +338,8 @@ def build_data(config, workdir: pathlib.Path):
 
 # ----------------------------------------------------------------------------- model and steps
 
-BATCH_KEYS = ("fixed", "moving", "fixed_target", "same", "fixed_labels", "moving_labels", "task", "pretrain")
+BATCH_KEYS = ("fixed", "moving", "fixed_target", "same", "fixed_labels", "moving_labels", "task", "pretrain",
+              "images", "labels", "fixed_contrast", "moving_contrast")
 
 def make_optimizer(config) -> optax.GradientTransformation:
     lr = config.learning_rate

@@ -61,8 +61,11 @@ def brain_mask_volume(root, name: str, labels=None):
     return m.astype(np.float32), lab.affine
 
 
+LESION_LABELS = {"brats_space": "tumor_seg.nii.gz", "ms_mni": "lesion.nii.gz", "brats2015": "seg.nii.gz"}
+
+
 def load_brain_subjects(root, names, *, resolution: float = 2.0, multiple: int = 16, crop=None,
-                        with_labels: bool = True) -> tuple[list[SubjectData], tuple, np.ndarray]:
+                        with_labels: bool = True, lesion_labels: bool = False) -> tuple[list[SubjectData], tuple, np.ndarray]:
     """Load cases of ``../shared/data`` onto the first case's grid, skull-stripped and affinely aligned to it.
 
     Args:
@@ -72,6 +75,9 @@ def load_brain_subjects(root, names, *, resolution: float = 2.0, multiple: int =
       multiple: grid sizes are padded to a multiple of this.
       crop: optional central crop of the grid (sizes divisible by ``multiple``).
       with_labels: keep the IXI label maps (148 DLMUSE labels) as ``labels``.
+      lesion_labels: also keep the tumour / lesion maps of ``brats_space``
+        (``tumor_seg``), ``ms_mni`` (``lesion``) and ``brats2015`` (``seg``)
+        as ``labels`` (nearest-neighbour resampled).
 
     Returns:
       ``(subjects, shape, affine)``; each subject's images are ``(*shape, 1)``
@@ -102,6 +108,9 @@ def load_brain_subjects(root, names, *, resolution: float = 2.0, multiple: int =
                 shape, affine = crop, affine @ shift
         lab = load_image(root / "ixi" / f"{name[4:]}_labels.nii.gz") if name.startswith("ixi/") else None
         mask = brain_mask_volume(root, name, labels=lab)
+        lesion = LESION_LABELS.get(name.split("/")[0])
+        if lesion_labels and lesion and (root / name / lesion).is_file():
+            lab = load_image(root / name / lesion)
 
         def on_grid(data, aff, matrix, order=1):
             return resample_to_grid(data, aff, shape, affine, order=order, matrix=matrix)
@@ -126,8 +135,8 @@ def load_brain_subjects(root, names, *, resolution: float = 2.0, multiple: int =
         if ref is None:
             ref = images["t1"] if "t1" in images else next(iter(images.values()))
         labels = None
-        if with_labels and lab is not None:
-            labels = on_grid(lab.data, lab.affine, matrix, order=0).astype(np.int32)
+        if (with_labels or lesion_labels) and lab is not None:
+            labels = on_grid(np.asarray(lab.data, np.float32), lab.affine, matrix, order=0).astype(np.int32)
         out.append(SubjectData(name, images, labels))
     return out, tuple(shape), np.asarray(affine)
 
@@ -142,7 +151,7 @@ def central_slices(image: np.ndarray, num: int, *, axis: int = 2) -> list[int]:
 
 def known_deformation_examples(subjects: list[SubjectData], *, num_slices: int = 8, deform_voxels: float = 2.0,
                                deform_spacing: int = 16, seed: int = 0, axis: int | None = 2,
-                               fixed_contrast: str = "t1") -> list[dict]:
+                               fixed_contrast: str = "t1", contrasts=None) -> list[dict]:
     """Unseen-contrast test pairs with a known answer, 2D slices (``axis``) or whole 3D volumes (``axis=None``).
 
     For each subject and slice one random smooth deformation ``u`` (mean
@@ -150,7 +159,9 @@ def known_deformation_examples(subjects: list[SubjectData], *, num_slices: int =
     subject (``fixed_contrast`` too, the mono-contrast reference) the example
     is ``fixed`` = the ``fixed_contrast`` slice, ``moving`` = the ``c`` slice
     warped by ``u``, ``disp_true = invert(u)`` (voxels; it registers them),
-    ``contrast = c``, ``case`` = the subject name.
+    ``contrast = c``, ``case`` = the subject name; a subject with ``labels``
+    (tumour / lesion) also gives ``fixed_labels`` and ``moving_labels`` (the
+    labels warped by ``u``). ``contrasts`` restricts the moving contrasts.
     """
     out = []
     for si, s in enumerate(subjects):
@@ -162,8 +173,14 @@ def known_deformation_examples(subjects: list[SubjectData], *, num_slices: int =
             fixed = np.array(take(ref), np.float32)
             u = random_smooth_disp(rng, fixed.shape[:-1], magnitude=deform_voxels, spacing=deform_spacing)
             truth = np.asarray(invert(jnp.asarray(u)), np.float32)
+            labels = {}
+            if s.labels is not None:
+                lab = np.asarray(take(s.labels), np.int32)
+                labels = {"fixed_labels": lab, "moving_labels": warp_numpy(lab, u, order=0).astype(np.int32)}
             for c, img in s.images.items():
+                if contrasts is not None and c not in contrasts:
+                    continue
                 out.append({"fixed": fixed, "moving": warp_numpy(np.array(take(img), np.float32), u),
-                            "disp_true": truth, "contrast": c, "case": s.name,
+                            "disp_true": truth, "contrast": c, "case": s.name, **labels,
                             "name": f"{s.name} {c}->{fixed_contrast}" + (f" slice {k}" if k is not None else "")})
     return out

@@ -214,6 +214,15 @@ class PairSource:
     displacement lowers the loss: without it, networks trained on few
     subjects were measured to output one input-independent field.
 
+    Several moving contrasts: ``moving_contrast`` may be a tuple; each
+    example draws one (the same for the ``contrast_block`` consecutive
+    examples ``i // contrast_block``, so that a batch of that size holds one
+    contrast pair, as ContraReg's per-contrast feature extractors need). With
+    ``contrast_names`` every example also holds ``fixed_contrast`` and
+    ``moving_contrast``, int32 indices into it. ``inter_prob`` > 0 makes that
+    fraction of ``intra`` examples inter-subject (moving contrast of another
+    subject).
+
     Raises:
       ValueError: unknown mode/contrasts, or too few subjects for ``inter``.
     """
@@ -222,13 +231,28 @@ class PairSource:
                  moving_contrast: str = "t1", seed: int = 0, deform_voxels: float = 0.0,
                  deform_spacing: int = 16, remap_fixed: str | None = None, slice_axis: int | None = None,
                  keep_target: bool = False, remap_prob: float = 1.0, deform_fixed: bool = False,
-                 flip: bool = False, keep_truth: bool = False, length: int = 2 ** 31 - 1):
+                 flip: bool = False, keep_truth: bool = False, length: int = 2 ** 31 - 1,
+                 contrast_block: int = 1, contrast_names: tuple | None = None, inter_prob: float = 0.0):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "inter" and len(subjects) < 2:
             raise ValueError("mode 'inter' needs at least 2 subjects")
+        moving_contrasts = (moving_contrast,) if isinstance(moving_contrast, str) else tuple(moving_contrast)
+        if not moving_contrasts:
+            raise ValueError("moving_contrast must name at least one contrast")
+        if contrast_names is not None:
+            unknown = [c for c in (fixed_contrast, *moving_contrasts) if c not in contrast_names]
+            if unknown:
+                raise ValueError(f"contrasts {unknown} are not in contrast_names {list(contrast_names)}")
+        if contrast_block < 1:
+            raise ValueError(f"contrast_block must be >= 1, got {contrast_block}")
+        if not 0.0 <= inter_prob <= 1.0 or (inter_prob > 0 and len(subjects) < 2):
+            raise ValueError(f"inter_prob must be in [0, 1] (and > 0 needs 2 subjects), got {inter_prob}")
+        self.moving_contrasts, self.contrast_block = moving_contrasts, int(contrast_block)
+        self.contrast_names = None if contrast_names is None else tuple(contrast_names)
+        self.inter_prob = float(inter_prob)
         for s in subjects:
-            for c in (fixed_contrast, moving_contrast):
+            for c in (fixed_contrast, *moving_contrasts):
                 if c not in s.images:
                     raise ValueError(f"subject {s.name} has no contrast {c!r} (has {sorted(s.images)})")
         if remap_fixed not in (None, "random", "sin"):
@@ -237,7 +261,7 @@ class PairSource:
         self.fixed_contrast, self.moving_contrast = fixed_contrast, moving_contrast
         self.deform_voxels, self.deform_spacing = float(deform_voxels), int(deform_spacing)
         self.deform_fixed, self.flip = bool(deform_fixed), bool(flip)
-        self.keep_truth = bool(keep_truth) and mode != "inter" and not deform_fixed
+        self.keep_truth = bool(keep_truth) and mode != "inter" and not deform_fixed and not inter_prob
         self.remap_fixed, self.slice_axis, self.length = remap_fixed, slice_axis, int(length)
         self.with_labels = all(s.labels is not None for s in subjects)
         self.keep_target = bool(keep_target) and remap_fixed is not None
@@ -251,13 +275,18 @@ class PairSource:
     def __getitem__(self, index: int) -> dict:
         rng = np.random.default_rng([self.seed, int(index)])
         n = len(self.subjects)
-        if self.mode == "inter":
+        if self.mode == "inter" or (self.inter_prob > 0 and rng.uniform() < self.inter_prob):
             i, j = rng.choice(n, size=2, replace=False)
         else:
             i = j = int(rng.integers(n))
         fs, ms = self.subjects[i], self.subjects[j]
         fixed = fs.images[self.fixed_contrast]
-        moving = ms.images[self.moving_contrast if self.mode != "self" else self.fixed_contrast]
+        mc = self.moving_contrasts[0]
+        if len(self.moving_contrasts) > 1:
+            block = np.random.default_rng([self.seed, int(index) // self.contrast_block, 7])
+            mc = self.moving_contrasts[int(block.integers(len(self.moving_contrasts)))]
+        mc = mc if self.mode != "self" else self.fixed_contrast
+        moving = ms.images[mc]
         fl, ml = (fs.labels, ms.labels) if self.with_labels else (None, None)
         if self.slice_axis is not None:
             fg = np.nonzero(np.any(fixed[..., 0] > 0.05, axis=tuple(a for a in range(3) if a != self.slice_axis)))[0]
@@ -293,6 +322,9 @@ class PairSource:
         if self.with_labels:
             out["fixed_labels"] = np.asarray(fl, np.int32)
             out["moving_labels"] = np.asarray(ml, np.int32)
+        if self.contrast_names is not None:
+            out["fixed_contrast"] = np.int32(self.contrast_names.index(self.fixed_contrast))
+            out["moving_contrast"] = np.int32(self.contrast_names.index(mc))
         if self.flip:
             out = flip_example(out, rng.integers(0, 2, size=fixed.ndim - 1).astype(bool))
         return out
@@ -310,6 +342,9 @@ def flip_example(example: dict, axes) -> dict:
         return example
     out = {}
     for k, v in example.items():
+        if np.ndim(v) == 0:  # per-example scalars (contrast indices)
+            out[k] = v
+            continue
         v = np.flip(v, axis=axes)
         if k == "disp_true":
             sign = np.ones(v.shape[-1], v.dtype)

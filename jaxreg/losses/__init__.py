@@ -11,7 +11,8 @@ callable as ``loss(fixed, moving, *, mask=None)``.
 from typing import Callable
 
 from jaxreg.losses.dns import cosine_similarity_loss, dns, dns_pairs
-from jaxreg.losses.infonce import infonce, sample_in_mask
+from jaxreg.losses.deepsim import deepsim
+from jaxreg.losses.infonce import infonce, patchnce, resize_mask, sample_in_mask
 from jaxreg.losses.lncc import lncc
 from jaxreg.losses.local_mi import local_mi
 from jaxreg.losses.mi import mi_of_samples, mutual_information, nmi, parzen_weights
@@ -34,6 +35,7 @@ __all__ = [
     "SIMILARITIES",
     "bending_energy",
     "cosine_similarity_loss",
+    "deepsim",
     "descriptor_mse",
     "diffusion",
     "dns",
@@ -49,6 +51,8 @@ __all__ = [
     "nmi",
     "mi_of_samples",
     "parzen_weights",
+    "patchnce",
+    "resize_mask",
     "sample_in_mask",
     "velocity_l2",
 ]

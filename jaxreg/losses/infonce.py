@@ -104,3 +104,78 @@ def sample_in_mask(
     _, flat = jax.lax.top_k(score, int(num))
     points = jnp.stack(jnp.unravel_index(flat, shape), axis=-1).astype(jnp.int32)
     return points, inside[flat].astype(jnp.float32)
+
+
+def resize_mask(mask, shape) -> Bool[Array, "*shape"]:
+    """A ``(*spatial)`` mask on a feature layer's grid ``shape`` (linear resize, inside where >= 0.5)."""
+    m = jnp.asarray(mask, jnp.float32)
+    if tuple(m.shape) == tuple(shape):
+        return m > 0.5
+    return jax.image.resize(m, tuple(shape), method="linear") >= 0.5
+
+
+def patchnce(
+    query_layers,
+    key_layers,
+    key: PRNGKeyArray,
+    *,
+    num_samples: int = 1024,
+    temperature: float = 0.007,
+    mask=None,
+    projections=None,
+) -> Float[Array, ""]:
+    """Multi-layer PatchNCE of one image pair: mean over layers of InfoNCE at sampled locations.
+
+    For layer ``k``, ``num_samples`` locations ``i`` are drawn without
+    replacement (inside ``mask`` resized to that layer's grid, if given:
+    ContraReg's mCR) and the query vectors ``f_i = P_q(query_layers[k][i])``
+    are contrasted with the keys ``f_j = P_k(key_layers[k][j])`` at the same
+    locations: the positive of query ``i`` is key ``i`` (the same location,
+    e.g. in the warped moving image), its ``num_samples - 1`` negatives are
+    the keys at the other sampled locations (ContraReg Sec. 3, the equation
+    of ``d_12``; Park et al., ECCV 2020).
+
+    Args:
+      query_layers, key_layers: sequences of ``(*spatial_k, C_k)`` feature
+        maps of the two images (same shapes per layer).
+      key: PRNG key (one subkey per layer).
+      num_samples: sampled locations per layer (ContraReg: ``ns = 1024``
+        negatives), capped at the layer's voxel count.
+      temperature: ``tau`` (ContraReg Sec. 4: 0.007).
+      mask: optional full-resolution ``(*spatial)`` mask (> 0.5 inside);
+        samples are drawn inside it on every layer, and layers where it holds
+        fewer voxels than ``num_samples`` give the surplus samples weight 0.
+      projections: optional sequence of ``(P_q, P_k)`` pairs of callables
+        ``(N, C_k) -> (N, P)`` per layer (ContraReg's MLPs ``F_1^k``,
+        ``F_2^k``); identity if None. Vectors are L2-normalised after them.
+
+    Returns:
+      Scalar loss ``>= 0``; about ``log num_samples`` for unrelated features.
+
+    Raises:
+      ValueError: layer lists of different lengths or shapes.
+    """
+    if len(query_layers) != len(key_layers) or not query_layers:
+        raise ValueError(f"patchnce needs two non-empty layer lists of one length, got {len(query_layers)} "
+                         f"and {len(key_layers)}")
+    if projections is not None and len(projections) != len(query_layers):
+        raise ValueError(f"projections needs one (P_q, P_k) pair per layer ({len(query_layers)}), "
+                         f"got {len(projections)}")
+    keys = jax.random.split(key, len(query_layers))
+    total = 0.0
+    for k, (q, kv) in enumerate(zip(query_layers, key_layers)):
+        if q.shape != kv.shape:
+            raise ValueError(f"patchnce layer {k}: query {q.shape} and key {kv.shape} differ")
+        shape = q.shape[:-1]
+        n_vox = 1
+        for s in shape:
+            n_vox *= int(s)
+        m = jnp.ones(shape, bool) if mask is None else resize_mask(mask, shape)
+        pts, w = sample_in_mask(keys[k], m, min(int(num_samples), n_vox))
+        idx = tuple(pts[:, a] for a in range(len(shape)))
+        fq, fk = q[idx], kv[idx]
+        if projections is not None:
+            pq, pk = projections[k]
+            fq, fk = pq(fq), pk(fk)
+        total = total + infonce(fq, fk, temperature=temperature, weights=None if mask is None else w)
+    return total / len(query_layers)

@@ -4,9 +4,10 @@ import dataclasses
 import jax
 from flax import nnx
 
-from jaxreg.methods import car, dns, keymorph, voxelmorph
+from jaxreg.methods import car, contrareg, deepsim, dns, features, keymorph, voxelmorph
 
-METHODS = {"car": car, "dns": dns, "keymorph": keymorph, "voxelmorph": voxelmorph}
+METHODS = {"car": car, "contrareg": contrareg, "deepsim": deepsim, "dns": dns, "features": features,
+           "keymorph": keymorph, "voxelmorph": voxelmorph}
 
 
 @nnx.jit
@@ -51,7 +52,10 @@ def restore_model(config: dict, params: dict):
       ValueError: unknown method, or parameters that do not fit the configured model.
     """
     name = config.get("method")
-    mod, cfg = method_config(name, config["model"])
+    model_opts = dict(config["model"])
+    if "features_checkpoint" in model_opts:  # the frozen extractor is part of ``params``: do not read its run
+        model_opts["features_checkpoint"] = ""
+    mod, cfg = method_config(name, model_opts)
     abstract = nnx.eval_shape(lambda: mod.init(jax.random.key(0), cfg))
     graphdef, state = nnx.split(abstract)
     def flat(tree):  # "a/0/b" -> shape; checkpoints may spell list indices as str

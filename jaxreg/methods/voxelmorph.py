@@ -27,7 +27,7 @@ from jaxreg import losses as L
 from jaxreg.nn import HyperFiLM, SVFNet, sample_lambda
 from jaxreg.spatial import gaussian_blur, warp
 
-SIMILARITIES = ("mse", "lncc", "mi", "nmi", "mind", "ngf")
+SIMILARITIES = ("mse", "lncc", "mi", "nmi", "local_mi", "mind", "ngf")
 INPUT_FEATURES = ("image", "mind")
 
 
@@ -68,7 +68,10 @@ class Config:
         similarity term ``L_sim(moving, fixed o exp(-v))`` (Dalca 2019).
       similarity: one of ``SIMILARITIES`` (``mind`` = MSE of MIND-SSC
         descriptors, radius 1, dilation 1, the instance-optimisation default).
-      lncc_window, mi_bins: similarity parameters.
+      lncc_window, mi_bins, local_mi_patch: similarity parameters.
+      reg_field: the field ``L_reg`` smooths: ``"disp"`` (VoxelMorph) or
+        ``"velocity"`` (ContraReg's ``L_reg`` on ``v``, so that the baselines
+        of its comparison share its regulariser).
       loss_sigma: Gaussian pre-smoothing (voxels) of the moving image before
         it is warped and of the loss target, for the similarity term only
         (0 = none). Inter-subject MIND-SSC, LNCC and MSE all drop when the
@@ -113,6 +116,8 @@ class Config:
     loss_mask_threshold: float = 0.0
     lncc_window: int = 9
     mi_bins: int = 32
+    local_mi_patch: int = 9
+    reg_field: str = "disp"
     reg_weight: float = 1.0
     hyper: bool = False
     lambda_range: tuple = (0.0, 1.0)
@@ -134,6 +139,8 @@ class Config:
             raise ValueError(f"loss_scales must be >= 1, got {self.loss_scales}")
         if self.loss_sigma < 0:
             raise ValueError(f"loss_sigma must be >= 0, got {self.loss_sigma}")
+        if self.reg_field not in ("disp", "velocity"):
+            raise ValueError(f"reg_field must be 'disp' or 'velocity', got {self.reg_field!r}")
         if self.reg_weight < 0:
             raise ValueError(f"reg_weight must be >= 0, got {self.reg_weight}")
 
@@ -190,6 +197,8 @@ def similarity(config: Config, fixed, warped, mask=None) -> Float[Array, ""]:
         return L.nmi(fixed, warped, bins=config.mi_bins, mask=mask)
     if s == "ngf":
         return L.ngf(fixed, warped, mask=mask)
+    if s == "local_mi":
+        return L.local_mi(fixed, warped, bins=config.mi_bins, patch=config.local_mi_patch, mask=mask)
     return L.mse(fixed, warped, mask=mask)
 
 
@@ -245,7 +254,7 @@ def loss_fn(model: VoxelMorph, batch: dict, *, key) -> tuple[Float[Array, ""], d
     mask = batch.get("mask")
     lam = sample_lambda(key, b, low=cfg.lambda_range[0], high=cfg.lambda_range[1],
                         distribution=cfg.lambda_distribution) if cfg.hyper else None
-    _, disp, inv = model(fixed, moving, lam)
+    velocity, disp, inv = model(fixed, moving, lam)
     target = batch.get("fixed_target", fixed)
     if target.shape != fixed.shape:
         raise ValueError(f"batch['fixed_target'] {target.shape} must match batch['fixed'] {fixed.shape}")
@@ -261,7 +270,7 @@ def loss_fn(model: VoxelMorph, batch: dict, *, key) -> tuple[Float[Array, ""], d
     if cfg.bidirectional:
         warped_f = jax.vmap(warp)(target, inv)
         sim = 0.5 * (sim + jax.vmap(lambda f, w: multiscale_similarity(cfg, f, w))(moving, warped_f))
-    reg = jax.vmap(L.diffusion)(disp)
+    reg = jax.vmap(L.diffusion)(velocity if cfg.reg_field == "velocity" else disp)
     if cfg.hyper:
         per = (1.0 - lam) * sim + lam * cfg.reg_scale * reg
     else:
