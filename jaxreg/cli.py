@@ -28,8 +28,8 @@ class CLIError(Exception):
 
 
 METHOD_CHOICES = ["io-mind", "io-dns", "io-dns-random", "io-mi", "io-nmi", "io-ngf", "io-lncc", "io-mse", "vxm", "car",
-                  "keymorph"]
-EVALUATE_OUTPUTS = ("per_pair.csv", "summary.json", "summary.md")
+                  "contrareg", "deepsim", "keymorph"]
+EVALUATE_OUTPUTS = ("per_pair.csv", "summary.json", "summary.md", "sweep.png")
 
 
 def _parse_levels(text):
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "aligned in closed form (--transform affine|tps, weights shipped)")
     r.add_argument("--weights", help="io-dns / keymorph: network weights (.safetensors with its .json beside it; "
                                      "default: the shipped brain weights)")
-    r.add_argument("--checkpoint", help="training run directory (train.main --workdir) for --method vxm or car")
+    r.add_argument("--checkpoint", help="training run directory (train.main --workdir) for --method vxm, car, contrareg or deepsim")
     r.add_argument("--lambda", dest="lam", type=float, default=None,
                    help="regularisation weight in [0, 1] for a lambda-conditioned network")
     r.add_argument("--transform", default=None, choices=["svf", "disp", "affine", "rigid", "tps"],
@@ -99,9 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--pairs", required=True,
                    help="CSV with columns fixed, moving [, fixed_labels, moving_labels, name]")
     e.add_argument("--method", default="io-mind", choices=METHOD_CHOICES)
-    e.add_argument("--checkpoint", help="training run directory for --method vxm or car")
+    e.add_argument("--checkpoint", help="training run directory for --method vxm, car, contrareg or deepsim")
     e.add_argument("--weights", help="io-dns: MASR-Net weights (default: shipped)")
     e.add_argument("--lambda", dest="lam", type=float, default=None)
+    e.add_argument("--lambdas", default=None,
+                   help="lambda sweep of a lambda-conditioned network: 'sweep' (17 values, dense in [0, 0.2), "
+                        "sparse in [0.2, 1], as ContraReg) or comma-separated values; tables every lambda, the "
+                        "one with folding < 0.5 %% and the best Dice, and plots them (sweep.png)")
     e.add_argument("--resolution", type=float, default=None,
                    help="working-grid spacing in mm (default as for register)")
     e.add_argument("--out", required=True, help="output directory (per_pair.csv, summary.json, summary.md)")
@@ -294,7 +298,7 @@ def _registration_runner(args, report):
     if getattr(args, "tps_lambda", None) is not None:
         raise CLIError("--tps-lambda is only used with --method keymorph --transform tps", EXIT_USAGE)
     init = getattr(args, "init", None) or "auto"
-    learned = {"vxm": "voxelmorph", "car": "car"}
+    learned = {"vxm": "voxelmorph", "car": "car", "contrareg": "contrareg", "deepsim": "deepsim"}
     if args.method in learned and init != "auto":
         raise CLIError("--init is for the io-* methods", EXIT_USAGE)
     if args.method in learned:
@@ -323,11 +327,15 @@ def _registration_runner(args, report):
             report(f"note: the network was trained at {train_res} mm; registering at {resolution or 'native'} mm")
         res = train_res if resolution is None else (resolution or None)
         report(f"loaded {run_cfg.get('method')} from {args.checkpoint} (step {step})")
-        config = InstanceConfig(similarity=model.config.similarity)
+        from jaxreg.optimize.instance import SIMILARITIES
+
+        # learned similarities (ContraReg's PatchNCE, DeepSim) need the network's extractors: report MIND-SSC
+        sim = model.config.similarity
+        config = InstanceConfig(similarity=sim if sim in SIMILARITIES else "mind")
         return (lambda f, m: pipeline.register_volumes_learned(f, m, module=module, model=model, lam=args.lam,
                                                                resolution=res, progress=report)), config, None
     if getattr(args, "checkpoint", None):
-        raise CLIError("--checkpoint is only used with --method vxm or car", EXIT_USAGE)
+        raise CLIError("--checkpoint is only used with --method vxm, car, contrareg or deepsim", EXIT_USAGE)
     weights = getattr(args, "weights", None)
     if weights is not None and args.method != "io-dns":
         raise CLIError(f"--weights is only used with --method io-dns or keymorph, not {args.method}", EXIT_USAGE)
@@ -386,16 +394,44 @@ SUMMARY_KEYS = ("dice_mean", "dice_mean_before", "dice30", "hd95_mm", "folding_p
 
 def run_evaluate(args) -> dict:
     """Implementation of ``jaxreg evaluate``; returns the summary dict."""
-    import csv
-    import io
-
-    import numpy as np
+    from jaxreg import sweep
 
     out = pathlib.Path(args.out)
     _check_out_dir(out, EVALUATE_OUTPUTS, args.overwrite)
+    lambdas = None
+    if getattr(args, "lambdas", None):
+        if args.lam is not None:
+            raise CLIError("pass --lambda or --lambdas, not both", EXIT_USAGE)
+        try:
+            lambdas = sweep.parse_lambdas(args.lambdas)
+        except ValueError as e:
+            raise CLIError(str(e), EXIT_USAGE) from None
+        args.lam = lambdas[0]
     pairs = _read_pairs(args.pairs)
     report = _progress(args.quiet)
     runner, config, feature_fn = _registration_runner(args, report)
+    if lambdas is None:
+        summary, rows = _evaluate_pairs(args, pairs, runner, config, feature_fn, report)
+        _write_evaluation(out, args, summary, rows, report)
+        return summary
+    sweep_rows, all_rows = [], []
+    for lam in lambdas:
+        args.lam = lam
+        summary, rows = _evaluate_pairs(args, pairs, runner, config, feature_fn, report)
+        sweep_rows.append({"lambda": lam, **{k: summary[f"{k}_mean"] for k in SUMMARY_KEYS}})
+        all_rows += [{"lambda": lam, **r} for r in rows]
+    chosen = sweep.select_lambda(sweep_rows, score="dice_mean")
+    summary = {"method": args.method, "checkpoint": args.checkpoint, "pairs": len(pairs), "lambdas": list(lambdas),
+               "sweep": sweep_rows, "selected": chosen,
+               "selection": "best dice_mean among the lambdas with folding_percent < 0.5"}
+    _write_evaluation(out, args, summary, all_rows, report, sweep_rows=sweep_rows)
+    return summary
+
+
+def _evaluate_pairs(args, pairs, runner, config, feature_fn, report):
+    """``(summary, rows)`` of one registration setting over ``pairs`` (``args.lam`` is read by the runner)."""
+    import numpy as np
+
     from jaxreg import pipeline
 
     rows = []
@@ -416,21 +452,41 @@ def run_evaluate(args) -> dict:
     summary = {"method": args.method, "checkpoint": args.checkpoint, "lambda": args.lam, "pairs": len(rows),
                **{f"{key}_mean": (float(np.mean([r[key] for r in rows if r[key] is not None]))
                                   if any(r[key] is not None for r in rows) else None) for key in SUMMARY_KEYS}}
+    return summary, rows
+
+
+def _write_evaluation(out, args, summary, rows, report, *, sweep_rows=None):
+    """per_pair.csv, summary.json, summary.md (and sweep.png for a lambda sweep), written all or nothing."""
+    import csv
+    import io
+
+    from jaxreg import sweep
+
+    lead = ["lambda", "name"] if sweep_rows is not None else ["name"]
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=["name", *SUMMARY_KEYS])
+    w = csv.DictWriter(buf, fieldnames=[*lead, *SUMMARY_KEYS])
     w.writeheader()
     w.writerows(rows)
-    md = [f"# jaxreg evaluate: {args.method}" + (f" ({args.checkpoint})" if args.checkpoint else ""), "",
-          "| pair | " + " | ".join(SUMMARY_KEYS) + " |", "|---" * (len(SUMMARY_KEYS) + 1) + "|"]
     fmt = lambda v: "–" if v is None else f"{v:.4g}"  # noqa: E731
-    md += [f"| {r['name']} | " + " | ".join(fmt(r[k]) for k in SUMMARY_KEYS) + " |" for r in rows]
-    md.append("| **mean** | " + " | ".join(fmt(summary[f"{k}_mean"]) for k in SUMMARY_KEYS) + " |")
+    md = [f"# jaxreg evaluate: {args.method}" + (f" ({args.checkpoint})" if args.checkpoint else ""), ""]
+    if sweep_rows is None:
+        md += ["| pair | " + " | ".join(SUMMARY_KEYS) + " |", "|---" * (len(SUMMARY_KEYS) + 1) + "|"]
+        md += [f"| {r['name']} | " + " | ".join(fmt(r[k]) for k in SUMMARY_KEYS) + " |" for r in rows]
+        md.append("| **mean** | " + " | ".join(fmt(summary[f"{k}_mean"]) for k in SUMMARY_KEYS) + " |")
+    else:
+        chosen = summary["selected"]
+        md += [f"{summary['pairs']} pairs, {len(sweep_rows)} lambdas; means over the pairs.", "",
+               "| lambda | " + " | ".join(SUMMARY_KEYS) + " |", "|---" * (len(SUMMARY_KEYS) + 1) + "|"]
+        md += [f"| {r['lambda']:g} | " + " | ".join(fmt(r[k]) for k in SUMMARY_KEYS) + " |" for r in sweep_rows]
+        md += ["", f"Selected (best Dice with folding < 0.5 %): lambda {chosen['lambda']:g}" if chosen else
+               "No lambda keeps folding < 0.5 % with a Dice score (labels needed)."]
     with atomic_dir(out) as tmp:
         (tmp / "per_pair.csv").write_text(buf.getvalue())
         (tmp / "summary.json").write_text(json.dumps({"summary": summary, "pairs": rows}, indent=1))
         (tmp / "summary.md").write_text("\n".join(md) + "\n")
+        if sweep_rows is not None:
+            sweep.plot_sweep(sweep_rows, tmp / "sweep.png", scores=("dice_mean",), title=f"{args.method} lambda sweep")
     report(f"wrote {out}")
-    return summary
 
 
 def run_apply(args):
