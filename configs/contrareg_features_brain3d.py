@@ -1,0 +1,25 @@
+"""ContraReg's modality-specific autoencoders in 3D at 4 mm (whole volumes), for ``configs/contrareg_brain3d.py``.
+
+Command::
+
+    PYTHONPATH=. JAXREG_DATA=../shared/data .venv/bin/python -m train.main \\
+        --config configs/contrareg_features_brain3d.py --workdir runs/contrareg_features_brain3d
+
+Same cases as the 2D config (``configs/contrareg_features_brain2d.py``); each
+example is a whole 48x64x48 volume, flipped. Not trained in a recorded run yet.
+"""
+import ml_collections
+
+from configs import contrareg_features_brain2d as fb
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = fb.get_config()
+    c.model.ndim = 3
+    c.batch_size = 2
+    c.num_train_steps = 500
+    c.data.resolution = 4.0
+    c.data.crop = (48, 64, 48)
+    c.data.slice_axis = -1
+    c.data.num_val = 1
+    return c
