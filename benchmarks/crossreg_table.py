@@ -119,8 +119,10 @@ def markdown(results: dict, meta: dict) -> str:
              f"({meta['cases']}; fixed = T1, moving = T2 / FLAIR / T1c warped by a known deformation, "
              f"{meta['num_slices']} slices per case; EPE before registration {fmt(meta['epe_before'], 2)} mm). "
              "Each network is evaluated at 17 lambdas; the row is the lambda with the lowest mean EPE among those "
-             "with mean folding < 0.5 %. Dice: tumour labels (brats_gli_00001 slices with tumour), Dice30: mean "
-             "of the lowest 30 %.", "",
+             "with mean folding < 0.5 %. Dice / Dice30 (mean of the lowest 30 %) over tumour / lesion labels where "
+             "a held-out case has them (" + ("none of these has labels: EPE is the accuracy measure" if
+                                             all(r["selected"] is None or r["selected"].get("dice") is None
+                                                 for r in results.values()) else "see the cases") + ").", "",
              "| method | step | opt. lambda | EPE (mm) | EPE T2 / FLAIR / T1c | Dice | Dice30 | % folds | SDlogJ "
              "| lambda by Dice |",
              "|---|---|---|---|---|---|---|---|---|---|"]

@@ -26,6 +26,11 @@ CPU scale here: VoxelMorph's widths with a half-resolution decoder
 (``out_level=1``, as every CPU-trained network of this project), ns = 256
 sampled locations per layer (1024 ran at 0.28 steps/s, 256 at ~1), Adam
 1e-3 with a cosine decay, batch 8, 1000 steps.
+
+Measured (2026-12-02, 2 cores, ``benchmarks/results/crossreg_table.md``): features 1500 steps in ~6.5 min
+(val L1 0.054); mCR 1000 steps in 20 min (~1.1 steps/s), CR 15 min; held-out EPE 3.88 -> mCR 3.28 mm
+(lambda 0.4), CR 3.31, VXM-LocalMI 3.25, NGF 3.27, MI 3.29, MIND 3.32, DeepSim-AE 3.57, io-mind 1.90;
+no folding. The paper's mCR > best baseline does not hold at this budget.
 """
 import ml_collections
 
