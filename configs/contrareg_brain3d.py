@@ -14,16 +14,12 @@ yet (the 2D comparison came first, ``benchmarks/results/crossreg_table.md``).
 import ml_collections
 
 from configs import contrareg_brain2d as cr
+from configs import contrareg_features_brain3d as f3
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = cr.get_config()
-    c.model.ndim = 3
+    c = f3.to_3d(cr.get_config())
     c.model.features_checkpoint = "runs/contrareg_features_brain3d"
     c.batch_size = 1
     c.num_train_steps = 600
-    c.data.resolution = 4.0
-    c.data.crop = (48, 64, 48)
-    c.data.slice_axis = -1
-    c.data.num_val = 1
     return c

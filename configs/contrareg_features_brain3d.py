@@ -13,13 +13,18 @@ import ml_collections
 from configs import contrareg_features_brain2d as fb
 
 
-def get_config() -> ml_collections.ConfigDict:
-    c = fb.get_config()
+def to_3d(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A 2D config of these cases made 3D: whole 48x64x48 volumes at 4 mm, one validation volume per case."""
     c.model.ndim = 3
-    c.batch_size = 2
-    c.num_train_steps = 500
     c.data.resolution = 4.0
     c.data.crop = (48, 64, 48)
     c.data.slice_axis = -1
     c.data.num_val = 1
+    return c
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = to_3d(fb.get_config())
+    c.batch_size = 2
+    c.num_train_steps = 500
     return c

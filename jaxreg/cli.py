@@ -410,16 +410,14 @@ def run_evaluate(args) -> dict:
     pairs = _read_pairs(args.pairs)
     report = _progress(args.quiet)
     runner, config, feature_fn = _registration_runner(args, report)
+    per_lambda = _evaluate_pairs(args, pairs, runner, config, feature_fn, report, lambdas or (args.lam,))
     if lambdas is None:
-        summary, rows = _evaluate_pairs(args, pairs, runner, config, feature_fn, report)
+        summary, rows = per_lambda[0]
         _write_evaluation(out, args, summary, rows, report)
         return summary
-    sweep_rows, all_rows = [], []
-    for lam in lambdas:
-        args.lam = lam
-        summary, rows = _evaluate_pairs(args, pairs, runner, config, feature_fn, report)
-        sweep_rows.append({"lambda": lam, **{k: summary[f"{k}_mean"] for k in SUMMARY_KEYS}})
-        all_rows += [{"lambda": lam, **r} for r in rows]
+    sweep_rows = [{"lambda": lam, **{k: summ[f"{k}_mean"] for k in SUMMARY_KEYS}}
+                  for lam, (summ, _) in zip(lambdas, per_lambda)]
+    all_rows = [{"lambda": lam, **r} for lam, (_, rows) in zip(lambdas, per_lambda) for r in rows]
     chosen = sweep.select_lambda(sweep_rows, score="dice_mean")
     summary = {"method": args.method, "checkpoint": args.checkpoint, "pairs": len(pairs), "lambdas": list(lambdas),
                "sweep": sweep_rows, "selected": chosen,
@@ -428,31 +426,37 @@ def run_evaluate(args) -> dict:
     return summary
 
 
-def _evaluate_pairs(args, pairs, runner, config, feature_fn, report):
-    """``(summary, rows)`` of one registration setting over ``pairs`` (``args.lam`` is read by the runner)."""
+def _evaluate_pairs(args, pairs, runner, config, feature_fn, report, lambdas):
+    """``[(summary, rows)]`` per lambda of ``lambdas`` (``args.lam``, read by the runner, is set to each in turn).
+
+    Each pair is read once and registered at every lambda.
+    """
     import numpy as np
 
     from jaxreg import pipeline
 
-    rows = []
+    rows = [[] for _ in lambdas]
     for k, p in enumerate(pairs):
         fixed, fixed_labels = _load_scan("--fixed", p["fixed"], p.get("fixed_labels") or None)
         moving, moving_labels = _load_scan("--moving", p["moving"], p.get("moving_labels") or None)
-        reg = runner(fixed, moving)
-        warped_labels = before = None
-        if moving_labels is not None:
-            warped_labels = pipeline.warp_labels_to_fixed(moving_labels, fixed, reg)
-            before = pipeline.warp_labels_to_fixed(moving_labels, fixed, None)
-        m = pipeline.registration_metrics(args.method, config, reg, fixed, fixed_labels, warped_labels, before,
-                                          feature_fn=feature_fn)
-        row = {"name": p["name"], **{key: m.get(key) for key in SUMMARY_KEYS}}
-        rows.append(row)
-        report(f"pair {k + 1}/{len(pairs)} {p['name']}: "
-               + ", ".join(f"{key} {v:.4g}" for key, v in row.items() if isinstance(v, float)))
-    summary = {"method": args.method, "checkpoint": args.checkpoint, "lambda": args.lam, "pairs": len(rows),
-               **{f"{key}_mean": (float(np.mean([r[key] for r in rows if r[key] is not None]))
-                                  if any(r[key] is not None for r in rows) else None) for key in SUMMARY_KEYS}}
-    return summary, rows
+        before = None if moving_labels is None else pipeline.warp_labels_to_fixed(moving_labels, fixed, None)
+        for j, lam in enumerate(lambdas):
+            args.lam = lam
+            reg = runner(fixed, moving)
+            warped_labels = None if moving_labels is None else pipeline.warp_labels_to_fixed(moving_labels, fixed, reg)
+            m = pipeline.registration_metrics(args.method, config, reg, fixed, fixed_labels, warped_labels, before,
+                                              feature_fn=feature_fn)
+            row = {"name": p["name"], **{key: m.get(key) for key in SUMMARY_KEYS}}
+            rows[j].append(row)
+            report(f"pair {k + 1}/{len(pairs)} {p['name']}" + (f" lambda {lam:g}" if lam is not None else "") + ": "
+                   + ", ".join(f"{key} {v:.4g}" for key, v in row.items() if isinstance(v, float)))
+
+    def summary(lam, rs):
+        return {"method": args.method, "checkpoint": args.checkpoint, "lambda": lam, "pairs": len(rs),
+                **{f"{key}_mean": (float(np.mean([r[key] for r in rs if r[key] is not None]))
+                                   if any(r[key] is not None for r in rs) else None) for key in SUMMARY_KEYS}}
+
+    return [(summary(lam, rs), rs) for lam, rs in zip(lambdas, rows)]
 
 
 def _write_evaluation(out, args, summary, rows, report, *, sweep_rows=None):

@@ -258,7 +258,7 @@ class PairSource:
         if remap_fixed not in (None, "random", "sin"):
             raise ValueError(f"remap_fixed must be None, 'random' or 'sin', got {remap_fixed!r}")
         self.subjects, self.mode, self.seed = subjects, mode, int(seed)
-        self.fixed_contrast, self.moving_contrast = fixed_contrast, moving_contrast
+        self.fixed_contrast = fixed_contrast
         self.deform_voxels, self.deform_spacing = float(deform_voxels), int(deform_spacing)
         self.deform_fixed, self.flip = bool(deform_fixed), bool(flip)
         self.keep_truth = bool(keep_truth) and mode != "inter" and not deform_fixed and not inter_prob

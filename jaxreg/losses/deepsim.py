@@ -1,11 +1,12 @@
 """DeepSim: mean cosine similarity of learned feature maps over layers (Czolbe et al., MIDL 2021, eq. 5)."""
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from jaxreg.losses._utils import _mask_weights, _weighted_mean
+from jaxreg.losses.dns import cosine_similarity_loss
 
 
-def deepsim(fixed_layers, warped_layers, *, mask=None, eps: float = 1e-8) -> Float[Array, ""]:
+def deepsim(fixed_layers, warped_layers, *, mask=None) -> Float[Array, ""]:
     """DeepSim similarity of one pair: ``(1/L) sum_l mean_p cos(F^l_p(warped), F^l_p(fixed))`` (eq. 5).
 
     Args:
@@ -15,18 +16,15 @@ def deepsim(fixed_layers, warped_layers, *, mask=None, eps: float = 1e-8) -> Flo
       mask: optional full-resolution ``(*spatial)`` weights in [0, 1],
         linearly resized to each layer's grid (the paper averages over the
         whole image: no mask).
-      eps: a location where either vector has norm below ``eps`` counts
-        with cosine 0 (no NaN gradient).
 
     Returns:
       Scalar in ``[-1, 1]``, 1 when the features agree in direction
-      everywhere (e.g. an image with itself). Loss: ``1 - deepsim``.
+      everywhere (e.g. an image with itself); a zero vector counts with
+      cosine 0 (:func:`jaxreg.losses.cosine_similarity_loss`). Loss: ``1 - deepsim``.
 
     Raises:
       ValueError: layer lists of different lengths or shapes.
     """
-    import jax
-
     if len(fixed_layers) != len(warped_layers) or not fixed_layers:
         raise ValueError(f"deepsim needs two non-empty layer lists of one length, got {len(fixed_layers)} "
                          f"and {len(warped_layers)}")
@@ -34,15 +32,9 @@ def deepsim(fixed_layers, warped_layers, *, mask=None, eps: float = 1e-8) -> Flo
     for a, b in zip(fixed_layers, warped_layers):
         if a.shape != b.shape:
             raise ValueError(f"deepsim layer shapes differ: {a.shape} and {b.shape}")
-        spatial = a.shape[:-1]
-        dot = jnp.sum(a * b, axis=-1, keepdims=True)
-        den = jnp.sum(jnp.square(a), axis=-1, keepdims=True) * jnp.sum(jnp.square(b), axis=-1, keepdims=True)
-        ok = den > eps ** 4
-        cos = jnp.where(ok, dot / jnp.sqrt(jnp.where(ok, den, 1.0)), 0.0)
-        w = None
+        m = None
         if mask is not None:
             m = jnp.asarray(mask, a.dtype)
-            m = m if m.shape == spatial else jax.image.resize(m, spatial, "linear")
-            w = m
-        total = total + _weighted_mean(cos, _mask_weights(w, spatial, a.dtype))
+            m = m if m.shape == a.shape[:-1] else jax.image.resize(m, a.shape[:-1], "linear")
+        total = total - cosine_similarity_loss(a, b, mask=m)
     return total / len(fixed_layers)

@@ -45,6 +45,7 @@ from jaxtyping import Array, Float
 
 from jaxreg import losses as L
 from jaxreg.methods import voxelmorph
+from jaxreg.methods.features import frozen
 from jaxreg.methods.voxelmorph import Result, check_batch
 from jaxreg.nn import sample_lambda
 from jaxreg.nn.features import CONTRAREG_AE_FEATURES, ContraRegAutoencoder
@@ -197,11 +198,7 @@ def features(model: ContraReg, contrast, images: Float[Array, "B *spatial 1"]) -
 
     The autoencoders' parameters get no gradient (``stop_gradient``); the images do.
     """
-    def run(ae, x):
-        gd, st = nnx.split(ae)
-        return nnx.merge(gd, jax.lax.stop_gradient(st)).encode(x)
-
-    return _switch(contrast, list(model.aes), run, images)
+    return _switch(contrast, list(model.aes), lambda ae, x: frozen(ae).encode(x), images)
 
 
 def project(model: ContraReg, contrast, layer: int, vectors: Float[Array, "N C"]) -> Float[Array, "N F"]:

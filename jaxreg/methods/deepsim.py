@@ -29,6 +29,7 @@ from jaxtyping import Array, Float
 
 from jaxreg import losses as L
 from jaxreg.methods import voxelmorph
+from jaxreg.methods.features import frozen
 from jaxreg.methods.voxelmorph import Result, check_batch
 from jaxreg.nn import sample_lambda
 from jaxreg.nn.features import DeepSimNet
@@ -123,8 +124,7 @@ def init(key, config: Config) -> DeepSim:
 
 def features(model: DeepSim, images: Float[Array, "B *spatial 1"]) -> list:
     """The frozen extractor's three encoder feature maps of a batch (no gradient to its parameters)."""
-    gd, st = nnx.split(model.extractor)
-    return nnx.merge(gd, jax.lax.stop_gradient(st)).encode(images)
+    return frozen(model.extractor).encode(images)
 
 
 def loss_fn(model: DeepSim, batch: dict, *, key) -> tuple[Float[Array, ""], dict]:

@@ -222,6 +222,12 @@ def load_frozen(run_dir, *, kind: str, contrasts=None, ndim: int | None = None) 
     return cfg, [model.nets[list(cfg.contrasts).index(c)] for c in contrasts]
 
 
+def frozen(module: nnx.Module) -> nnx.Module:
+    """A copy of ``module`` whose parameters pass no gradient (``stop_gradient``; inputs still do)."""
+    gd, st = nnx.split(module)
+    return nnx.merge(gd, jax.lax.stop_gradient(st))
+
+
 def copy_into(target: nnx.Module, source: nnx.Module) -> None:
     """Copy the parameters of ``source`` into ``target`` (same architecture).
 
