@@ -190,17 +190,6 @@ def source_hash() -> str:
     return h.hexdigest()[:12]
 
 
-def to_fixed_voxels(voxel_map_disp, fixed_affine, moving_affine):
-    """``y - x`` with ``y`` in moving voxels -> the same map in fixed voxels (``Registration.disp_fixed``)."""
-    from jaxreg.io import grid_to_grid_matrix
-    from jaxreg.spatial import identity_grid
-
-    g_inv = np.linalg.inv(grid_to_grid_matrix(fixed_affine, moving_affine))
-    x = np.asarray(identity_grid(voxel_map_disp.shape[:3]), np.float64)
-    y = x + voxel_map_disp
-    return (y @ g_inv[:3, :3].T + g_inv[:3, 3] - x).astype(np.float32)
-
-
 def regularity(disp_fixed, brain=None) -> dict:
     """% folding and SDlogJ over the whole grid, and SDlogJ inside ``brain`` (bool, fixed grid) if given."""
     import jax.numpy as jnp
@@ -310,6 +299,8 @@ class Runner:
             raise RuntimeError("antsApplyTransforms did not write the composed warp")
         d_lps, warp_affine = load_itk_warp(comp)
         voxel_map = world_warp_to_voxel_disp(d_lps, warp_affine, moving_affine)  # into moving voxels
+        from jaxreg.data.pairs import to_fixed_voxels
+
         return to_fixed_voxels(voxel_map, fixed_affine, moving_affine)
 
     def ants_labels(self, fixed_path, labels_path, transforms):
@@ -348,39 +339,6 @@ def affine_stage_disp(reg, fixed):
 
 # ----------------------------------------------------------------------------- part (a)
 
-def deform_native(vol, inverse_disp, grid_affine):
-    """``vol`` (native grid) warped by a map given on a coarser grid, cubic B-spline interpolation.
-
-    ``inverse_disp`` is a ``(*grid, 3)`` displacement in voxels of the grid
-    ``grid_affine`` (the 2 mm working grid). Each native voxel is mapped to
-    the grid, displaced by the (linearly interpolated, smooth) field, mapped
-    back and sampled with a cubic spline (``scipy.ndimage.map_coordinates``,
-    order 3, clipped to the original range). Deforming at the native 1 mm
-    and then resampling to 2 mm like the fixed image avoids giving the moving
-    image the extra blur of a linear resampling at 2 mm, which the fixed
-    image does not have and which biases every similarity towards a slightly
-    wrong map (measured: mono-modal MSE recovered 69 % of a known deformation
-    from a linearly warped moving image, 82 % from a cubic one).
-    """
-    from scipy import ndimage as ndi
-    from jaxreg.io import Volume
-
-    shape1 = vol.data.shape[:3]
-    to_grid = np.linalg.solve(grid_affine, vol.affine)  # native voxel -> grid voxel
-    x1 = np.indices(shape1, dtype=np.float32).reshape(3, -1)
-    x2 = to_grid[:3, :3].astype(np.float32) @ x1 + to_grid[:3, 3:].astype(np.float32)
-    del x1
-    u = np.stack([ndi.map_coordinates(inverse_disp[..., k], x2, order=1, mode="nearest") for k in range(3)])
-    x2 += u
-    del u
-    back = np.linalg.inv(to_grid)
-    y1 = back[:3, :3].astype(np.float32) @ x2 + back[:3, 3:].astype(np.float32)
-    del x2
-    src = vol.data.astype(np.float32)
-    out = ndi.map_coordinates(src, y1, order=3, mode="constant", cval=0.0).reshape(shape1)
-    return Volume(np.clip(out, src.min(), src.max()).astype(np.float32), vol.affine)
-
-
 @functools.lru_cache(maxsize=None)
 def _prepare_fixed(data: pathlib.Path, tmp: pathlib.Path, case: str):
     """The case's 2 mm fixed T1 (and tumour seg, if any) written once for parts a and s.
@@ -388,6 +346,7 @@ def _prepare_fixed(data: pathlib.Path, tmp: pathlib.Path, case: str):
     Returns ``(t1, shape2, aff2, fixed_path, seg2, fixed_seg_path)``; the seg
     entries are None when the case has no ``tumor_seg.nii.gz``.
     """
+    from jaxreg.data.pairs import to_grid as _to_grid
     from jaxreg.io import load_image, load_labels, resample_to_grid, save_image
     from jaxreg.pipeline import working_grid
 
@@ -407,19 +366,9 @@ def _prepare_fixed(data: pathlib.Path, tmp: pathlib.Path, case: str):
 @functools.lru_cache(maxsize=None)
 def _known_deformation(seed: int, shape: tuple):
     """``(disp, inverse_disp)`` numpy arrays of the seeded known deformation (the same in parts a and s)."""
-    import jax
+    from jaxreg.data.pairs import known_deformation
 
-    from jaxreg.augment.deform import random_deformation
-
-    disp, inv = random_deformation(jax.random.key(seed), shape, mean_magnitude=DEFORM_MM / RESOLUTION,
-                                   control_spacing=CONTROL_SPACING)
-    return np.asarray(disp, np.float32), np.asarray(inv)
-
-
-def _to_grid(vol, shape2, aff2):
-    from jaxreg.pipeline import resample_smooth
-
-    return np.asarray(resample_smooth(vol, shape2, aff2))[..., 0].astype(np.float32)
+    return known_deformation(seed, shape, mean_mm=DEFORM_MM, resolution=RESOLUTION, control_spacing=CONTROL_SPACING)
 
 
 def prepare_part_a(data: pathlib.Path, tmp: pathlib.Path, seed: int, n_pairs: int, *, case: str = "tcga_fg6692",
@@ -432,6 +381,7 @@ def prepare_part_a(data: pathlib.Path, tmp: pathlib.Path, seed: int, n_pairs: in
     """
     import jax.numpy as jnp
 
+    from jaxreg.data.pairs import deform_native, remap_intensity, to_grid as _to_grid
     from jaxreg.io import Volume, load_image, save_image
     from jaxreg.spatial import warp_labels
 
@@ -553,14 +503,6 @@ def run_part_a(args, runner, tmp, record, *, synthetic=False):
 
 # ----------------------------------------------------------------------------- part (b)
 
-def remap_intensity(data: np.ndarray) -> np.ndarray:
-    """Cross-contrast remap of the fixed image: ``sin(0.9 pi x)``, ``x = clip(I / p99(I[I > 0]), 0, 1)``."""
-    data = np.asarray(data, np.float32)
-    scale = np.percentile(data[data > 0], 99)
-    x = np.clip(data / scale, 0.0, 1.0)
-    return np.sin(0.9 * np.pi * x).astype(np.float32)
-
-
 def ixi_pairs(data: pathlib.Path, n_pairs: int):
     src = data / "ixi"
     subjects = sorted(p.name[: -len("_t1.nii.gz")] for p in src.glob("*_t1.nii.gz"))
@@ -576,6 +518,7 @@ def ixi_pairs(data: pathlib.Path, n_pairs: int):
 
 
 def run_part_b(args, runner, tmp, record):
+    from jaxreg.data.pairs import remap_intensity
     from jaxreg.io import Volume, load_image, load_labels, resample_to_grid, save_image
     from jaxreg.pipeline import warp_labels_to_fixed
     from jaxreg.spatial import voxel_spacing

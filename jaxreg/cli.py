@@ -30,6 +30,7 @@ class CLIError(Exception):
 METHOD_CHOICES = ["io-mind", "io-dns", "io-dns-random", "io-mi", "io-nmi", "io-ngf", "io-lncc", "io-mse", "vxm", "car",
                   "contrareg", "deepsim", "keymorph"]
 EVALUATE_OUTPUTS = ("per_pair.csv", "summary.json", "summary.md", "sweep.png")
+COMPARE_OUTPUTS = ("results.md", "results.json", "per_pair.csv")
 
 
 def _parse_levels(text):
@@ -111,6 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="output directory (per_pair.csv, summary.json, summary.md)")
     e.add_argument("--overwrite", action="store_true")
     e.add_argument("--quiet", action="store_true")
+
+    c = sub.add_parser("compare", help="run several methods on the same real pairs and write one table (results.md)")
+    c.add_argument("--config", required=True, help="comparison config, e.g. configs/compare_brain.py "
+                                                     "(PATH[:ARG] passes ARG to get_config, e.g. :quick)")
+    c.add_argument("--out", required=True, help="output directory (results.md, results.json, per_pair.csv)")
+    c.add_argument("--methods", default=None, help="comma-separated method names of the config to run (default all)")
+    c.add_argument("--sets", default=None, help="comma-separated pair-set names of the config (default all)")
+    c.add_argument("--data", default=None, help="data folder (default $JAXREG_DATA or ../shared/data)")
+    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--quiet", action="store_true")
 
     d = sub.add_parser("demo", help="register a synthetic second contrast of the ICBM152 template back")
     d.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
@@ -493,6 +504,62 @@ def _write_evaluation(out, args, summary, rows, report, *, sweep_rows=None):
     report(f"wrote {out}")
 
 
+def run_compare(args) -> dict:
+    """Implementation of ``jaxreg compare``; returns the summary (``{set: {method: scores}}``)."""
+    import csv
+    import io
+    import platform
+    import shlex
+    import subprocess
+    import tempfile
+    import time
+
+    from jaxreg import compare
+
+    out = pathlib.Path(args.out)
+    _check_out_dir(out, COMPARE_OUTPUTS, args.overwrite)
+    try:
+        config = compare.load_config(args.config)
+    except (FileNotFoundError, ValueError) as e:
+        raise CLIError(str(e), EXIT_USAGE) from None
+    data = pathlib.Path(args.data or os.environ.get("JAXREG_DATA") or "../shared/data")
+    if not data.is_dir():
+        raise CLIError(f"data folder {data} does not exist (--data or JAXREG_DATA)")
+    split = lambda v: [x.strip() for x in v.split(",") if x.strip()] if v else None  # noqa: E731
+    report = _progress(args.quiet)
+    t0 = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".jaxreg_compare_", dir=out.parent) as work:
+        try:
+            rows, summary, methods, skipped, cases = compare.compare(
+                config, data_root=data, workdir=pathlib.Path(work), methods=split(args.methods),
+                sets=split(args.sets), report=report)
+        except ValueError as e:
+            raise CLIError(str(e), EXIT_USAGE) from None
+    if not rows:
+        raise CLIError("no method ran: " + "; ".join(f"{n}: {why}" for n, why in skipped))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=True, cwd=pathlib.Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    meta = {"command": "jaxreg compare " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["compare"]
+            else f"jaxreg compare --config {args.config} --out {args.out}",
+            "date": time.strftime("%Y-%m-%d %H:%M"), "commit": commit,
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "total_s": time.perf_counter() - t0}
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=["set", "pair", "method", *compare.SCORE_KEYS])
+    w.writeheader()
+    w.writerows(rows)
+    with atomic_dir(out) as tmp:
+        (tmp / "results.md").write_text(compare.markdown(config, summary, methods, skipped, meta, cases))
+        (tmp / "results.json").write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows,
+                                                      "skipped": skipped}, indent=1))
+        (tmp / "per_pair.csv").write_text(buf.getvalue())
+    report(f"wrote {out}/results.md ({len(methods)} methods, {len(rows)} registrations)")
+    return summary
+
+
 def run_apply(args):
     """Implementation of ``jaxreg apply``."""
     from jaxreg.io import apply_transform, load_image, load_labels, save_image
@@ -542,6 +609,8 @@ def main(argv=None) -> int:
             run_apply(args)
         elif args.command == "evaluate":
             run_evaluate(args)
+        elif args.command == "compare":
+            run_compare(args)
         elif args.command == "demo":
             from jaxreg.demo import run_demo
 
