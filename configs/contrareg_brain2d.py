@@ -43,7 +43,10 @@ def crossreg_data() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         kind="crossreg", root=d.root, resolution=2.0, crop=(96, 112, 80), train_cases=fb.TRAIN_CASES,
         val_cases=fb.VAL_CASES, fixed_contrast="t1", moving_contrasts=("t2", "flair", "t1c"), inter_prob=0.3,
-        deform_voxels=2.0, deform_spacing=16, slice_axis=2, flip=True, num_val=8))
+        deform_voxels=2.0, deform_spacing=16, slice_axis=2, flip=True, num_val=8,
+        # controlled experiments (issue 14; train/train.py:build_crossreg_data): deform the fixed image too, keep the
+        # true field (for model.supervised), remap the fixed image ("sin": synthetic contrast, exact anatomy)
+        deform_fixed=True, keep_truth=False, remap_fixed="", keep_target=False, val_contrasts=()))
 
 
 NETWORK = dict(ndim=2, in_channels=1, enc_features=(16, 32, 32, 32), dec_features=(32, 32, 32, 32),

@@ -28,6 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         cr.NETWORK, input_features="image", norm=False, velocity_sigma=0.0, bidirectional=False, similarity="mi",
         loss_sigma=0.0, loss_scales=1, loss_mask_threshold=0.0, lncc_window=9, mi_bins=32, local_mi_patch=9,
-        reg_field="velocity", reg_weight=1.0, lambda_distribution="uniform", reg_scale=1.0))
+        reg_field="velocity", reg_weight=1.0, lambda_distribution="uniform", reg_scale=1.0,
+        supervised=False))
     c.data = cr.crossreg_data()
     return c

@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--init", default="auto", choices=["auto", "header", "com", "keymorph"],
                    help="start of the affine/rigid stage: header (the scans' NIfTI affines), com (centre-of-mass "
                         "translation), auto (default: refine both at the coarsest level, keep the better fit) or "
-                        "keymorph (the shipped KeyMorph affine: robust to any rotation)")
+                        "keymorph (the shipped KeyMorph affine as a third start, next to header and com; the best "
+                        "fit at the coarsest level goes on)")
     r.add_argument("--levels", type=int, default=None, help="pyramid levels (default 3)")
     r.add_argument("--iterations", type=_parse_levels, default=None,
                    help="Adam steps per level, coarse to fine, e.g. 100,80,50")
@@ -121,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--sets", default=None, help="comma-separated pair-set names of the config (default all)")
     c.add_argument("--data", default=None, help="data folder (default $JAXREG_DATA or ../shared/data)")
     c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--update", action="store_true",
+                   help="rerun only --methods/--sets and merge them into the results already in --out (the other "
+                        "rows are kept; the run is recorded in results.md)")
     c.add_argument("--quiet", action="store_true")
 
     d = sub.add_parser("demo", help="register a synthetic second contrast of the ICBM152 template back")
@@ -517,7 +521,14 @@ def run_compare(args) -> dict:
     from jaxreg import compare
 
     out = pathlib.Path(args.out)
-    _check_out_dir(out, COMPARE_OUTPUTS, args.overwrite)
+    previous = None
+    if args.update:
+        try:
+            previous = json.loads((out / "results.json").read_text())
+        except (OSError, ValueError) as e:
+            raise CLIError(f"--update needs the results.json of an earlier run in {out}: {e}", EXIT_USAGE) from None
+    else:
+        _check_out_dir(out, COMPARE_OUTPUTS, args.overwrite)
     try:
         config = compare.load_config(args.config)
     except (FileNotFoundError, ValueError) as e:
@@ -547,6 +558,9 @@ def run_compare(args) -> dict:
             else f"jaxreg compare --config {args.config} --out {args.out}",
             "date": time.strftime("%Y-%m-%d %H:%M"), "commit": commit,
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "total_s": time.perf_counter() - t0}
+    if previous is not None:  # keep the earlier rows of every (pair set, method) not run again
+        rows, methods, skipped, meta = compare.merge(previous, rows, methods, skipped, meta, config)
+        summary = compare.summarize(rows)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=["set", "pair", "method", *compare.SCORE_KEYS])
     w.writeheader()

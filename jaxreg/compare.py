@@ -365,6 +365,10 @@ def markdown(config, summary: dict, methods: list[dict], skipped: list[tuple[str
     lines = [f"# jaxreg compare: {config.get('title', 'methods on the same pairs')}", "",
              f"Command: `{meta['command']}`  ", f"Date: {meta['date']}; commit {meta['commit']}; "
              f"{meta['machine']}; total {meta['total_s'] / 60:.1f} min.", ""]
+    for u in meta.get("updates", ()):
+        lines += [f"Updated: `{u['command']}` ({u['date']}, commit {u['commit']}, {u['total_s'] / 60:.1f} min).  "]
+    if meta.get("updates"):
+        lines.append("")
     if config.get("description"):
         lines += [str(config.description).strip(), ""]
     lines += ["Scores: Dice = mean over the set's labels, Dice30 = mean of the worst 30 % of labels, HD95 in mm, "
@@ -391,6 +395,26 @@ def markdown(config, summary: dict, methods: list[dict], skipped: list[tuple[str
     if skipped:
         lines += ["## Left out", ""] + [f"- **{name}**: {why}" for name, why in skipped] + [""]
     return "\n".join(lines)
+
+
+def merge(previous: dict, rows: list[dict], methods: list[dict], skipped: list, meta: dict, config):
+    """An earlier run's ``results.json`` updated by a rerun of some methods (``jaxreg compare --update``).
+
+    The earlier rows of every (pair set, method) that the rerun produced are
+    replaced; the others are kept. Returns ``(rows, methods, skipped, meta)``
+    with the methods in the config's order and ``meta["updates"]`` listing
+    the reruns.
+    """
+    redone = {(r["set"], r["method"]) for r in rows}
+    merged = [r for r in previous.get("rows", []) if (r["set"], r["method"]) not in redone] + rows
+    names = {r["method"] for r in merged}
+    ran = {m["name"] for m in methods}
+    entries = [dict(m) for m in config.methods if m["name"] in names]
+    left = [tuple(x) for x in previous.get("skipped", []) if x[0] not in names and x[0] not in ran]
+    left += [x for x in skipped if x[0] not in names]
+    first = dict(previous.get("meta", {}))
+    updates = list(first.pop("updates", [])) + [{k: meta[k] for k in ("command", "date", "commit", "total_s")}]
+    return merged, entries, left, {**first, "updates": updates}
 
 
 def set_cases(pairs: list[Pair]) -> dict[str, set]:

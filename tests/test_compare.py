@@ -166,3 +166,22 @@ def test_compare_prepares_the_real_pairs_and_scores_the_headers(tmp_path, data_d
     brats, ixi = s["brats_known"]["headers (no registration)"], s["ixi_mono"]["headers (no registration)"]
     assert 2.0 < brats["epe_mm"] < 3.0  # the 2.5 mm mean deformation, inside the brain
     assert 0.0 < ixi["dice"] < 0.2 and ixi["hd95_mm"] > 5  # IXI scans are far apart through their headers
+
+
+def test_compare_update_reruns_one_method_and_keeps_the_other_rows(tmp_path, synthetic_data):
+    cfg = tmp_path / "cmp.py"
+    cfg.write_text(CONFIG)
+    out = tmp_path / "out"
+    base = ["compare", "--config", str(cfg), "--out", str(out), "--data", str(synthetic_data), "--quiet",
+            "--sets", "inter"]
+    assert main(base + ["--update"]) == 2  # nothing to update yet
+    assert main(base + ["--methods", "headers"]) == 0
+    first = json.loads((out / "results.json").read_text())
+    assert {r["method"] for r in first["rows"]} == {"headers"}
+    assert main(base + ["--methods", "io-mind short,CAR", "--update"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert [r for r in res["rows"] if r["method"] == "headers"] == first["rows"]  # kept as they were
+    assert len([r for r in res["rows"] if r["method"] == "io-mind short"]) == 2
+    assert [s[0] for s in res["skipped"]] == ["CAR"] and len(res["meta"]["updates"]) == 1
+    md = (out / "results.md").read_text()
+    assert md.index("| headers |") < md.index("| io-mind short |") and "Updated: `jaxreg compare" in md

@@ -263,8 +263,16 @@ def build_crossreg_data(config):
     (``contrast_block = batch_size``), indices into ``model.contrasts`` when
     the model has them. Validation: :func:`jaxreg.data.car.known_deformation_examples`
     of ``data.val_cases`` (endpoint error; tumour / lesion Dice where the case has labels).
+    Controlled experiments (issue 14) may set ``data.deform_fixed`` (default
+    True), ``data.keep_truth`` (the true field in each example, for
+    ``model.supervised``; needs ``deform_fixed=False`` and ``inter_prob=0``),
+    ``data.remap_fixed`` (``"sin"``: a synthetic fixed contrast of the moving
+    image's anatomy, with ``moving_contrasts=("t1",)``), ``data.keep_target`` and
+    ``data.val_contrasts`` (default the moving contrasts; ``"sin"`` adds the
+    held-out T1 pairs with the fixed slice sin-remapped).
     """
     from jaxreg.data.car import known_deformation_examples, load_brain_subjects
+    from jaxreg.data.pipeline import sin_remap
 
     d = config.data
     names = list(d.train_cases) + list(d.val_cases)
@@ -278,11 +286,20 @@ def build_crossreg_data(config):
     names_idx = tuple(config.model.contrasts) if "contrasts" in config.model else (d.fixed_contrast, *moving)
     source = PairSource(train, mode="intra", fixed_contrast=d.fixed_contrast, moving_contrast=moving,
                         seed=config.seed, deform_voxels=d.deform_voxels, deform_spacing=d.deform_spacing,
-                        deform_fixed=True, slice_axis=_axis(d), flip=d.flip, contrast_block=config.batch_size,
-                        contrast_names=names_idx, inter_prob=d.inter_prob)
-    examples = known_deformation_examples(val, num_slices=d.num_val, deform_voxels=d.deform_voxels,
-                                          deform_spacing=d.deform_spacing, seed=0, axis=_axis(d),
-                                          fixed_contrast=d.fixed_contrast, contrasts=moving)
+                        deform_fixed=d.get("deform_fixed", True), slice_axis=_axis(d), flip=d.flip,
+                        contrast_block=config.batch_size, contrast_names=names_idx, inter_prob=d.inter_prob,
+                        keep_truth=d.get("keep_truth", False), remap_fixed=d.get("remap_fixed") or None,
+                        keep_target=d.get("keep_target", False))
+    if d.get("keep_truth", False) and not source.keep_truth:
+        raise ValueError("data.keep_truth needs data.deform_fixed=False and data.inter_prob=0")
+    val_contrasts = tuple(d.get("val_contrasts") or moving)
+    real = tuple(c for c in val_contrasts if c != "sin")
+    kw = dict(num_slices=d.num_val, deform_voxels=d.deform_voxels, deform_spacing=d.deform_spacing, seed=0,
+              axis=_axis(d), fixed_contrast=d.fixed_contrast)
+    examples = known_deformation_examples(val, contrasts=real, **kw) if real else []
+    if "sin" in val_contrasts:  # the synthetic contrast: the fixed T1 sin-remapped against its own deformed T1
+        for ex in known_deformation_examples(val, contrasts=(d.fixed_contrast,), **kw):
+            examples.append({**ex, "fixed": sin_remap(ex["fixed"]), "contrast": "sin", "name": f"{ex['name']} sin"})
     return source, examples, (shape, affine)
 
 
@@ -338,7 +355,7 @@ def build_data(config, workdir: pathlib.Path):
 
 # ----------------------------------------------------------------------------- model and steps
 
-BATCH_KEYS = ("fixed", "moving", "fixed_target", "same", "fixed_labels", "moving_labels", "task", "pretrain",
+BATCH_KEYS = ("fixed", "moving", "fixed_target", "disp_true", "same", "fixed_labels", "moving_labels", "task", "pretrain",
               "images", "labels", "fixed_contrast", "moving_contrast")
 
 def make_optimizer(config) -> optax.GradientTransformation:

@@ -96,6 +96,12 @@ class Config:
         drawn per example from ``lambda_range`` (``lambda_distribution``:
         ``uniform`` or ``loguniform``).
       reg_scale: brings ``L_reg`` to the similarity's scale under ``hyper``.
+      supervised: a diagnostic, not a method of the papers: ``L_sim`` is the
+        mean squared endpoint error (voxels^2) between the predicted
+        displacement and ``batch["disp_true"]`` over the fixed image's
+        foreground (``> 0.05``), instead of an image similarity. A network
+        that cannot regress a known field from its inputs this way points at
+        its inputs, normalisation, capacity or data, not at the loss (issue 14).
     """
 
     ndim: int = 3
@@ -123,6 +129,7 @@ class Config:
     lambda_range: tuple = (0.0, 1.0)
     lambda_distribution: str = "uniform"
     reg_scale: float = 1.0
+    supervised: bool = False
 
     def __post_init__(self):
         if self.ndim not in (2, 3):
@@ -266,8 +273,16 @@ def loss_fn(model: VoxelMorph, batch: dict, *, key) -> tuple[Float[Array, ""], d
     if cfg.loss_mask_threshold > 0:
         fg = jax.lax.stop_gradient(jnp.mean(target, axis=-1) > cfg.loss_mask_threshold)
         masks = masks * fg.astype(masks.dtype)
-    sim = jax.vmap(lambda f, w, m: multiscale_similarity(cfg, f, w, m))(target, warped, masks)
-    if cfg.bidirectional:
+    if cfg.supervised:
+        if "disp_true" not in batch or batch["disp_true"].shape != disp.shape:
+            raise ValueError(f"supervised=True needs batch['disp_true'] of shape {disp.shape}")
+        fg = (jnp.mean(fixed, axis=-1) > 0.05).astype(disp.dtype)
+        err = jnp.sum(jnp.square(disp - batch["disp_true"]), axis=-1) * fg
+        sim = jnp.sum(err, axis=tuple(range(1, err.ndim))) / jnp.maximum(
+            jnp.sum(fg, axis=tuple(range(1, fg.ndim))), 1.0)
+    else:
+        sim = jax.vmap(lambda f, w, m: multiscale_similarity(cfg, f, w, m))(target, warped, masks)
+    if cfg.bidirectional and not cfg.supervised:
         warped_f = jax.vmap(warp)(target, inv)
         sim = 0.5 * (sim + jax.vmap(lambda f, w: multiscale_similarity(cfg, f, w))(moving, warped_f))
     reg = jax.vmap(L.diffusion)(velocity if cfg.reg_field == "velocity" else disp)

@@ -166,3 +166,22 @@ def test_mind_input_features_are_contrast_invariant():
     assert V.register(model, fixed[0], moving[0]).warped.shape == fixed[0].shape
     with pytest.raises(ValueError, match="input_features"):
         V.Config(**SMALL, input_features="mind_ssc")
+
+
+def test_supervised_loss_is_the_foreground_mean_squared_endpoint_error():
+    cfg = V.Config(**SMALL, reg_weight=0.0, supervised=True)
+    model = V.init(jax.random.key(0), cfg)
+    model.net.flow.kernel.value = model.net.flow.kernel.value + 0.05
+    batch = _batch()
+    batch["fixed"] = batch["fixed"].at[:, :8].set(0.0)  # background rows: not scored
+    disp = V.register(model, batch["fixed"], batch["moving"]).disp
+    truth = jnp.zeros_like(disp).at[..., 0].set(1.5)
+    loss, aux = V.loss_fn(model, {**batch, "disp_true": truth}, key=jax.random.key(1))
+    fg = np.asarray(batch["fixed"][..., 0] > 0.05)
+    err = np.sum((np.asarray(disp) - np.asarray(truth)) ** 2, -1)
+    expected = np.mean([err[b][fg[b]].mean() for b in range(err.shape[0])])
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-4)
+    # the network's own field as the truth: zero loss
+    assert float(V.loss_fn(model, {**batch, "disp_true": disp}, key=jax.random.key(1))[0]) < 1e-10
+    with pytest.raises(ValueError, match="disp_true"):
+        V.loss_fn(model, batch, key=jax.random.key(1))

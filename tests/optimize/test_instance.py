@@ -227,6 +227,31 @@ def test_affine_init_header_keeps_an_aligned_pair_and_auto_chooses_a_start():
     np.testing.assert_allclose(res.matrix[:2, 2], np.asarray(t), atol=0.25)
 
 
+def test_a_given_start_competes_with_header_and_com_under_auto_and_replaces_them_otherwise():
+    """``init_matrix`` (``--init keymorph``) is one more start under ``affine_init="auto"``: a wrong one loses."""
+    fixed = _phantom()
+    t = jnp.asarray([3.0, -2.0])
+    moving = warp(fixed, -jnp.broadcast_to(t, SHAPE + (2,)), padding="border")
+    wrong = np.eye(3, dtype=np.float32)
+    wrong[:2, 2] = [-9.0, 8.0]  # far from the truth and from both default starts
+    cfg = InstanceConfig(similarity="mse", transform="rigid", affine_similarity=None, affine_init="auto", **FAST)
+    messages = []
+    res = register_instance(fixed, moving, config=cfg, init_matrix=wrong, progress=messages.append)
+    assert any("from given" in m for m in messages) and any("from header" in m for m in messages)
+    assert "affine initialisation: given" not in messages
+    np.testing.assert_allclose(res.matrix[:2, 2], np.asarray(t), atol=0.25)
+    good = np.eye(3, dtype=np.float32)
+    good[:2, 2] = np.asarray(t) + 0.5
+    messages = []
+    res = register_instance(fixed, moving, config=cfg, init_matrix=good, progress=messages.append)
+    np.testing.assert_allclose(res.matrix[:2, 2], np.asarray(t), atol=0.25)
+    # with an explicit affine_init the given start is the only one
+    messages = []
+    register_instance(fixed, moving, config=dataclasses.replace(cfg, affine_init="header"), init_matrix=wrong,
+                      progress=messages.append)
+    assert any("from given" in m for m in messages) and not any("from header" in m for m in messages)
+
+
 def test_moving_mask_ignores_what_lies_outside_the_moving_field_of_view():
     """A copy of the structure where the moving scan has no data pulls the unmasked affine stage, not the masked one."""
     fixed = _phantom()
