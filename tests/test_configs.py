@@ -1,4 +1,7 @@
-"""Every config in configs/ builds, names a known method and gives options its method's Config accepts."""
+"""Every training config in configs/ builds, names a known method and gives options its method's Config accepts.
+
+``compare_*.py`` are ``jaxreg compare`` configs (tests/test_compare.py).
+"""
 import importlib
 import pathlib
 
@@ -7,7 +10,7 @@ import pytest
 from jaxreg.methods import method_config
 
 CONFIGS = sorted(p.stem for p in (pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*.py")
-                 if p.stem != "__init__")
+                 if p.stem != "__init__" and not p.stem.startswith("compare_"))  # compare_*: jaxreg compare configs
 
 
 @pytest.mark.parametrize("name", CONFIGS)

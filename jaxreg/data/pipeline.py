@@ -26,14 +26,12 @@ import dataclasses
 import math
 
 import grain
-import jax.numpy as jnp
 import numpy as np
 from scipy import ndimage as ndi
 
 from jaxreg.data.manifest import Subject
 from jaxreg.io import load_image, load_labels, resample_to_grid
 from jaxreg.optimize import normalize_intensity
-from jaxreg.spatial import invert
 
 MODES = ("inter", "intra", "self")
 
@@ -165,6 +163,25 @@ def warp_numpy(image: np.ndarray, disp: np.ndarray, *, order: int = 1) -> np.nda
         return ndi.map_coordinates(image, coords, order=order, mode="constant", cval=0)
     return np.stack([ndi.map_coordinates(image[..., c], coords, order=order, mode="constant", cval=0)
                      for c in range(image.shape[-1])], axis=-1)
+
+
+def invert_numpy(disp: np.ndarray, *, iterations: int = 20) -> np.ndarray:
+    """Inverse displacement by fixed-point iteration ``v <- -u(x + v(x))`` in NumPy (border padding).
+
+    The NumPy twin of :func:`jaxreg.spatial.invert` (equal to it to float
+    precision, tested) for the data pipeline, whose examples are built in
+    grain's threads: calling JAX there, beside the jitted training step, was
+    measured to crash the process (segfaults in two 2D training runs with
+    ``keep_truth``).
+    """
+    disp = np.asarray(disp, np.float32)
+    grid = np.indices(disp.shape[:-1], dtype=np.float32)
+    v = -disp
+    for _ in range(iterations):
+        coords = grid + np.moveaxis(v, -1, 0)
+        v = -np.stack([ndi.map_coordinates(disp[..., c], coords, order=1, mode="nearest")
+                       for c in range(disp.shape[-1])], axis=-1)
+    return v.astype(np.float32)
 
 
 def random_remap(rng: np.random.Generator, image: np.ndarray, *, knots: int = 6) -> np.ndarray:
@@ -303,7 +320,7 @@ class PairSource:
             moving = warp_numpy(moving, u)
             ml = None if ml is None else warp_numpy(ml, u, order=0)
             if self.keep_truth:
-                disp_true = np.asarray(invert(jnp.asarray(u)), np.float32)
+                disp_true = invert_numpy(u)
             if self.deform_fixed:
                 u = random_smooth_disp(rng, fixed.shape[:-1], magnitude=self.deform_voxels, spacing=self.deform_spacing)
                 fixed = warp_numpy(fixed, u)

@@ -206,3 +206,16 @@ def test_flip_mirrors_the_whole_pair_and_its_true_displacement():
     for i in range(8):  # labels are mirrored with their image
         np.testing.assert_array_equal(flipped[i]["fixed_labels"], (flipped[i]["fixed"][..., 0] > 0.5).astype(np.int32))
     np.testing.assert_array_equal(flipped[3]["moving"], flipped[3]["moving"])
+
+
+def test_invert_numpy_equals_the_jax_inverse_and_composes_to_identity():
+    import jax.numpy as jnp
+
+    from jaxreg.data.pipeline import invert_numpy, random_smooth_disp
+    from jaxreg.spatial import compose, invert
+
+    u = random_smooth_disp(np.random.default_rng(3), (40, 36), magnitude=2.0, spacing=8)
+    v = invert_numpy(u)
+    np.testing.assert_allclose(v, np.asarray(invert(jnp.asarray(u))), atol=1e-4)
+    inner = (slice(6, -6), slice(6, -6))  # away from the border padding
+    assert float(np.abs(np.asarray(compose(jnp.asarray(u), jnp.asarray(v)))[inner]).max()) < 0.05
