@@ -171,7 +171,7 @@ def test_mind_input_features_are_contrast_invariant():
 def test_supervised_loss_is_the_foreground_mean_squared_endpoint_error():
     cfg = V.Config(**SMALL, reg_weight=0.0, supervised=True)
     model = V.init(jax.random.key(0), cfg)
-    model.net.flow.kernel.value = model.net.flow.kernel.value + 0.05
+    model.net.flow.kernel[...] = model.net.flow.kernel[...] + 0.05
     batch = _batch()
     batch["fixed"] = batch["fixed"].at[:, :8].set(0.0)  # background rows: not scored
     disp = V.register(model, batch["fixed"], batch["moving"]).disp
