@@ -46,7 +46,8 @@ def crossreg_data() -> ml_collections.ConfigDict:
         deform_voxels=2.0, deform_spacing=16, slice_axis=2, flip=True, num_val=8,
         # controlled experiments (issue 14; train/train.py:build_crossreg_data): deform the fixed image too, keep the
         # true field (for model.supervised), remap the fixed image ("sin": synthetic contrast, exact anatomy)
-        deform_fixed=True, keep_truth=False, remap_fixed="", keep_target=False, val_contrasts=()))
+        deform_fixed=True, keep_truth=False, remap_fixed="", keep_target=False, val_contrasts=(),
+        synthetic_cases=()))
 
 
 NETWORK = dict(ndim=2, in_channels=1, enc_features=(16, 32, 32, 32), dec_features=(32, 32, 32, 32),

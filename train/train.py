@@ -269,27 +269,35 @@ def build_crossreg_data(config):
     ``data.remap_fixed`` (``"sin"``: a synthetic fixed contrast of the moving
     image's anatomy, with ``moving_contrasts=("t1",)``), ``data.keep_target`` and
     ``data.val_contrasts`` (default the moving contrasts; ``"sin"`` adds the
-    held-out T1 pairs with the fixed slice sin-remapped).
+    held-out T1 pairs with the fixed slice sin-remapped) and
+    ``data.synthetic_cases`` (T1-only cases added to training, whose moving
+    image is a random intensity remap of their T1: more subjects, exact
+    correspondence).
     """
     from jaxreg.data.car import known_deformation_examples, load_brain_subjects
     from jaxreg.data.pipeline import sin_remap
 
     d = config.data
-    names = list(d.train_cases) + list(d.val_cases)
+    synthetic = tuple(d.get("synthetic_cases") or ())
+    names = list(d.train_cases) + list(synthetic) + list(d.val_cases)
     loaded, shape, affine = load_brain_subjects(d.root, names, resolution=d.resolution,
                                                 multiple=2 ** len(config.model.enc_features),
                                                 crop=tuple(d.crop) or None, with_labels=False, lesion_labels=True)
-    train, val = loaded[:len(d.train_cases)], loaded[len(d.train_cases):]
+    n_train = len(d.train_cases) + len(synthetic)
+    train, val = loaded[:n_train], loaded[n_train:]
     for s in train:
         s.labels = None
     moving = tuple(d.moving_contrasts)
+    for s in train[len(d.train_cases):]:  # T1-only cases: every contrast is the T1, remapped per example
+        s.images.update({c: s.images[d.fixed_contrast] for c in moving})
     names_idx = tuple(config.model.contrasts) if "contrasts" in config.model else (d.fixed_contrast, *moving)
     source = PairSource(train, mode="intra", fixed_contrast=d.fixed_contrast, moving_contrast=moving,
                         seed=config.seed, deform_voxels=d.deform_voxels, deform_spacing=d.deform_spacing,
                         deform_fixed=d.get("deform_fixed", True), slice_axis=_axis(d), flip=d.flip,
                         contrast_block=config.batch_size, contrast_names=names_idx, inter_prob=d.inter_prob,
                         keep_truth=d.get("keep_truth", False), remap_fixed=d.get("remap_fixed") or None,
-                        keep_target=d.get("keep_target", False))
+                        keep_target=d.get("keep_target", False),
+                        remap_moving=tuple(s.name for s in train[len(d.train_cases):]))
     if d.get("keep_truth", False) and not source.keep_truth:
         raise ValueError("data.keep_truth needs data.deform_fixed=False and data.inter_prob=0")
     val_contrasts = tuple(d.get("val_contrasts") or moving)

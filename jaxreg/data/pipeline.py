@@ -238,7 +238,9 @@ class PairSource:
     ``contrast_names`` every example also holds ``fixed_contrast`` and
     ``moving_contrast``, int32 indices into it. ``inter_prob`` > 0 makes that
     fraction of ``intra`` examples inter-subject (moving contrast of another
-    subject).
+    subject). ``remap_moving`` names subjects whose moving image gets a
+    random non-monotone intensity curve per example (:func:`random_remap`): a
+    single-contrast subject then gives cross-contrast pairs of exact anatomy.
 
     Raises:
       ValueError: unknown mode/contrasts, or too few subjects for ``inter``.
@@ -249,7 +251,8 @@ class PairSource:
                  deform_spacing: int = 16, remap_fixed: str | None = None, slice_axis: int | None = None,
                  keep_target: bool = False, remap_prob: float = 1.0, deform_fixed: bool = False,
                  flip: bool = False, keep_truth: bool = False, length: int = 2 ** 31 - 1,
-                 contrast_block: int = 1, contrast_names: tuple | None = None, inter_prob: float = 0.0):
+                 contrast_block: int = 1, contrast_names: tuple | None = None, inter_prob: float = 0.0,
+                 remap_moving: tuple = ()):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "inter" and len(subjects) < 2:
@@ -268,6 +271,7 @@ class PairSource:
         self.moving_contrasts, self.contrast_block = moving_contrasts, int(contrast_block)
         self.contrast_names = None if contrast_names is None else tuple(contrast_names)
         self.inter_prob = float(inter_prob)
+        self.remap_moving = frozenset(remap_moving)
         for s in subjects:
             for c in (fixed_contrast, *moving_contrasts):
                 if c not in s.images:
@@ -314,6 +318,8 @@ class PairSource:
             fixed, moving, fl, ml = take(fixed), take(moving), take(fl), take(ml)
         fixed = np.array(fixed, np.float32)
         moving = np.array(moving, np.float32)
+        if ms.name in self.remap_moving:
+            moving = random_remap(rng, moving)
         disp_true = None
         if self.deform_voxels > 0:
             u = random_smooth_disp(rng, moving.shape[:-1], magnitude=self.deform_voxels, spacing=self.deform_spacing)

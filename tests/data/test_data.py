@@ -219,3 +219,16 @@ def test_invert_numpy_equals_the_jax_inverse_and_composes_to_identity():
     np.testing.assert_allclose(v, np.asarray(invert(jnp.asarray(u))), atol=1e-4)
     inner = (slice(6, -6), slice(6, -6))  # away from the border padding
     assert float(np.abs(np.asarray(compose(jnp.asarray(u), jnp.asarray(v)))[inner]).max()) < 0.05
+
+
+def test_remap_moving_gives_a_named_subject_a_new_contrast_per_example():
+    subs = _subjects(labels=False)
+    plain = PairSource(subs, mode="intra", moving_contrast="t1", seed=0)
+    remapped = PairSource(subs, mode="intra", moving_contrast="t1", seed=0, remap_moving=("s0", "s1", "s2"))
+    a, b, b2 = plain[3], remapped[3], remapped[3]
+    np.testing.assert_array_equal(a["fixed"], b["fixed"])          # the fixed image is untouched
+    np.testing.assert_array_equal(b["moving"], b2["moving"])       # deterministic per index
+    assert not np.allclose(a["moving"], b["moving"])
+    assert np.all(b["moving"][a["moving"] == 0] == 0)              # background stays 0
+    np.testing.assert_array_equal(PairSource(subs, mode="intra", moving_contrast="t1", seed=0,
+                                             remap_moving=("other",))[3]["moving"], a["moving"])
