@@ -37,12 +37,9 @@ from jaxreg.spatial import warp_labels  # noqa: E402
 
 
 def _load_config(path: str):
-    import importlib.util
+    from jaxreg.compare import load_config
 
-    spec = importlib.util.spec_from_file_location("cfg", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+    return load_config(path)
 
 
 def score(ex: dict, disp: np.ndarray, spacing: float) -> dict:

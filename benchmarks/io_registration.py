@@ -290,25 +290,14 @@ class Runner:
 
     def ants_dense(self, fixed_path, moving_path, transforms, prefix, fixed_affine, moving_affine):
         """ANTs transforms composed into one dense map, as ``Registration.disp_fixed`` (fixed voxels)."""
-        from jaxreg.io import load_itk_warp, world_warp_to_voxel_disp
+        from jaxreg.compare import ants_dense_disp
 
-        ants = self.ants
-        comp = ants.apply_transforms(ants.image_read(str(fixed_path)), ants.image_read(str(moving_path)),
-                                     list(transforms), compose=str(prefix))
-        if comp is None:
-            raise RuntimeError("antsApplyTransforms did not write the composed warp")
-        d_lps, warp_affine = load_itk_warp(comp)
-        voxel_map = world_warp_to_voxel_disp(d_lps, warp_affine, moving_affine)  # into moving voxels
-        from jaxreg.data.pairs import to_fixed_voxels
-
-        return to_fixed_voxels(voxel_map, fixed_affine, moving_affine)
+        return ants_dense_disp(self.ants, fixed_path, moving_path, transforms, prefix, fixed_affine, moving_affine)
 
     def ants_labels(self, fixed_path, labels_path, transforms):
-        ants = self.ants
-        f = ants.image_read(str(fixed_path)).clone("float")
-        lab = ants.image_read(str(labels_path))
-        w = ants.apply_transforms(f, lab, transforms, interpolator="nearestNeighbor")
-        return np.rint(w.numpy()).astype(np.int32)
+        from jaxreg.compare import ants_warp_labels
+
+        return ants_warp_labels(self.ants, fixed_path, labels_path, transforms)
 
 
 def affine_stage_matrix(reg, fixed):

@@ -91,15 +91,16 @@ def load_config(spec: str):
 
 # ----------------------------------------------------------------------------- pairs
 
-def prepare_pairs(config, data_root: pathlib.Path, workdir: pathlib.Path, report: Callable = print) -> list[Pair]:
-    """Build every pair set of ``config`` under ``workdir`` (NIfTI + .npy truth); returns the pairs.
+def prepare_pairs(config, data_root: pathlib.Path, workdir: pathlib.Path, report: Callable = print, *,
+                  specs=None) -> list[Pair]:
+    """Build the pair sets ``specs`` (default all of ``config.pair_sets``) under ``workdir`` (NIfTI + .npy truth).
 
     Raises:
       FileNotFoundError: a case or file named by the config is missing under ``data_root``.
       ValueError: an unknown pair-set kind.
     """
     pairs = []
-    for spec in config.pair_sets:
+    for spec in (config.pair_sets if specs is None else specs):
         spec = dict(spec)
         kind = spec["kind"]
         if kind == "known_deformation":
@@ -136,14 +137,16 @@ def _known_deformation_set(spec, config, data_root, workdir, report):
                                    mean_mm=float(config.deform_mm), control_spacing=int(config.control_spacing))
         aff = p["affine"]
         stem = out / f"{contrast}"
-        pair = Pair(set=name, name=f"{case.split('/')[-1]} {contrast}->{spec['fixed']}",
-                    fixed=str(save_image(out / "fixed.nii.gz", p["fixed"], aff, overwrite=True)),
+        if i == 0:  # the fixed image and labels are the same for every moving contrast of the case
+            fixed_path = str(save_image(out / "fixed.nii.gz", p["fixed"], aff, overwrite=True))
+            fixed_labels_path = None if p["fixed_labels"] is None else str(
+                save_image(out / "fixed_labels.nii.gz", p["fixed_labels"].astype(np.int16), aff, overwrite=True))
+        pair = Pair(set=name, name=f"{case.split('/')[-1]} {contrast}->{spec['fixed']}", fixed=fixed_path,
                     moving=str(save_image(f"{stem}_moving.nii.gz", p["moving"], aff, overwrite=True)),
+                    fixed_labels=fixed_labels_path,
                     labels=tuple(int(v) for v in spec["label_values"]) if spec.get("label_values") else None,
                     cases=(case,))
-        if p["fixed_labels"] is not None:
-            pair.fixed_labels = str(save_image(out / "fixed_labels.nii.gz", p["fixed_labels"].astype(np.int16),
-                                               aff, overwrite=True))
+        if p["moving_labels"] is not None:
             pair.moving_labels = str(save_image(f"{stem}_moving_labels.nii.gz",
                                                 p["moving_labels"].astype(np.int16), aff, overwrite=True))
         np.save(f"{stem}_disp_true.npy", p["disp_true"])
@@ -162,23 +165,26 @@ def _inter_subject_set(spec, data_root, workdir, report):
         raise ValueError(f"pair set {name!r}: inter_subject needs at least two subjects")
     out = workdir / name
     out.mkdir(parents=True, exist_ok=True)
+    limit = spec.get("max_pairs") or len(subjects) * (len(subjects) - 1)
     pairs = []
     for fix in subjects:
+        if len(pairs) >= limit:
+            break
+        fixed_path = _require(data_root / f"{fix}_t1.nii.gz")
+        if spec.get("remap_fixed"):  # once per fixed subject
+            f = load_image(fixed_path)
+            fixed_path = save_image(out / f"{pathlib.Path(fix).name}_remapped.nii.gz", remap_intensity(f.data),
+                                    f.affine, overwrite=True)
         for mov in subjects:
-            if fix == mov:
+            if fix == mov or len(pairs) >= limit:
                 continue
-            fixed_path = _require(data_root / f"{fix}_t1.nii.gz")
-            if spec.get("remap_fixed"):
-                f = load_image(fixed_path)
-                fixed_path = save_image(out / f"{pathlib.Path(fix).name}_remapped.nii.gz", remap_intensity(f.data),
-                                        f.affine, overwrite=True)
             pairs.append(Pair(set=name, name=f"{pathlib.Path(mov).name}->{pathlib.Path(fix).name}",
                               fixed=str(fixed_path), moving=str(_require(data_root / f"{mov}_t1.nii.gz")),
                               fixed_labels=str(_require(data_root / f"{fix}_labels.nii.gz")),
                               moving_labels=str(_require(data_root / f"{mov}_labels.nii.gz")),
                               cases=(fix, mov)))
             report(f"prepared {name}: {pairs[-1].name}")
-    return pairs[: spec.get("max_pairs") or len(pairs)]
+    return pairs
 
 
 # ----------------------------------------------------------------------------- scores
@@ -219,7 +225,7 @@ def score_pair(disp_fixed, fixed, fixed_labels=None, warped_labels=None, *, labe
             labels = [int(v) for v in np.union1d(np.unique(fl), np.unique(wl)) if v != 0]
         per = np.asarray(M.dice(wl, fl, labels=list(labels)), np.float64)
         if np.any(np.isfinite(per)):
-            out["dice"] = float(np.nanmean(per))
+            out["dice"] = float(M.dice_mean(per))
             out["dice30"] = float(M.dice30(per))
         hd = np.asarray(M.hd95(wl, fl, spacing=spacing, labels=list(labels)), np.float64)
         if np.any(np.isfinite(hd)):
@@ -259,39 +265,68 @@ def unavailable(entry: dict, repo: pathlib.Path) -> str | None:
     return None
 
 
-def _ants_runner(workdir: pathlib.Path):
-    """``run(pair) -> (disp_fixed, warped_labels)`` for ANTs SyN (Mattes MI, antspyx defaults otherwise)."""
-    import ants
+def ants_dense_disp(ants, fixed_path, moving_path, transforms, prefix, fixed_affine, moving_affine) -> np.ndarray:
+    """ANTs transforms composed into one dense map, as ``Registration.disp_fixed`` (fixed voxels).
 
+    ``antsApplyTransforms`` composes ``transforms`` into one ITK warp on the
+    fixed grid (``compose=prefix``), which is read back and turned into the
+    fixed-voxel map, so ANTs is scored by the same code as jaxreg.
+
+    Raises:
+      RuntimeError: ANTs wrote no composed warp.
+    """
     from jaxreg.data.pairs import to_fixed_voxels
-    from jaxreg.io import load_image, load_itk_warp, world_warp_to_voxel_disp
+    from jaxreg.io import load_itk_warp, world_warp_to_voxel_disp
+
+    comp = ants.apply_transforms(ants.image_read(str(fixed_path)), ants.image_read(str(moving_path)),
+                                 list(transforms), compose=str(prefix))
+    if comp is None:
+        raise RuntimeError("antsApplyTransforms did not write the composed warp")
+    d_lps, warp_affine = load_itk_warp(comp)
+    voxel_map = world_warp_to_voxel_disp(d_lps, warp_affine, moving_affine)  # into moving voxels
+    return to_fixed_voxels(voxel_map, fixed_affine, moving_affine)
+
+
+def ants_warp_labels(ants, fixed_path, labels_path, transforms) -> np.ndarray:
+    """A label map through ANTs transforms onto the fixed grid (nearest neighbour), int32."""
+    f = ants.image_read(str(fixed_path)).clone("float")
+    w = ants.apply_transforms(f, ants.image_read(str(labels_path)), list(transforms), interpolator="nearestNeighbor")
+    return np.rint(w.numpy()).astype(np.int32)
+
+
+def _ants_runner(workdir: pathlib.Path):
+    """``run(pair, fixed_affine, moving_affine) -> (disp_fixed, warped_labels)`` for ANTs SyN (Mattes MI)."""
+    import ants
 
     if hasattr(ants, "config") and hasattr(ants.config, "_random_seed"):
         ants.config._random_seed = 1  # reproducible Mattes sampling
 
-    def run(pair: Pair):
+    def run(pair: Pair, fixed_affine, moving_affine):
         tmp = pathlib.Path(tempfile.mkdtemp(prefix="ants_", dir=workdir))
-        f, m = ants.image_read(pair.fixed), ants.image_read(pair.moving)
-        reg = ants.registration(f, m, type_of_transform="SyN", aff_metric="mattes", syn_metric="mattes",
-                                outprefix=str(tmp / "ants_"))
-        comp = ants.apply_transforms(f, m, list(reg["fwdtransforms"]), compose=str(tmp / "dense_"))
-        d_lps, warp_affine = load_itk_warp(comp)
-        fixed_aff, moving_aff = load_image(pair.fixed).affine, load_image(pair.moving).affine
-        disp = to_fixed_voxels(world_warp_to_voxel_disp(d_lps, warp_affine, moving_aff), fixed_aff, moving_aff)
-        warped = None
-        if pair.moving_labels:
-            lab = ants.image_read(pair.moving_labels)
-            warped = np.rint(ants.apply_transforms(f.clone("float"), lab, list(reg["fwdtransforms"]),
-                                                   interpolator="nearestNeighbor").numpy()).astype(np.int32)
+        reg = ants.registration(ants.image_read(pair.fixed), ants.image_read(pair.moving), type_of_transform="SyN",
+                                aff_metric="mattes", syn_metric="mattes", outprefix=str(tmp / "ants_"))
+        tx = reg["fwdtransforms"]
+        disp = ants_dense_disp(ants, pair.fixed, pair.moving, tx, tmp / "dense_", fixed_affine, moving_affine)
+        warped = ants_warp_labels(ants, pair.fixed, pair.moving_labels, tx) if pair.moving_labels else None
         return disp, warped
 
     return run
 
 
-def run_method(entry: dict, pairs: list[Pair], *, resolution, workdir: pathlib.Path, report: Callable) -> list[dict]:
-    """Register every pair with one method entry; one row of scores per pair."""
-    from jaxreg import cli, pipeline
+def _load_pair(pair: Pair) -> dict:
+    """A prepared pair's volumes and truth, read once for every method."""
     from jaxreg.io import load_image, load_labels
+
+    return {"fixed": load_image(pair.fixed), "moving": load_image(pair.moving),
+            "fixed_labels": load_labels(pair.fixed_labels) if pair.fixed_labels else None,
+            "moving_labels": load_labels(pair.moving_labels) if pair.moving_labels else None,
+            "truth": np.load(pair.disp_true) if pair.disp_true else None}
+
+
+def run_method(entry: dict, pairs: list[Pair], *, resolution, workdir: pathlib.Path, report: Callable,
+               loaded: list[dict] | None = None) -> list[dict]:
+    """Register every pair with one method entry; one row of scores per pair (``loaded``: :func:`_load_pair`'s)."""
+    from jaxreg import cli, pipeline
 
     method = entry["method"]
     if method == "ants":
@@ -299,24 +334,21 @@ def run_method(entry: dict, pairs: list[Pair], *, resolution, workdir: pathlib.P
     elif method != "identity":
         runner, _, _ = cli._registration_runner(_method_args(entry, resolution), report)
     rows = []
-    for pair in pairs:
-        fixed, moving = load_image(pair.fixed), load_image(pair.moving)
-        fixed_labels = load_labels(pair.fixed_labels) if pair.fixed_labels else None
-        moving_labels = load_labels(pair.moving_labels) if pair.moving_labels else None
+    for pair, vols in zip(pairs, loaded or [_load_pair(p) for p in pairs]):
+        fixed, moving, moving_labels = vols["fixed"], vols["moving"], vols["moving_labels"]
         t0 = time.perf_counter()
         if method == "identity":  # the headers alone
             disp = np.zeros((*fixed.data.shape, 3), np.float32)
             warped = None if moving_labels is None else pipeline.warp_labels_to_fixed(moving_labels, fixed, None)
         elif method == "ants":
-            disp, warped = ants_run(pair)
+            disp, warped = ants_run(pair, fixed.affine, moving.affine)
         else:
             reg = runner(fixed, moving)
             disp = reg.disp_fixed
             warped = None if moving_labels is None else pipeline.warp_labels_to_fixed(moving_labels, fixed, reg)
         wall = time.perf_counter() - t0
-        truth = np.load(pair.disp_true) if pair.disp_true else None
-        scores = score_pair(disp, fixed, None if fixed_labels is None else fixed_labels.data, warped,
-                            labels=pair.labels, disp_true=truth)
+        scores = score_pair(disp, fixed, None if vols["fixed_labels"] is None else vols["fixed_labels"].data, warped,
+                            labels=pair.labels, disp_true=vols["truth"])
         rows.append({"set": pair.set, "pair": pair.name, "method": entry["name"], **scores,
                      "time_s": 0.0 if method == "identity" else wall})
         report(f"  {entry['name']}: {pair.name}: " + ", ".join(
@@ -445,10 +477,11 @@ def compare(config, *, data_root: pathlib.Path, workdir: pathlib.Path, methods: 
         if unknown:
             raise ValueError(f"unknown {what} {', '.join(unknown)}; the config has: {', '.join(have)}")
     if sets:
-        config.pair_sets = tuple(s for s in specs if s["name"] in sets)
+        specs = [s for s in specs if s["name"] in sets]
     if methods:
         entries = [e for e in entries if e["name"] in methods]
-    pairs = prepare_pairs(config, data_root, workdir, report)
+    pairs = prepare_pairs(config, data_root, workdir, report, specs=specs)
+    loaded = [_load_pair(p) for p in pairs]  # read once, scored by every method
     rows, run, skipped = [], [], []
     resolution = config.get("method_resolution", None)
     for entry in entries:
@@ -459,7 +492,7 @@ def compare(config, *, data_root: pathlib.Path, workdir: pathlib.Path, methods: 
             continue
         report(f"{entry['name']} ({entry['method']}): {len(pairs)} pairs")
         try:
-            rows += run_method(entry, pairs, resolution=resolution, workdir=workdir, report=report)
+            rows += run_method(entry, pairs, resolution=resolution, workdir=workdir, report=report, loaded=loaded)
             run.append(entry)
         except Exception as e:  # noqa: BLE001 - one failing method must not lose the others' rows
             skipped.append((entry["name"], f"failed: {type(e).__name__}: {e}"))

@@ -155,13 +155,17 @@ def random_smooth_disp(rng: np.random.Generator, shape, *, magnitude: float, spa
     return (u * (magnitude / max(mean, 1e-6))).astype(np.float32)
 
 
-def warp_numpy(image: np.ndarray, disp: np.ndarray, *, order: int = 1) -> np.ndarray:
-    """``image(x + disp(x))`` for ``(*spatial[, C])`` numpy arrays (zeros outside; order 0 for labels)."""
+def warp_numpy(image: np.ndarray, disp: np.ndarray, *, order: int = 1, mode: str = "constant") -> np.ndarray:
+    """``image(x + disp(x))`` for ``(*spatial[, C])`` numpy arrays (order 0 for labels).
+
+    ``mode``: ``scipy.ndimage.map_coordinates`` padding, ``"constant"`` (zeros
+    outside, default) or ``"nearest"`` (border values).
+    """
     d = disp.shape[-1]
     coords = np.indices(disp.shape[:-1], dtype=np.float32) + np.moveaxis(disp, -1, 0)
     if image.ndim == d:
-        return ndi.map_coordinates(image, coords, order=order, mode="constant", cval=0)
-    return np.stack([ndi.map_coordinates(image[..., c], coords, order=order, mode="constant", cval=0)
+        return ndi.map_coordinates(image, coords, order=order, mode=mode, cval=0)
+    return np.stack([ndi.map_coordinates(image[..., c], coords, order=order, mode=mode, cval=0)
                      for c in range(image.shape[-1])], axis=-1)
 
 
@@ -175,12 +179,9 @@ def invert_numpy(disp: np.ndarray, *, iterations: int = 20) -> np.ndarray:
     ``keep_truth``).
     """
     disp = np.asarray(disp, np.float32)
-    grid = np.indices(disp.shape[:-1], dtype=np.float32)
     v = -disp
     for _ in range(iterations):
-        coords = grid + np.moveaxis(v, -1, 0)
-        v = -np.stack([ndi.map_coordinates(disp[..., c], coords, order=1, mode="nearest")
-                       for c in range(disp.shape[-1])], axis=-1)
+        v = -warp_numpy(disp, v, mode="nearest")
     return v.astype(np.float32)
 
 

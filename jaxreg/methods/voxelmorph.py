@@ -276,10 +276,8 @@ def loss_fn(model: VoxelMorph, batch: dict, *, key) -> tuple[Float[Array, ""], d
     if cfg.supervised:
         if "disp_true" not in batch or batch["disp_true"].shape != disp.shape:
             raise ValueError(f"supervised=True needs batch['disp_true'] of shape {disp.shape}")
-        fg = (jnp.mean(fixed, axis=-1) > 0.05).astype(disp.dtype)
-        err = jnp.sum(jnp.square(disp - batch["disp_true"]), axis=-1) * fg
-        sim = jnp.sum(err, axis=tuple(range(1, err.ndim))) / jnp.maximum(
-            jnp.sum(fg, axis=tuple(range(1, fg.ndim))), 1.0)
+        fg = jnp.mean(fixed, axis=-1) > 0.05  # squared endpoint error = D x the per-component MSE
+        sim = jax.vmap(lambda d, t, m: d.shape[-1] * L.mse(d, t, mask=m))(disp, batch["disp_true"], fg)
     else:
         sim = jax.vmap(lambda f, w, m: multiscale_similarity(cfg, f, w, m))(target, warped, masks)
     if cfg.bidirectional and not cfg.supervised:
