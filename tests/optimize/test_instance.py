@@ -341,3 +341,37 @@ def test_affine_stage_keeps_the_initialisation_when_every_result_is_rejected(mon
     assert any(m.startswith("affine stage rejected") for m in messages)
     # the kept start is the header or the centre of mass: a pure translation, no refinement
     np.testing.assert_allclose(res.matrix[:2, :2], np.eye(2), atol=1e-6)
+
+
+def test_harmonic_extension_is_linear_between_two_clamped_planes():
+    """Closed form: u = f on the planes x = 0 and x = n - 1 (weight 1), zero normal derivative on the other
+    faces, Laplace elsewhere -> u is linear in x; points of weight 1 keep their value exactly."""
+    n = 12
+    field = np.zeros((n, 5, 4, 3), np.float32)
+    field[-1] = (n - 1.0, -2.0 * (n - 1), 0.5)
+    weight = np.zeros((n, 5, 4), np.float32)
+    weight[0] = weight[-1] = 1.0
+    out = np.asarray(inst.harmonic_extension(jnp.asarray(field), jnp.asarray(weight), iterations=2000))
+    x = np.arange(n, dtype=np.float32)[:, None, None]
+    for c, slope in enumerate((1.0, -2.0, 0.5 / (n - 1))):
+        np.testing.assert_allclose(out[..., c], np.broadcast_to(slope * x, out.shape[:-1]), atol=1e-3)
+    np.testing.assert_array_equal(out[-1], field[-1])
+    np.testing.assert_array_equal(out[0], field[0])
+
+
+def test_harmonic_extension_keeps_weighted_points_and_lowers_the_diffusion_energy():
+    from jaxreg import losses as L
+
+    rng = np.random.default_rng(0)
+    field = jnp.asarray(rng.normal(size=(10, 9, 8, 3)).astype(np.float32))
+    weight = np.zeros((10, 9, 8), np.float32)
+    weight[3:7, 2:6, 2:6] = 1.0
+    out = inst.harmonic_extension(field, jnp.asarray(weight), iterations=300)
+    np.testing.assert_array_equal(np.asarray(out)[3:7, 2:6, 2:6], np.asarray(field)[3:7, 2:6, 2:6])
+    assert float(L.diffusion(out)) < 0.2 * float(L.diffusion(field))
+    # a constant field is its own extension; weight 1 everywhere changes nothing
+    const = jnp.full((6, 5, 2), 1.5, jnp.float32)
+    np.testing.assert_allclose(np.asarray(inst.harmonic_extension(const, jnp.zeros((6, 5)), iterations=50)), 1.5,
+                               rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(inst.harmonic_extension(field, jnp.ones((10, 9, 8)), iterations=5)),
+                                  np.asarray(field))
