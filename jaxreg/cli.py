@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="moving NIfTI (any grid/orientation); several: a cohort registered in one process "
                         "(start-up and compilation paid once), each into --out/<moving file name>/")
     r.add_argument("--out", required=True, help="output directory")
+    r.add_argument("--devices", default="auto",
+                   help="with several --moving scans: how many local devices (GPUs, TPU cores) register pairs "
+                        "at once, one pair per device, each with exactly the single-device result; 'auto' "
+                        "(default) = all local devices of the default backend (one on a plain CPU host)")
     r.add_argument("--method", default="io-mind", choices=METHOD_CHOICES,
                    help="io-*: instance optimisation with that similarity (default io-mind; io-dns: learned "
                         "DNS descriptors, weights shipped; io-dns-random: the same network untrained); "
@@ -207,24 +211,86 @@ def run_register(args):
     pair that fails writes nothing and the others still run; the command then exits non-zero.
     """
     plan = _register_plan(args)
+    devices = _cohort_devices(getattr(args, "devices", "auto"), len(plan))
     fixed, fixed_labels = _load_scan("--fixed", args.fixed, args.fixed_labels)
     report = _progress(args.quiet)
     runner, config, feature_fn = _registration_runner(args, report)
     if len(plan) == 1:
         return _register_pair(args, runner, config, feature_fn, fixed, fixed_labels, *plan[0], report)
-    results, failed = [], []
-    for k, (moving_path, labels_path, out) in enumerate(plan):
+
+    def one(k):
+        moving_path, labels_path, out = plan[k]
         report(f"pair {k + 1}/{len(plan)}: {moving_path}")
         try:
-            results.append(_register_pair(args, runner, config, feature_fn, fixed, fixed_labels, moving_path,
-                                          labels_path, out, report))
+            return _register_pair(args, runner, config, feature_fn, fixed, fixed_labels, moving_path, labels_path,
+                                  out, report)
         except (CLIError, ValueError, OSError) as e:
             print(f"jaxreg register: error: {moving_path}: {e} (nothing written to {out})", file=sys.stderr)
-            failed.append(str(moving_path))
+            return None
+
+    if len(devices) == 1:
+        outcome = [one(k) for k in range(len(plan))]
+    else:
+        outcome = _on_devices(one, len(plan), devices)
+    results = [r for r in outcome if r is not None]
+    failed = [str(plan[k][0]) for k, r in enumerate(outcome) if r is None]
     if failed:
         raise CLIError(f"{len(failed)} of {len(plan)} pairs failed ({', '.join(failed)}); the other "
                        f"{len(plan) - len(failed)} were written")
     return results
+
+
+def _cohort_devices(spec, n_pairs: int) -> list:
+    """The local devices a cohort of ``n_pairs`` runs on (``--devices``: 'auto' or a count), validated before any
+    work: at most one per pair, at least one."""
+    import jax
+
+    local = jax.local_devices()
+    if spec in (None, "auto"):
+        n = len(local)
+    else:
+        try:
+            n = int(spec)
+        except ValueError:
+            raise CLIError(f"--devices must be 'auto' or a positive integer, got {spec!r}", EXIT_USAGE) from None
+        if n < 1 or n > len(local):
+            raise CLIError(f"--devices {n}: this host has {len(local)} local {jax.default_backend()} device(s)",
+                           EXIT_USAGE)
+    return local[:max(1, min(n, n_pairs))]
+
+
+def _on_devices(fn, n_items: int, devices) -> list:
+    """``[fn(k) for k in range(n_items)]`` with item ``k`` on ``devices[k % len(devices)]``, one thread per device.
+
+    Each thread makes its device JAX's default (``jax.default_device``, thread-local), so every array and
+    jitted program of a pair lives there: the pair's result is the single-device result. The programs run as
+    plain ``jax.jit`` in those threads (:func:`jaxreg.programs.plain_jit`): the store of compiled executables
+    serves the single-device path.
+    """
+    import concurrent.futures
+
+    import jax
+
+    from jaxreg import programs
+
+    def worker(i):
+        out = {}
+        with jax.default_device(devices[i]), programs.plain_jit():
+            for k in range(i, n_items, len(devices)):
+                out[k] = fn(k)
+        return out
+
+    with concurrent.futures.ThreadPoolExecutor(len(devices)) as pool:
+        parts = list(pool.map(worker, range(len(devices))))
+    merged = {k: v for part in parts for k, v in part.items()}
+    return [merged[k] for k in range(n_items)]
+
+
+def _current_device() -> str:
+    import jax
+
+    dev = jax.config.jax_default_device or jax.devices()[0]
+    return f"{dev.platform}:{dev.id}"
 
 
 def _register_pair(args, runner, config, feature_fn, fixed, fixed_labels, moving_path, labels_path, out, report):
@@ -242,6 +308,7 @@ def _register_pair(args, runner, config, feature_fn, fixed, fixed_labels, moving
             moving_labels_on_fixed = pipeline.warp_labels_to_fixed(moving_labels, fixed, None)
     metrics = pipeline.registration_metrics(args.method, config, reg, fixed, fixed_labels, warped_labels,
                                             moving_labels_on_fixed, feature_fn=feature_fn)
+    metrics["device"] = _current_device()
     write_registration(out, fixed=fixed, reg=reg, metrics=metrics, warped_labels=warped_labels, keypoints=keypoints,
                        title=f"{args.method} ({getattr(runner, 'transform', config.transform)})")
     report(f"wrote {out}: runtime {metrics['runtime_s']:.1f} s, folding {metrics['folding_percent']:.3f} %"

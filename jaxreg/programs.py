@@ -15,17 +15,20 @@ shapes and dtypes, the JAX version, the CPU model, backend and devices, and a ha
 so changed code never runs a stale program. Anything that fails in storing or loading falls back to
 the plain ``jax.jit`` call.
 """
+import contextlib
 import functools
 import hashlib
 import os
 import pathlib
 import pickle
 import tempfile
+import threading
 
 import jax
 import numpy as np
 
 _FAILED = object()
+_LOCAL = threading.local()
 
 
 @functools.cache
@@ -41,8 +44,23 @@ def _sources_hash() -> str:
 def store_dir() -> pathlib.Path | None:
     """Where exported programs are kept: ``<jax_compilation_cache_dir>/jaxreg-programs``, or None when the
     compilation cache is off (then :func:`program` is exactly ``jax.jit``)."""
+    if getattr(_LOCAL, "plain", False):
+        return None
     base = jax.config.jax_compilation_cache_dir
     return pathlib.Path(base) / "jaxreg-programs" if base else None
+
+
+@contextlib.contextmanager
+def plain_jit():
+    """Within this block and thread, every :func:`program` is exactly ``jax.jit`` (no store). For threads that
+    run programs on other devices than the first: stored executables are bound to the device they were
+    compiled for, and their compilation toggles process-wide state."""
+    saved = getattr(_LOCAL, "plain", False)
+    _LOCAL.plain = True
+    try:
+        yield
+    finally:
+        _LOCAL.plain = saved
 
 
 def _is_key(x) -> bool:
