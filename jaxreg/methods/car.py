@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float
 
@@ -32,7 +33,7 @@ from jaxreg.methods.voxelmorph import Result, check_batch
 from jaxreg.nn.siamese import CAR_DEC, CAR_ENC, CAR_FINAL, SiameseRegNet
 from jaxreg.spatial import warp
 
-CONTRAST_LOSSES = ("mse", "infonce")
+CONTRAST_LOSSES = ("mse", "infonce", "mse_var")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +69,14 @@ class Config:
       contrast_loss: ``"mse"`` (eq. 2, averaged over locations and channels,
         as ``torch.nn.MSELoss`` in the code) or ``"infonce"`` (the ablation
         "CAR with InfoNCE", Table 3: positive = the same latent location in
-        the other contrast, negatives = the other locations of that image).
+        the other contrast, negatives = the other locations of that image)
+        or ``"mse_var"`` (not in the paper; docs/experiments/issue15_clr.md):
+        eq. 2 plus VICReg's variance hinge (Bardes et al., ICLR 2022, eq. 1)
+        on each projection channel's std over the batch and locations,
+        ``mean_c max(0, 1/sqrt(P) - std_c)`` per view (``1/sqrt(P)``: the
+        std of isotropic unit vectors), which removes eq. 2's trivial
+        minimiser (a projection head mapping everything to one vector; the
+        trained MSE head had collapsed).
       infonce_temperature: tau of the InfoNCE ablation.
     """
 
@@ -166,12 +174,25 @@ def contrast_invariance(config: Config, proj_1, proj_2) -> Float[Array, ""]:
     (eq. 2 up to the channel mean; range [0, 4 / P]). ``infonce``: mean over
     the batch of InfoNCE with the same location as positive.
     """
-    if config.contrast_loss == "mse":
-        return jnp.mean(jnp.square(proj_1 - proj_2))
+    if config.contrast_loss in ("mse", "mse_var"):
+        mse = jnp.mean(jnp.square(proj_1 - proj_2))
+        if config.contrast_loss == "mse":
+            return mse
+        return mse + 0.5 * (projection_variance_hinge(proj_1) + projection_variance_hinge(proj_2))
     p = proj_1.shape[-1]
     flat = lambda x: x.reshape(x.shape[0], -1, p)  # noqa: E731
     return jnp.mean(jax.vmap(lambda a, b: L.infonce(a, b, temperature=config.infonce_temperature))(
         flat(proj_1), flat(proj_2)))
+
+
+def projection_variance_hinge(proj: Float[Array, "B *latent P"]) -> Float[Array, ""]:
+    """VICReg's variance term for unit projections: ``mean_c max(0, 1/sqrt(P) - std_c)``, std over batch and
+    locations (eps 1e-4 inside the sqrt). 0 for well-spread projections; ``~1/sqrt(P)`` when they collapse to one
+    vector. Bardes et al., "VICReg", ICLR 2022, eq. 1."""
+    p = proj.shape[-1]
+    flat = proj.reshape(-1, p)
+    std = jnp.sqrt(jnp.var(flat, axis=0) + 1e-4)
+    return jnp.mean(jax.nn.relu(1.0 / np.sqrt(p) - std))
 
 
 def loss_fn(model: CAR, batch: dict, *, key) -> tuple[Float[Array, ""], dict]:

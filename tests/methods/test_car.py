@@ -80,7 +80,23 @@ def test_contrast_invariance_losses():
     assert float(same) < float(other)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(rc_kernel=3, contrast_loss="infonce"), dict(rc_layers=0, contrast_weight=0.0)])
+def test_variance_hinge_is_zero_for_spread_projections_and_penalises_a_collapse():
+    """Closed form: a collapsed head (one vector everywhere) scores 1/sqrt(P) - 1e-2 (std 0, eps 1e-4); the +-e_c
+    frame (std of each channel sqrt(2/(2P)) = 1/sqrt(P)) scores ~0; mse_var adds it to eq. 2, with a gradient."""
+    p_dim = 8
+    frame = jnp.concatenate([jnp.eye(p_dim), -jnp.eye(p_dim)])[None, :, None, :]  # (1, 2P, 1, P)
+    collapsed = jnp.broadcast_to(jnp.eye(p_dim)[0], frame.shape)
+    assert float(C.projection_variance_hinge(frame)) == pytest.approx(0.0, abs=1e-3)
+    assert float(C.projection_variance_hinge(collapsed)) == pytest.approx(1 / np.sqrt(p_dim) - 1e-2, rel=1e-4)
+    cfg = _config(contrast_loss="mse_var")
+    assert float(C.contrast_invariance(cfg, collapsed, collapsed)) == pytest.approx(1 / np.sqrt(p_dim) - 1e-2,
+                                                                                   rel=1e-4)
+    g = jax.grad(lambda x: C.contrast_invariance(cfg, x, x))(collapsed + 0.01 * frame[:, ::-1])
+    assert np.all(np.isfinite(np.asarray(g))) and float(jnp.abs(g).max()) > 0
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(rc_kernel=3, contrast_loss="infonce"), dict(rc_layers=0, contrast_weight=0.0),
+                                dict(contrast_loss="mse_var")])
 def test_training_lowers_the_loss_for_every_variant(kw):
     """A shifted blob pair: a few Adam steps of CAR, of RC-3 with InfoNCE and of the unaugmented baseline lower the loss."""
     yy, xx = np.meshgrid(np.arange(32), np.arange(32), indexing="ij")
