@@ -695,8 +695,8 @@ def harmonic_extension(field: Float[Array, "*spatial C"], weight: Float[Array, "
                        iterations: int) -> Float[Array, "*spatial C"]:
     """Replace ``field`` where ``weight`` < 1 by its smoothest continuation from where ``weight`` = 1.
 
-    Jacobi iterations of ``u <- w f + (1 - w) mean_6(u)`` (``mean_6``: the
-    mean of the 2D face neighbours, borders replicated, i.e. zero normal
+    Jacobi iterations of ``u <- w f + (1 - w) mean_nb(u)`` (``mean_nb``: the
+    mean of the 2 x D face neighbours, borders replicated, i.e. zero normal
     derivative): at convergence ``u = f`` where ``w = 1`` and ``u`` is
     harmonic (the minimiser of the diffusion energy ``sum |grad u|^2``) where
     ``w = 0``, as if the regulariser alone had been optimised to convergence
@@ -709,6 +709,11 @@ def harmonic_extension(field: Float[Array, "*spatial C"], weight: Float[Array, "
 
     Returns:
       Array of ``field``'s shape and dtype.
+
+    References:
+      Jacobi relaxation of Laplace's equation (Press et al., Numerical
+      Recipes, 3rd ed., Sec. 20.5); why and what it bought: docs/experiments/
+      issue17_regularity.md and :class:`InstanceConfig` ``field_extension``.
     """
     d = field.ndim - 1
     w = weight[..., None].astype(field.dtype)
