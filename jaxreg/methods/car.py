@@ -72,7 +72,7 @@ class Config:
         the other contrast, negatives = the other locations of that image)
         or ``"mse_var"`` (not in the paper; docs/experiments/issue15_clr.md):
         eq. 2 plus VICReg's variance hinge (Bardes et al., ICLR 2022, eq. 1)
-        on each projection channel's std over the batch and locations,
+        on each projection channel's std over the batch and foreground locations,
         ``mean_c max(0, 1/sqrt(P) - std_c)`` per view (``1/sqrt(P)``: the
         std of isotropic unit vectors), which removes eq. 2's trivial
         minimiser (a projection head mapping everything to one vector; the
@@ -167,7 +167,7 @@ def augment(config: Config, key, images: Float[Array, "B *spatial C"]) -> Float[
         negative_slope=config.rc_slope))(keys, images)
 
 
-def contrast_invariance(config: Config, proj_1, proj_2) -> Float[Array, ""]:
+def contrast_invariance(config: Config, proj_1, proj_2, mask=None) -> Float[Array, ""]:
     """``L_contrast`` between two ``(B, *latent, P)`` unit projections of the same images (eq. 2 or InfoNCE).
 
     ``mse``: mean over batch, locations and channels of the squared difference
@@ -178,20 +178,32 @@ def contrast_invariance(config: Config, proj_1, proj_2) -> Float[Array, ""]:
         mse = jnp.mean(jnp.square(proj_1 - proj_2))
         if config.contrast_loss == "mse":
             return mse
-        return mse + 0.5 * (projection_variance_hinge(proj_1) + projection_variance_hinge(proj_2))
+        return mse + 0.5 * (projection_variance_hinge(proj_1, mask) + projection_variance_hinge(proj_2, mask))
     p = proj_1.shape[-1]
     flat = lambda x: x.reshape(x.shape[0], -1, p)  # noqa: E731
     return jnp.mean(jax.vmap(lambda a, b: L.infonce(a, b, temperature=config.infonce_temperature))(
         flat(proj_1), flat(proj_2)))
 
 
-def projection_variance_hinge(proj: Float[Array, "B *latent P"]) -> Float[Array, ""]:
+def _latent_foreground(images, latent_shape):
+    """``(B, *latent)`` float mask: more than half of the latent cell's voxels above 0.05."""
+    fg = (images[..., 0] > 0.05).astype(jnp.float32)
+    return (jax.image.resize(fg, fg.shape[:1] + tuple(latent_shape), "linear") > 0.5).astype(jnp.float32)
+
+
+def projection_variance_hinge(proj: Float[Array, "B *latent P"], mask=None) -> Float[Array, ""]:
     """VICReg's variance term for unit projections: ``mean_c max(0, 1/sqrt(P) - std_c)``, std over batch and
-    locations (eps 1e-4 inside the sqrt). 0 for well-spread projections; ``~1/sqrt(P)`` when they collapse to one
-    vector. Bardes et al., "VICReg", ICLR 2022, eq. 1."""
+    locations (eps 1e-4 inside the sqrt), weighted by ``mask`` (``(B, *latent)`` in [0, 1], e.g. the
+    foreground; None = every location). 0 for well-spread projections; ``~1/sqrt(P)`` when they collapse to
+    one vector. Over all locations a network meets it by separating the background from the foreground
+    (docs/experiments/issue15_clr.md), hence the mask. Bardes et al., "VICReg", ICLR 2022, eq. 1."""
     p = proj.shape[-1]
     flat = proj.reshape(-1, p)
-    std = jnp.sqrt(jnp.var(flat, axis=0) + 1e-4)
+    w = jnp.ones(flat.shape[:1], flat.dtype) if mask is None else mask.reshape(-1).astype(flat.dtype)
+    w = w / jnp.maximum(jnp.sum(w), 1e-6)
+    mean = jnp.sum(w[:, None] * flat, axis=0)
+    var = jnp.sum(w[:, None] * jnp.square(flat - mean), axis=0)
+    std = jnp.sqrt(var + 1e-4)
     return jnp.mean(jax.nn.relu(1.0 / np.sqrt(p) - std))
 
 
@@ -228,7 +240,10 @@ def loss_fn(model: CAR, batch: dict, *, key) -> tuple[Float[Array, ""], dict]:
         s1, r1, pf1, pm1 = one(augment(cfg, k[0], fixed), augment(cfg, k[1], moving))
         s2, r2, pf2, pm2 = one(augment(cfg, k[2], fixed), augment(cfg, k[3], moving))
         sim, reg = 0.5 * (s1 + s2), 0.5 * (r1 + r2)
-        contrast = contrast_invariance(cfg, pm1, pm2) + contrast_invariance(cfg, pf1, pf2)
+        mask_m = mask_f = None
+        if cfg.contrast_loss == "mse_var":  # the hinge over the foreground (latent resolution)
+            mask_m, mask_f = (_latent_foreground(x, pm1.shape[1:-1]) for x in (moving, fixed))
+        contrast = contrast_invariance(cfg, pm1, pm2, mask_m) + contrast_invariance(cfg, pf1, pf2, mask_f)
     loss = sim + cfg.reg_weight * reg + cfg.contrast_weight * contrast
     return loss, {"similarity": sim, "smoothness": reg, "contrast": contrast}
 

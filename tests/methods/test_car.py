@@ -140,3 +140,14 @@ def test_register_shapes_errors_and_restore():
     mod, restored = restore_model({"method": "car", "model": {"ndim": 2, **{k: list(v) if isinstance(v, tuple) else v
                                                                             for k, v in SMALL.items()}}}, params)
     np.testing.assert_allclose(np.asarray(mod.register(restored, x, x).disp), np.asarray(out.disp), atol=1e-6)
+
+
+def test_variance_hinge_mask_ignores_what_lies_outside_it():
+    """Spread vectors in the masked-out half cannot hide a collapsed foreground."""
+    p_dim = 8
+    frame = jnp.concatenate([jnp.eye(p_dim), -jnp.eye(p_dim)])[None, :, None, :]
+    collapsed = jnp.broadcast_to(jnp.eye(p_dim)[0], frame.shape)
+    both = jnp.concatenate([collapsed, frame], axis=1)  # (1, 4P, 1, P)
+    mask = jnp.concatenate([jnp.ones((1, 2 * p_dim, 1)), jnp.zeros((1, 2 * p_dim, 1))], axis=1)
+    assert float(C.projection_variance_hinge(both, mask)) == pytest.approx(1 / np.sqrt(p_dim) - 1e-2, rel=1e-4)
+    assert float(C.projection_variance_hinge(both)) < 0.5 * (1 / np.sqrt(p_dim))
