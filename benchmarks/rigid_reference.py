@@ -157,16 +157,16 @@ def header_map(fixed, moving):
 _SEEN = set()
 
 
-def run_jaxreg(method, fixed, moving, overrides=None):
+def run_jaxreg(method, fixed, moving, overrides=None, resolution=2.0):
     from jaxreg.pipeline import config_for, register_volumes, working_grid
 
     transform = method.split("-", 1)[1]
-    key = (method, tuple(working_grid(fixed.data.shape, fixed.affine, 2.0)[0]))
+    key = (method, tuple(working_grid(fixed.data.shape, fixed.affine, resolution)[0]))
     first = key not in _SEEN
     _SEEN.add(key)
     t0 = time.perf_counter()
     reg = register_volumes(fixed, moving, config=config_for("io-mind", transform=transform, **(overrides or {})),
-                           resolution=2.0)
+                           resolution=resolution)
     wall = time.perf_counter() - t0
     return reg.voxel_map_disp, {"wall_s": wall, "runtime_s": float(reg.runtime_s), "first_of_shape": first}
 
@@ -230,6 +230,7 @@ def main(argv=None):
                    help="keep the rows of other methods already in <out>/<name>.json (e.g. ANTs, run separately)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="InstanceConfig override for the jaxreg methods (repeatable; VALUE a Python literal)")
+    p.add_argument("--resolution", type=float, default=2.0, help="jaxreg working-grid spacing (mm; default 2)")
     args = p.parse_args(argv)
     overrides = parse_overrides(args.set)
     methods = [m for m in args.methods.split(",") if m]
@@ -277,7 +278,7 @@ def main(argv=None):
                     info = {"wall_s": None, "runtime_s": None,
                             "reference_singular_values": np.linalg.svd(reference[:3, :3], compute_uv=False).tolist()}
                 elif method.startswith("jaxreg"):
-                    vmap, info = run_jaxreg(method, fixed, moving, overrides)
+                    vmap, info = run_jaxreg(method, fixed, moving, overrides, args.resolution)
                 else:
                     vmap, info = run_ants(method, fixed_path, moving_path, moving, pathlib.Path(tmp))
                 row = {"pair": name, "method": method, **score(vmap, fixed, moving, reference), **info}
