@@ -104,8 +104,9 @@ def head_mask(data: np.ndarray) -> np.ndarray:
     return m
 
 
-def _scored_points(fixed, moving, reference):
-    """``(x, world, ref, mask)``: fixed voxel grid, its world points, the reference's moving points, scored voxels."""
+def scored_points(fixed, moving, reference):
+    """``(x, world, ref, mask)``: fixed voxel grid, its world points, the reference's moving points, scored voxels
+    (computed once per pair; :func:`score` and :func:`rigid_floor_map` take it)."""
     from jaxreg.spatial import identity_grid
 
     shape = fixed.data.shape
@@ -118,13 +119,13 @@ def _scored_points(fixed, moving, reference):
     return x, world, ref, head_mask(fixed.data) & inside
 
 
-def rigid_floor_map(fixed, moving, reference):
+def rigid_floor_map(moving, points):
     """The rigid map nearest to the (affine) reference: least squares over the scored voxels (Kabsch).
 
     No rigid method can be much closer to the reference than this (it minimises the squared, not the mean,
     distance); the gap is the reference's own scaling and shear. Returns the fixed-voxel map displacement.
     """
-    x, world, ref, mask = _scored_points(fixed, moving, reference)
+    x, world, ref, mask = points
     a, b = world[mask], ref[mask]
     ca, cb = a.mean(0), b.mean(0)
     u, _, vt = np.linalg.svd((a - ca).T @ (b - cb))
@@ -135,9 +136,10 @@ def rigid_floor_map(fixed, moving, reference):
     return moved @ inv_m[:3, :3].T + inv_m[:3, 3] - x
 
 
-def score(voxel_map_disp, fixed, moving, reference) -> dict:
-    """Distances (mm) between the method's and the reference's moving world point of each head voxel."""
-    x, _, ref, mask = _scored_points(fixed, moving, reference)
+def score(voxel_map_disp, moving, points) -> dict:
+    """Distances (mm) between the method's and the reference's moving world point of each head voxel
+    (``points``: :func:`scored_points` of the pair)."""
+    x, _, ref, mask = points
     y = x + np.asarray(voxel_map_disp, np.float64)  # moving voxels
     est = y @ moving.affine[:3, :3].T + moving.affine[:3, 3]
     dist = np.linalg.norm(est - ref, axis=-1)[mask]
@@ -270,18 +272,19 @@ def main(argv=None):
         for name in names:
             fixed_path, moving_path, reference = all_pairs[name]
             fixed, moving = load_image(fixed_path), load_image(moving_path)
+            points = scored_points(fixed, moving, reference)
             for method in methods:
                 if method == "header":
                     vmap, info = header_map(fixed, moving), {"wall_s": None, "runtime_s": None}
                 elif method == "rigid-floor":
-                    vmap = rigid_floor_map(fixed, moving, reference)
+                    vmap = rigid_floor_map(moving, points)
                     info = {"wall_s": None, "runtime_s": None,
                             "reference_singular_values": np.linalg.svd(reference[:3, :3], compute_uv=False).tolist()}
                 elif method.startswith("jaxreg"):
                     vmap, info = run_jaxreg(method, fixed, moving, overrides, args.resolution)
                 else:
                     vmap, info = run_ants(method, fixed_path, moving_path, moving, pathlib.Path(tmp))
-                row = {"pair": name, "method": method, **score(vmap, fixed, moving, reference), **info}
+                row = {"pair": name, "method": method, **score(vmap, moving, points), **info}
                 rows.append(row)
                 flush()
                 log(f"{name} {method}: mean {row['mean_mm']:.3f} mm, p95 {row['p95_mm']:.3f} mm"

@@ -185,12 +185,6 @@ def contrast_invariance(config: Config, proj_1, proj_2, mask=None) -> Float[Arra
         flat(proj_1), flat(proj_2)))
 
 
-def _latent_foreground(images, latent_shape):
-    """``(B, *latent)`` float mask: more than half of the latent cell's voxels above 0.05."""
-    fg = (images[..., 0] > 0.05).astype(jnp.float32)
-    return (jax.image.resize(fg, fg.shape[:1] + tuple(latent_shape), "linear") > 0.5).astype(jnp.float32)
-
-
 def projection_variance_hinge(proj: Float[Array, "B *latent P"], mask=None) -> Float[Array, ""]:
     """VICReg's variance term for unit projections: ``mean_c max(0, 1/sqrt(P) - std_c)``, std over batch and
     locations (eps 1e-4 inside the sqrt), weighted by ``mask`` (``(B, *latent)`` in [0, 1], e.g. the
@@ -242,7 +236,8 @@ def loss_fn(model: CAR, batch: dict, *, key) -> tuple[Float[Array, ""], dict]:
         sim, reg = 0.5 * (s1 + s2), 0.5 * (r1 + r2)
         mask_m = mask_f = None
         if cfg.contrast_loss == "mse_var":  # the hinge over the foreground (latent resolution)
-            mask_m, mask_f = (_latent_foreground(x, pm1.shape[1:-1]) for x in (moving, fixed))
+            mask_m, mask_f = (L.resize_mask(x[..., 0] > 0.05, x.shape[:1] + pm1.shape[1:-1])
+                              for x in (moving, fixed))
         contrast = contrast_invariance(cfg, pm1, pm2, mask_m) + contrast_invariance(cfg, pf1, pf2, mask_f)
     loss = sim + cfg.reg_weight * reg + cfg.contrast_weight * contrast
     return loss, {"similarity": sim, "smoothness": reg, "contrast": contrast}
