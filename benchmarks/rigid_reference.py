@@ -159,11 +159,11 @@ def header_map(fixed, moving):
 _SEEN = set()
 
 
-def run_jaxreg(method, fixed, moving, overrides=None, resolution=2.0):
+def run_jaxreg(method, fixed, moving, overrides=None, resolution="auto"):
     from jaxreg.pipeline import config_for, register_volumes, working_grid
 
     transform = method.split("-", 1)[1]
-    key = (method, tuple(working_grid(fixed.data.shape, fixed.affine, resolution)[0]))
+    key = (method, tuple(working_grid(fixed.data.shape, fixed.affine, resolution, transform)[0]))
     first = key not in _SEEN
     _SEEN.add(key)
     t0 = time.perf_counter()
@@ -232,7 +232,9 @@ def main(argv=None):
                    help="keep the rows of other methods already in <out>/<name>.json (e.g. ANTs, run separately)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="InstanceConfig override for the jaxreg methods (repeatable; VALUE a Python literal)")
-    p.add_argument("--resolution", type=float, default=2.0, help="jaxreg working-grid spacing (mm; default 2)")
+    p.add_argument("--resolution", type=float, default=None,
+                   help="jaxreg working-grid spacing (mm); default: what `jaxreg register` picks (pipeline."
+                        "auto_resolution: 1 mm for rigid/affine, 2 mm for svf on these scans)")
     args = p.parse_args(argv)
     overrides = parse_overrides(args.set)
     methods = [m for m in args.methods.split(",") if m]
@@ -281,7 +283,8 @@ def main(argv=None):
                     info = {"wall_s": None, "runtime_s": None,
                             "reference_singular_values": np.linalg.svd(reference[:3, :3], compute_uv=False).tolist()}
                 elif method.startswith("jaxreg"):
-                    vmap, info = run_jaxreg(method, fixed, moving, overrides, args.resolution)
+                    vmap, info = run_jaxreg(method, fixed, moving, overrides,
+                                            "auto" if args.resolution is None else args.resolution)
                 else:
                     vmap, info = run_ants(method, fixed_path, moving_path, moving, pathlib.Path(tmp))
                 row = {"pair": name, "method": method, **score(vmap, moving, points), **info}

@@ -85,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resolution", type=float, default=None,
                    help="working-grid spacing in mm; 0 = the fixed grid. Default: the coarsest grid with 80 "
                         "voxels across the median extent of the fixed field of view, at most 2 mm and never finer "
-                        "than the fixed scan (brains: 2 mm; a 4x8x8 cm spinal-cord field of view: 1 mm); vxm and "
-                        "car: the network's training resolution")
+                        "than the fixed scan (brains: 2 mm; a 4x8x8 cm spinal-cord field of view: 1 mm); half "
+                        "that (brains: 1 mm) for --transform rigid/affine; vxm and car: the network's training "
+                        "resolution")
     r.add_argument("--fixed-labels", help="fixed label map (integer NIfTI) for Dice/HD95")
     r.add_argument("--moving-labels", nargs="+", help="moving label map, warped with the moving scan (one per "
                                                         "--moving scan)")

@@ -74,28 +74,42 @@ def feature_fn_for(method: str, weights: str | None = None) -> Callable | None:
 
 AUTO_VOXELS = 80        # voxels across the median extent of the fixed field of view (auto_resolution)
 AUTO_MAX_SPACING = 2.0  # mm: the coarsest automatic working grid (brains: 2 mm, as before)
+# Rigid and affine registrations get a grid twice as fine: at 1 mm on ms_native/patient01 jaxreg rigid comes
+# to 0.21-0.22 mm (sessions) and 0.30-0.56 mm (T1/T2 -> FLAIR) of the reference transforms, against 0.23-0.29
+# and 0.34-0.59 mm at 2 mm, in 5-6 s per pair (benchmarks/results/rigid_reference_1mm.md).
+LINEAR_TRANSFORMS = ("rigid", "affine")
 
 
-def auto_resolution(shape, affine) -> float:
-    """The working-grid spacing (mm) ``jaxreg register`` uses by default: the coarsest grid that still has
-    ``AUTO_VOXELS`` (80) voxels across the median extent of the fixed field of view, at most
-    ``AUTO_MAX_SPACING`` (2 mm) and never finer than the fixed scan's finest spacing.
+def auto_resolution(shape, affine, transform: str = "svf") -> float:
+    """The working-grid spacing (mm) ``jaxreg register`` uses by default.
 
-    Brains (median extents 180-240 mm in ../shared/data) get 2 mm, today's default; a 4 x 8 x 8 cm
-    spinal-cord field of view gets 1 mm (80 mm / 80).
+    Deformable transforms (``svf``, ``disp``): the coarsest grid that still
+    has ``AUTO_VOXELS`` (80) voxels across the median extent of the fixed
+    field of view, at most ``AUTO_MAX_SPACING`` (2 mm). ``rigid`` and
+    ``affine``: half that spacing (twice the voxels, at most 1 mm), since a
+    12-parameter fit is cheap and its precision is set by the finest grid.
+    Never finer than the fixed scan's finest spacing.
+
+    Brains (median extents 180-240 mm in ../shared/data) get 2 mm (1 mm for
+    rigid/affine); a 4 x 8 x 8 cm spinal-cord field of view gets 1 mm
+    (80 mm / 80; 0.5 mm for rigid/affine).
 
     Args:
       shape: fixed spatial shape (3 axes); affine: ``(4, 4)`` fixed voxel-to-world matrix.
+      transform: the registration's transform (``InstanceConfig.transform``).
 
     Returns:
       spacing in mm (float).
     """
     spacing = voxel_spacing(affine)[: len(shape)]
     extent = float(np.median(np.asarray(shape, np.float64) * spacing))
-    return float(max(min(extent / AUTO_VOXELS, AUTO_MAX_SPACING), float(np.min(spacing))))
+    auto = min(extent / AUTO_VOXELS, AUTO_MAX_SPACING)
+    if transform in LINEAR_TRANSFORMS:
+        auto = auto / 2.0
+    return float(max(auto, float(np.min(spacing))))
 
 
-def working_grid(shape, affine, resolution: float | str | None):
+def working_grid(shape, affine, resolution: float | str | None, transform: str = "svf"):
     """Grid over the same field of view as ``(shape, affine)`` with voxels of at least ``resolution`` mm.
 
     Voxel centres follow ``jax.image.resize`` (``x_fixed = (x_work + 0.5) r - 0.5``,
@@ -106,6 +120,7 @@ def working_grid(shape, affine, resolution: float | str | None):
       affine: ``(4, 4)`` fixed voxel-to-world matrix.
       resolution: target spacing in mm, ``"auto"`` (:func:`auto_resolution`), or None to keep the
         fixed grid.
+      transform: the registration's transform, for ``"auto"``.
 
     Returns:
       ``(work_shape, work_affine, r)`` with ``r`` the per-axis size ratio.
@@ -115,7 +130,7 @@ def working_grid(shape, affine, resolution: float | str | None):
     if isinstance(resolution, str):
         if resolution != "auto":
             raise ValueError(f"resolution must be a number of mm, 'auto' or None, got {resolution!r}")
-        resolution = auto_resolution(shape, affine)
+        resolution = auto_resolution(shape, affine, transform)
     if resolution is None:
         return shape, np.asarray(affine, np.float64), np.ones(len(shape))
     target = np.maximum(spacing, float(resolution))
@@ -206,12 +221,12 @@ def config_for(method: str, *, transform: str = "svf", affine: bool = True, leve
     return dataclasses.replace(base, **kw)
 
 
-def _working_images(fixed: Volume, moving: Volume, resolution: float | None):
+def _working_images(fixed: Volume, moving: Volume, resolution: float | None, transform: str = "svf"):
     """``(shape, affine, fixed_w, moving_w)``: both 3D scans resampled onto the working grid (ValueError if not 3D)."""
     for name, vol in (("fixed", fixed), ("moving", moving)):
         if vol.data.ndim != 3:
             raise ValueError(f"{name} must be a 3D scan, got shape {vol.data.shape}")
-    work_shape, work_affine, _ = working_grid(fixed.data.shape, fixed.affine, resolution)
+    work_shape, work_affine, _ = working_grid(fixed.data.shape, fixed.affine, resolution, transform)
     return (work_shape, work_affine, resample_smooth(fixed, work_shape, work_affine),
             resample_smooth(moving, work_shape, work_affine))
 
@@ -238,7 +253,8 @@ def register_volumes(fixed: Volume, moving: Volume, *, config: InstanceConfig, r
       fixed: fixed scan (defines the output grid).
       moving: moving scan, any grid/orientation.
       config: instance-optimisation options.
-      resolution: working-grid spacing in mm, ``"auto"`` (:func:`auto_resolution`, the CLI default) or
+      resolution: working-grid spacing in mm, ``"auto"`` (:func:`auto_resolution` for
+        ``config.transform``, the CLI default: 2 mm for deformable brains, 1 mm for rigid/affine) or
         None (the fixed grid itself).
       progress: optional callback for progress messages.
       feature_fn: learned descriptors for ``similarity="dns"`` (:func:`feature_fn_for`).
@@ -253,7 +269,7 @@ def register_volumes(fixed: Volume, moving: Volume, *, config: InstanceConfig, r
     Raises:
       ValueError: if either scan is not 3D.
     """
-    work_shape, work_affine, fixed_w, moving_w = _working_images(fixed, moving, resolution)
+    work_shape, work_affine, fixed_w, moving_w = _working_images(fixed, moving, resolution, config.transform)
 
     t0 = time.perf_counter()
     init_matrix = None

@@ -20,6 +20,26 @@ def test_auto_resolution_rule(shape, spacing, expected):
     assert auto_resolution(shape, _affine(spacing)) == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("shape, spacing, expected", [
+    ((182, 218, 182), (1.0, 1.0, 1.0), 1.0),     # 1 mm brain: rigid/affine on the 1 mm grid
+    ((256, 224, 26), (0.9, 0.9, 5.5), 1.0),
+    ((80, 160, 160), (0.5, 0.5, 0.5), 0.5),      # spinal cord: half the deformable 1 mm
+    ((20, 20, 20), (3.0, 3.0, 3.0), 3.0),        # never finer than the scan itself
+])
+@pytest.mark.parametrize("transform", ["rigid", "affine"])
+def test_auto_resolution_linear_transforms_twice_as_fine(shape, spacing, expected, transform):
+    assert auto_resolution(shape, _affine(spacing), transform) == pytest.approx(expected)
+    assert auto_resolution(shape, _affine(spacing), "disp") == auto_resolution(shape, _affine(spacing))
+
+
+def test_working_grid_auto_follows_transform():
+    aff = _affine((1.0, 1.0, 1.0))
+    assert working_grid((182, 218, 182), aff, "auto")[0] == (91, 109, 91)
+    assert working_grid((182, 218, 182), aff, "auto", "rigid")[0] == (182, 218, 182)
+    # an explicit spacing is used as given, whatever the transform
+    assert working_grid((182, 218, 182), aff, 2.0, "rigid")[0] == (91, 109, 91)
+
+
 def test_working_grid_auto_and_bad_resolution():
     shape, _, _ = working_grid((80, 160, 160), _affine((0.5, 0.5, 0.5)), "auto")
     assert shape == (40, 80, 80)
