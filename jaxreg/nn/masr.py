@@ -124,7 +124,9 @@ class MASRNet(nnx.Module):
         h = self.features(x)
         if self.use_dns:
             w, b = self.squeeze.kernel[:, 0], self.squeeze.bias[0]
-            hc = jax.vmap(lambda hb: dns_squeezed(hb, w, b, dilations=self.dilations))(h)
+            # a loop over the (static) batch, not vmap: on 2 CPU cores vmap made the pass 1.8x slower at
+            # batch 1 (1.26 vs 0.71 s for 112x128x112x8) and 1.4x at batch 4 of 48^3
+            hc = jnp.stack([dns_squeezed(hb, w, b, dilations=self.dilations) for hb in h])
         else:
             hc = h
         return self.head2(jax.nn.leaky_relu(self.head1(hc), LEAKY_SLOPE))

@@ -54,3 +54,34 @@ def test_constants_preserved_and_sigma_zero():
     np.testing.assert_allclose(np.asarray(gaussian_blur(c, 1.5)), 3.5, rtol=1e-6)
     x = jnp.arange(12.0).reshape(3, 4, 1)
     assert gaussian_blur(x, 0.0) is x
+
+
+@pytest.mark.parametrize("shape, factor, sigma", [
+    ((16, 12, 8, 3), 2, 1.0),    # the pyramid's case (sigma = factor / 2)
+    ((24, 12, 36, 2), 4, 2.0),   # even factor > 2: halfway between voxels 4i + 1 and 4i + 2
+    ((9, 15, 6, 1), 3, 1.5),     # odd factor: on voxel 3i + 1
+    ((32, 16, 2), 2, 0.5),       # 2D
+])
+def test_gaussian_downsample_equals_blur_then_resize(shape, factor, sigma):
+    from jaxreg.spatial import gaussian_downsample
+
+    x = jax.random.normal(jax.random.key(1), shape)
+    out_shape = tuple(n // factor for n in shape[:-1]) + shape[-1:]
+    ref = jax.image.resize(gaussian_blur(x, sigma), out_shape, "linear", antialias=False)
+    out = gaussian_downsample(x, sigma, factor)
+    assert out.shape == out_shape and out.dtype == x.dtype
+    np.testing.assert_allclose(out, ref, atol=1e-6)
+    # constants are preserved (replicated borders), and the gradient matches the two-step operator's
+    np.testing.assert_allclose(gaussian_downsample(jnp.full(shape, 2.5), sigma, factor), 2.5, rtol=1e-6)
+    w = jax.random.normal(jax.random.key(2), out_shape)
+    g = jax.grad(lambda a: jnp.sum(w * gaussian_downsample(a, sigma, factor)))(x)
+    g_ref = jax.grad(lambda a: jnp.sum(w * jax.image.resize(gaussian_blur(a, sigma), out_shape, "linear",
+                                                            antialias=False)))(x)
+    np.testing.assert_allclose(g, g_ref, atol=1e-5)
+
+
+def test_gaussian_downsample_rejects_indivisible_shapes():
+    from jaxreg.spatial import gaussian_downsample
+
+    with pytest.raises(ValueError, match="multiple of factor 2"):
+        gaussian_downsample(jnp.zeros((9, 8, 1)), 1.0, 2)
