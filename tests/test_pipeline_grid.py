@@ -45,3 +45,17 @@ def test_working_grid_auto_and_bad_resolution():
     assert shape == (40, 80, 80)
     with pytest.raises(ValueError, match="auto"):
         working_grid((8, 8, 8), np.eye(4), "coarse")
+
+
+@pytest.mark.parametrize("transform, expected", [("rigid", (160, 160, 8)), ("svf", (80, 80, 8))])
+def test_register_volumes_auto_grid_follows_transform(transform, expected):
+    from jaxreg.io import Volume
+    from jaxreg.pipeline import config_for, register_volumes
+
+    g = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in (160, 160, 8)], indexing="ij"), -1)
+    data = np.exp(-np.sum(((g - [80, 80, 4]) / [40, 30, 6]) ** 2, -1)).astype(np.float32)  # a 1 mm blob
+    vol = Volume(data, _affine((1.0, 1.0, 1.0)))
+    cfg = config_for("io-mse", transform=transform, levels=1, iterations=(2,), affine_iterations=(2,),
+                     affine_levels=1)
+    reg = register_volumes(vol, vol, config=cfg, resolution="auto")
+    assert reg.work["fixed"].shape[:3] == expected
