@@ -76,9 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-affine", action="store_true", help="skip the affine pre-alignment")
     r.add_argument("--init", default="auto", choices=["auto", "header", "com", "keymorph"],
                    help="start of the affine/rigid stage: header (the scans' NIfTI affines), com (centre-of-mass "
-                        "translation), auto (default: refine both at the coarsest level, keep the better fit) or "
-                        "keymorph (the shipped KeyMorph affine as a third start, next to header and com; the best "
-                        "fit at the coarsest level goes on)")
+                        "translation), auto (default: refine both, and the 4 rotations that align the two heads' "
+                        "principal axes, at the coarsest level and keep the best fit: a head rotated by any angle "
+                        "registers) or keymorph (the shipped KeyMorph affine as one more start of auto)")
     r.add_argument("--levels", type=int, default=None, help="pyramid levels (default 3)")
     r.add_argument("--iterations", type=_parse_levels, default=None,
                    help="Adam steps per level, coarse to fine, e.g. 100,80,50")

@@ -337,10 +337,16 @@ def test_affine_stage_keeps_the_initialisation_when_every_result_is_rejected(mon
     messages = []
     cfg = InstanceConfig(similarity="mse", transform="affine", affine_similarity=None, affine_init="auto", **FAST)
     res = register_instance(fixed, moving, config=cfg, progress=messages.append)
-    assert sum("rejected (determinant out of range)" in m for m in messages) == 2  # header and com
+    # header, com and the two principal-axes starts of a 2D pair
+    assert sum("rejected (determinant out of range)" in m for m in messages) == 4
     assert any(m.startswith("affine stage rejected") for m in messages)
-    # the kept start is the header or the centre of mass: a pure translation, no refinement
-    np.testing.assert_allclose(res.matrix[:2, :2], np.eye(2), atol=1e-6)
+    # the kept start is one of them, unrefined: the exact start matrix
+    starts = [np.eye(3), *inst.principal_axes_starts(inst.normalize_intensity(fixed),
+                                                     inst.normalize_intensity(moving)).values()]
+    com = np.eye(3)
+    com[:2, 2] = np.asarray(inst.center_of_mass(inst.normalize_intensity(moving))) - np.asarray(
+        inst.center_of_mass(inst.normalize_intensity(fixed)))
+    assert min(np.abs(np.asarray(res.matrix) - m).max() for m in starts + [com]) < 1e-5
 
 
 def test_harmonic_extension_is_linear_between_two_clamped_planes():
@@ -375,3 +381,58 @@ def test_harmonic_extension_keeps_weighted_points_and_lowers_the_diffusion_energ
                                rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(inst.harmonic_extension(field, jnp.ones((10, 9, 8)), iterations=5)),
                                   np.asarray(field))
+
+
+def _elongated(x, c):
+    """An elongated, asymmetric phantom (head-like: distinct principal axes, no mirror symmetry) at points x (mm)."""
+    img = np.zeros(x.shape[:-1], np.float32)
+    scale = np.asarray([13.0, 8.0, 6.0][: x.shape[-1]])
+    for off, amp, sig in [((0, 0, 0), 1.0, 1.0), ((6, 4, 2), 0.6, 0.35), ((-8, -3, 1), -0.4, 0.3)]:
+        off = np.asarray(off[: x.shape[-1]], np.float32)
+        img += amp * np.exp(-0.5 * np.sum(((x - c - off) / (scale * sig)) ** 2, -1))
+    return img
+
+
+def _rotation(axis, degrees):
+    axis = np.asarray(axis, np.float64) / np.linalg.norm(axis)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    a = np.deg2rad(degrees)
+    return np.eye(3) + np.sin(a) * k + (1 - np.cos(a)) * k @ k
+
+
+def test_principal_axes_starts_contain_any_rotation_on_an_anisotropic_grid():
+    spacing = np.array([1.0, 1.0, 2.0])
+    shape = (64, 64, 32)
+    g = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij"), -1) * spacing
+    c = (np.asarray(shape) - 1) / 2 * spacing
+    rot, shift = _rotation([1.0, 2.0, 0.5], 150.0), np.array([3.0, -2.0, 4.0])
+    fixed = _elongated(g, c)
+    moving = _elongated((g - c - shift) @ rot + c, c)  # fixed point p <-> moving point R (p - c) + c + shift
+    starts = inst.principal_axes_starts(jnp.asarray(fixed)[..., None], jnp.asarray(moving)[..., None], spacing)
+    assert len(starts) == 4
+    fg = np.argwhere(fixed > 0.3 * fixed.max()).astype(np.float64)
+    true = ((fg * spacing - c) @ rot.T + c + shift) / spacing
+    errors = []
+    for m in starts.values():
+        m = np.asarray(m, np.float64)
+        assert np.linalg.det(m[:3, :3]) > 0
+        errors.append(np.abs(fg @ m[:3, :3].T + m[:3, 3] - true).mean())
+    assert min(errors) < 0.5 and max(errors) > 5  # one start is the rotation; the others are its sign flips
+    assert inst.principal_axes_starts(jnp.zeros((8, 8, 8, 1)), jnp.asarray(moving)[..., None], spacing) == {}
+
+
+def test_auto_init_recovers_a_rotation_of_160_degrees_the_header_start_does_not():
+    shape = (56, 56)
+    g = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij"), -1)
+    c = (np.asarray(shape) - 1) / 2
+    a = np.deg2rad(160.0)
+    rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    fixed = jnp.asarray(_elongated(g, c))[..., None]
+    moving = jnp.asarray(_elongated((g - c) @ rot + c, c))[..., None]
+    cfg = InstanceConfig(similarity="mse", transform="rigid", affine_similarity=None, affine_init="auto", **FAST)
+    messages = []
+    res = register_instance(fixed, moving, config=cfg, progress=messages.append)
+    assert any(m.startswith("affine initialisation: axes") for m in messages)
+    np.testing.assert_allclose(np.asarray(res.matrix)[:2, :2], rot, atol=0.03)
+    header = register_instance(fixed, moving, config=dataclasses.replace(cfg, affine_init="header"))
+    assert np.abs(np.asarray(header.matrix)[:2, :2] - rot).max() > 0.5
