@@ -62,14 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "DNS descriptors, weights shipped; io-dns-random: the same network untrained); "
                         "vxm: a trained VoxelMorph-style network (--checkpoint); car: a trained contrast-agnostic "
                         "CAR network (--checkpoint, 3D, skull-stripped scans); keymorph: learned keypoints "
-                        "aligned in closed form (--transform affine|tps, weights shipped)")
+                        "aligned in closed form (--transform affine|rigid|tps, weights shipped)")
     r.add_argument("--weights", help="io-dns / keymorph: network weights (.safetensors with its .json beside it; "
                                      "default: the shipped brain weights)")
     r.add_argument("--checkpoint", help="training run directory (train.main --workdir) for --method vxm, car, contrareg or deepsim")
     r.add_argument("--lambda", dest="lam", type=float, default=None,
                    help="regularisation weight in [0, 1] for a lambda-conditioned network")
     r.add_argument("--transform", default=None, choices=["svf", "disp", "affine", "rigid", "tps"],
-                   help="transform model (default svf: diffeomorphic; keymorph: affine (default) or tps)")
+                   help="transform model (default svf: diffeomorphic; keymorph: affine (default), rigid or tps)")
     r.add_argument("--tps-lambda", dest="tps_lambda", default=None,
                    help="keymorph --transform tps: the TPS regulariser lambda >= 0 (default 0: the keypoints "
                         "are matched exactly; large: tends to the affine)")
@@ -334,8 +334,8 @@ def _keymorph_runner(args, report):
     from jaxreg.optimize import InstanceConfig
 
     transform = getattr(args, "transform", None) or "affine"
-    if transform not in ("affine", "tps"):
-        raise CLIError(f"--method keymorph takes --transform affine or tps, not {transform}", EXIT_USAGE)
+    if transform not in ("affine", "rigid", "tps"):
+        raise CLIError(f"--method keymorph takes --transform affine, rigid or tps, not {transform}", EXIT_USAGE)
     lam = 0.0
     if getattr(args, "tps_lambda", None) is not None:
         if transform != "tps":
@@ -361,8 +361,8 @@ def _keymorph_runner(args, report):
         run.keypoints = pts
         return reg
 
-    run.keypoints, run.transform = None, transform if transform == "affine" else f"tps, lambda {lam:g}"
-    config = InstanceConfig(similarity="mi", transform="affine" if transform == "affine" else "disp")
+    run.keypoints, run.transform = None, transform if transform != "tps" else f"tps, lambda {lam:g}"
+    config = InstanceConfig(similarity="mi", transform=transform if transform != "tps" else "disp")
     return run, config, None
 
 

@@ -26,7 +26,7 @@ from jaxreg.io import Volume, grid_to_grid_matrix, resample_to_grid, voxel_disp_
 from jaxreg.optimize import DNS_CONFIG, InstanceConfig, normalize_intensity, register_instance, similarity_fn
 from jaxreg.programs import program
 from jaxreg.optimize.instance import InstanceResult, _resample_affine, compose_affine_deformable
-from jaxreg.spatial import identity_grid, resize_disp, sample, voxel_spacing
+from jaxreg.spatial import fit_rigid, identity_grid, resize_disp, sample, voxel_spacing
 
 # Affine-only MI registration used to pre-align training subjects (jaxreg.data.load_subjects) and the
 # inputs of learned methods (register_volumes_learned), so both see the same kind of alignment.
@@ -359,6 +359,7 @@ def keymorph_points(fixed: Volume, moving: Volume, model, *, transform: str = "a
     detector gives ``(N, 3)`` keypoints there, and the map is fitted between the keypoints in world
     mm (fixed -> moving: the pull-back). For the affine this equals the fit on the cube voxels; a TPS
     is unchanged too, because :func:`jaxreg.spatial.tps_solve` normalises the control points.
+    ``transform="rigid"``: the least-squares rotation + translation (:func:`jaxreg.spatial.fit_rigid`).
 
     Returns:
       dict with ``fixed_keypoints``, ``moving_keypoints`` (``(N, 3)`` float64 world mm) and ``fitted``
@@ -370,8 +371,8 @@ def keymorph_points(fixed: Volume, moving: Volume, model, *, transform: str = "a
     from jaxreg.data.keymorph import to_cube
     from jaxreg.methods import keymorph as km
 
-    if transform not in ("affine", "tps"):
-        raise ValueError(f"transform must be 'affine' or 'tps', got {transform!r}")
+    if transform not in km.REGISTER_TRANSFORMS:
+        raise ValueError(f"transform must be one of {km.REGISTER_TRANSFORMS}, got {transform!r}")
     lam = km.check_lambda(tps_lambda)
     cfg = model.config
     pts = []
@@ -383,9 +384,11 @@ def keymorph_points(fixed: Volume, moving: Volume, model, *, transform: str = "a
         pts.append(kp @ cube[:3, :3].T + cube[:3, 3])
     fitted = km.fit_points(jnp.asarray(pts[0], jnp.float32), jnp.asarray(pts[1], jnp.float32),
                            transform=transform, tps_lambda=lam)
-    if fitted[0] == "affine":  # the same least squares (eq. 3) in float64: world mm are ~100
+    if transform == "affine":  # the same least squares (eq. 3) in float64: world mm are ~100
         sol, *_ = np.linalg.lstsq(np.concatenate([pts[0], np.ones((len(pts[0]), 1))], 1), pts[1], rcond=None)
         fitted = ("affine", np.concatenate([sol.T, [[0, 0, 0, 1]]], 0))
+    elif transform == "rigid":
+        fitted = ("affine", np.asarray(fit_rigid(jnp.asarray(pts[0]), jnp.asarray(pts[1])), np.float64))
     return {"fixed_keypoints": pts[0], "moving_keypoints": pts[1], "fitted": fitted}
 
 

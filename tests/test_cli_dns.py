@@ -69,8 +69,11 @@ def test_shipped_weights_load_with_documented_shapes():
 def test_io_dns_synthetic_end_to_end(tmp_path, pair):  # noqa: F811
     fixed, moving = pair
     out = tmp_path / "out"
+    # 40 steps: with the io-mind optimiser (relative_eps Adam, issue 17) the first 10 steps on this toy pair
+    # left the whole-grid DNS cosine slightly worse (-0.944 vs -0.950); 30 and 40 steps improve it
+    args = [a if a != "10" else "40" for a in FAST]
     assert main(["register", "--fixed", fixed, "--moving", moving, "--out", str(out), "--method", "io-dns",
-                 "--no-affine"] + FAST) == 0
+                 "--no-affine"] + args) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["method"] == "io-dns" and "dns" in m["similarity"]
     assert m["similarity_after"] <= m["similarity_before"] + 1e-6

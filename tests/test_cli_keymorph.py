@@ -19,7 +19,7 @@ DATA = pathlib.Path(os.environ.get("JAXREG_DATA", pathlib.Path(__file__).resolve
     (["--method", "keymorph", "--transform", "tps", "--tps-lambda", "nan"], "--tps-lambda"),
     (["--method", "keymorph", "--transform", "tps", "--tps-lambda", "abc"], "--tps-lambda"),
     (["--method", "keymorph", "--tps-lambda", "1"], "only used with --transform tps"),
-    (["--method", "keymorph", "--transform", "svf"], "affine or tps"),
+    (["--method", "keymorph", "--transform", "svf"], "affine, rigid or tps"),
     (["--method", "keymorph", "--init", "com"], "--init"),
     (["--method", "io-mind", "--transform", "tps"], "only for --method keymorph"),
     (["--method", "io-mind", "--tps-lambda", "1"], "--tps-lambda"),
@@ -86,6 +86,10 @@ def test_keymorph_end_to_end_on_real_ixi(tmp_path):
                  "--tps-lambda", "1"] + common) == 0
     assert not (tmp_path / "tps" / "inverse_warp.nii.gz").exists()
     assert json.loads((tmp_path / "tps" / "metrics.json").read_text())["folding_percent"] < 0.5
+    assert main(["register", "--out", str(tmp_path / "rigid"), "--method", "keymorph", "--transform", "rigid"]
+                + common) == 0
+    rigid = json.loads((tmp_path / "rigid" / "metrics.json").read_text())
+    assert rigid["dice_mean"] > rigid["dice_mean_before"] + 0.05 and rigid["folding_percent"] == 0
     assert main(["register", "--out", str(tmp_path / "io"), "--method", "io-mind", "--init", "keymorph"]
                 + common) == 0
     assert json.loads((tmp_path / "io" / "metrics.json").read_text())["dice_mean"] > 0.55

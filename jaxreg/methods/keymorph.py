@@ -48,10 +48,11 @@ from flax import nnx
 from jaxreg.augment.deform import random_deformation
 from jaxreg.augment.spatial import random_affine_matrix
 from jaxreg.nn.keypoints import KeypointDetector
-from jaxreg.spatial import fit_affine, sample, tps_solve, tps_transform
+from jaxreg.spatial import fit_affine, fit_rigid, sample, tps_solve, tps_transform
 from jaxreg.spatial.grid import identity_grid
 
-TRANSFORMS = ("affine", "tps", "logunif")
+TRANSFORMS = ("affine", "tps", "logunif")  # training (Config.transform)
+REGISTER_TRANSFORMS = ("affine", "rigid", "tps")  # test time (register, jaxreg register --method keymorph)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,11 +199,16 @@ def _apply_matrix(m, pts):
 def fit_points(fixed_kp, moving_kp, *, transform: str = "affine", tps_lambda=0.0):
     """The fixed -> moving map of two keypoint sets: ``("affine", (D+1, D+1))`` or ``("tps", TPS)``.
 
-    ``transform`` ``"tps"`` (or ``"logunif"``, the same at test time) uses
-    ``tps_lambda``; a TPS at lambda = 0 interpolates the keypoints exactly.
+    ``transform`` ``"affine"`` (eq. 3), ``"rigid"`` (least-squares rotation
+    + translation, :func:`jaxreg.spatial.fit_rigid`: the official code's rigid
+    aligner; returned as an ``"affine"`` matrix), or ``"tps"`` (or
+    ``"logunif"``, the same at test time) with ``tps_lambda``; a TPS at
+    lambda = 0 interpolates the keypoints exactly.
     """
     if transform == "affine":
         return "affine", fit_affine(fixed_kp, moving_kp)
+    if transform == "rigid":
+        return "affine", fit_rigid(fixed_kp, moving_kp)
     return "tps", tps_solve(fixed_kp, moving_kp, lam=tps_lambda)
 
 
@@ -370,8 +376,8 @@ def register(model: KeypointDetector, fixed, moving, *, transform: str = "affine
       model: trained detector.
       fixed, moving: ``(*S, 1)`` images in [0, 1] (each on its own input
         grid, :func:`canonical_grid`).
-      transform: ``"affine"`` (eq. 3) or ``"tps"`` (eqs. 7-9 with
-        ``tps_lambda``).
+      transform: ``"affine"`` (eq. 3), ``"rigid"`` (:func:`fit_points`) or
+        ``"tps"`` (eqs. 7-9 with ``tps_lambda``).
       tps_lambda: TPS regulariser (>= 0, finite).
 
     Returns:
@@ -382,8 +388,8 @@ def register(model: KeypointDetector, fixed, moving, *, transform: str = "affine
     Raises:
       ValueError: bad ``transform`` or ``tps_lambda``, or images of the wrong rank.
     """
-    if transform not in ("affine", "tps"):
-        raise ValueError(f"transform must be 'affine' or 'tps', got {transform!r}")
+    if transform not in REGISTER_TRANSFORMS:
+        raise ValueError(f"transform must be one of {REGISTER_TRANSFORMS}, got {transform!r}")
     lam = check_lambda(tps_lambda)
     kf, km = keypoints(model, fixed), keypoints(model, moving)
     return {"fixed_keypoints": kf, "moving_keypoints": km,

@@ -2,6 +2,7 @@
 from jaxreg.spatial.affine import (
     affine_to_disp,
     fit_affine,
+    fit_rigid,
     identity_params,
     matrix_to_params,
     num_params,
@@ -15,7 +16,7 @@ from jaxreg.spatial.tps import TPS, tps_disp, tps_kernel, tps_solve, tps_transfo
 from jaxreg.spatial.warp import sample, warp, warp_labels
 
 __all__ = [
-    "affine_to_disp", "fit_affine", "identity_params", "matrix_to_params", "num_params", "params_to_matrix",
+    "affine_to_disp", "fit_affine", "fit_rigid", "identity_params", "matrix_to_params", "num_params", "params_to_matrix",
     "compose", "invert", "resize_disp", "gaussian_blur", "gaussian_downsample", "identity_grid", "voxel_spacing", "voxel_to_world", "world_to_voxel",
     "integrate", "sample", "warp", "warp_labels", "TPS", "tps_disp", "tps_kernel", "tps_solve", "tps_transform",
 ]

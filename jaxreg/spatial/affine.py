@@ -167,6 +167,50 @@ def fit_affine(
     return jnp.concatenate([top, bottom], axis=0)
 
 
+def fit_rigid(
+    src: Float[Array, "N D"], dst: Float[Array, "N D"], *, weights: Float[Array, "N"] | None = None
+) -> Float[Array, "D+1 D+1"]:
+    """Closed-form weighted least-squares rigid map (rotation + translation) of ``src`` points onto ``dst``.
+
+    Minimises ``sum_i w_i |R src_i + t - dst_i|^2`` over rotations ``R``
+    (``det R = +1``: a reflection is never returned) by the SVD of the
+    weighted cross-covariance (Arun, Huang & Blostein, IEEE TPAMI 1987;
+    Umeyama 1991 for the reflection guard). Unlike :func:`fit_affine` it is
+    well posed for coplanar points (any 3 non-collinear points fix it), which
+    is what KeyMorph's official code offers as its rigid aligner.
+    Differentiable almost everywhere (an SVD; not at repeated singular values).
+
+    Args:
+      src: ``(N, D)`` points, N >= D, D in (2, 3).
+      dst: ``(N, D)`` corresponding points.
+      weights: optional ``(N,)`` non-negative weights.
+
+    Returns:
+      ``(D+1, D+1)`` matrix with ``dst ~= R src + t``; ``R`` orthonormal, det +1.
+
+    Raises:
+      ValueError: on mismatched shapes or too few points.
+    """
+    if src.shape != dst.shape or src.ndim != 2 or src.shape[1] not in (2, 3):
+        raise ValueError(f"fit_rigid: src and dst must both be (N, D), got {src.shape} and {dst.shape}")
+    n, d = src.shape
+    if n < d:
+        raise ValueError(f"fit_rigid: need at least {d} points in {d}D, got {n}")
+    w = jnp.ones(n, src.dtype) if weights is None else jnp.asarray(weights, src.dtype)
+    wsum = jnp.sum(w)
+    mu_s = jnp.sum(w[:, None] * src, 0) / wsum
+    mu_d = jnp.sum(w[:, None] * dst, 0) / wsum
+    cov = ((src - mu_s) * w[:, None]).T @ (dst - mu_d)  # (D, D): sum w (s - mu_s)(d - mu_d)^T
+    u, _, vt = jnp.linalg.svd(cov)
+    sign = jnp.sign(jnp.linalg.det(vt.T @ u.T))
+    sign = jnp.where(sign == 0, 1.0, sign)
+    rot = vt.T @ jnp.diag(jnp.concatenate([jnp.ones(d - 1, src.dtype), sign[None].astype(src.dtype)])) @ u.T
+    offset = mu_d - rot @ mu_s
+    top = jnp.concatenate([rot, offset[:, None]], axis=1)
+    bottom = jnp.concatenate([jnp.zeros((1, d), src.dtype), jnp.ones((1, 1), src.dtype)], axis=1)
+    return jnp.concatenate([top, bottom], axis=0)
+
+
 def affine_to_disp(matrix: Float[Array, "D+1 D+1"], shape) -> Float[Array, "*spatial D"]:
     """Dense displacement of an affine map on a grid: ``u(x) = A x + b - x``.
 

@@ -7,6 +7,7 @@ import pytest
 from jaxreg.data.keymorph import (CubeSubject, KeyMorphSource, label_table, remap_labels, rotate_header,
                                   rotation_about_axis)
 from jaxreg.methods import keymorph as km
+from jaxreg.spatial import fit_rigid
 
 SMALL = dict(widths=(4, 8), downsample=(True, True), grid=(16, 16, 16), num_keypoints=8, num_labels=4,
              label_samples=512)
@@ -117,13 +118,18 @@ def test_register_maps_fixed_keypoints_onto_moving_keypoints():
     out = km.register(model, x, y, transform="tps", tps_lambda=0.0)
     np.testing.assert_allclose(np.asarray(km.map_points(out["fitted"], out["fixed_keypoints"])),
                                np.asarray(out["moving_keypoints"]), atol=2e-3)
+    rigid = km.register(model, x, y, transform="rigid")  # the least-squares rotation + translation
+    r = np.asarray(rigid["fitted"][1], np.float64)
+    assert rigid["fitted"][0] == "affine"
+    np.testing.assert_allclose(r[:3, :3] @ r[:3, :3].T, np.eye(3), atol=1e-5)
+    np.testing.assert_allclose(r, np.asarray(fit_rigid(out["fixed_keypoints"], out["moving_keypoints"])), atol=1e-6)
     for bad in (-1.0, float("nan"), "x", float("inf")):
         with pytest.raises(ValueError, match="lambda"):
             km.register(model, x, y, transform="tps", tps_lambda=bad)
     with pytest.raises(ValueError, match="transform"):
         km.register(model, x, y, transform="svf")
     with pytest.raises(ValueError, match="transform"):
-        km.Config(transform="rigid")
+        km.Config(transform="rigid")  # training: affine, tps or logunif (rigid is a test-time fit)
 
 
 def test_header_rotation_moves_image_and_labels_together():

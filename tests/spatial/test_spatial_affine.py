@@ -12,6 +12,7 @@ from jax.test_util import check_grads
 from jaxreg.spatial import (
     affine_to_disp,
     fit_affine,
+    fit_rigid,
     identity_params,
     matrix_to_params,
     num_params,
@@ -23,6 +24,7 @@ SHAPES = {2: (7, 9), 3: (5, 6, 7)}
 _params_to_matrix = jax.jit(params_to_matrix, static_argnames="ndim")
 _matrix_to_params = jax.jit(matrix_to_params)
 _fit_affine = jax.jit(fit_affine)
+_fit_rigid = jax.jit(fit_rigid)
 _affine_to_disp = jax.jit(affine_to_disp, static_argnames="shape")
 
 
@@ -189,6 +191,60 @@ def test_fit_affine_check_grads():
     with jax.enable_x64(True):
         check_grads(lambda s, t, w: _fit_affine(s, t, weights=w), tuple(map(jnp.asarray, (src, dst, w))),
                     order=1, modes=["rev"])
+
+
+def _random_rotation(d, rng):
+    q, r = np.linalg.qr(rng.normal(size=(d, d)))
+    q = q * np.sign(np.diag(r))
+    if np.linalg.det(q) < 0:
+        q[:, 0] = -q[:, 0]
+    return q
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_fit_rigid_recovers_any_rotation_even_from_coplanar_points(d):
+    rng = np.random.default_rng(8)
+    rot, t = _random_rotation(d, rng), rng.uniform(-20, 20, d)
+    src = rng.uniform(0, 64, (30, d))
+    if d == 3:
+        src[:, 2] = 32.0 + rng.normal(0, 0.01, 30)  # (nearly) coplanar: fit_affine is ill posed, fit_rigid is not
+    dst = src @ rot.T + t
+    fit = np.asarray(_fit_rigid(src.astype(np.float32), dst.astype(np.float32)), np.float64)
+    np.testing.assert_allclose(fit[:d, :d], rot, atol=1e-4)
+    np.testing.assert_allclose(fit[:d, d], t, atol=5e-3)
+    # noisy points: orthonormal, det +1, and the least-squares optimum among rotations (no better nearby one)
+    noisy = dst + rng.normal(0, 2.0, dst.shape)
+    fit = np.asarray(_fit_rigid(src.astype(np.float32), noisy.astype(np.float32)), np.float64)
+    np.testing.assert_allclose(fit[:d, :d] @ fit[:d, :d].T, np.eye(d), atol=1e-5)
+    assert np.linalg.det(fit[:d, :d]) == pytest.approx(1.0, abs=1e-5)
+    cost = lambda m: np.sum((src @ m[:d, :d].T + m[:d, d] - noisy) ** 2)  # noqa: E731
+    for _ in range(5):
+        m = fit.copy()
+        m[:d, :d] = fit[:d, :d] @ _small_rotation(d, rng)
+        m[:d, d] = noisy.mean(0) - m[:d, :d] @ src.mean(0)
+        assert cost(m) >= cost(fit) - 1e-6
+
+
+def _small_rotation(d, rng):
+    a = rng.normal(0, 0.02, (d, d))
+    q, _ = np.linalg.qr(np.eye(d) + (a - a.T) / 2)
+    return q * np.sign(np.linalg.det(q))
+
+
+def test_fit_rigid_never_returns_a_reflection_and_honours_weights():
+    rng = np.random.default_rng(9)
+    src = rng.uniform(0, 64, (20, 3))
+    mirrored = src * [-1.0, 1.0, 1.0]  # the best orthogonal map is a reflection
+    fit = np.asarray(_fit_rigid(src.astype(np.float32), mirrored.astype(np.float32)))
+    assert np.linalg.det(fit[:3, :3]) == pytest.approx(1.0, abs=1e-5)
+    rot = _random_rotation(3, rng)
+    dst = src @ rot.T
+    dst[15:] += 50.0  # outliers with weight 0
+    w = np.concatenate([np.ones(15), np.zeros(5)]).astype(np.float32)
+    fit = np.asarray(_fit_rigid(src.astype(np.float32), dst.astype(np.float32), weights=w))
+    np.testing.assert_allclose(fit[:3, :3], rot, atol=1e-4)
+    with pytest.raises(ValueError, match="at least 3 points"):
+        fit_rigid(jnp.zeros((2, 3)), jnp.zeros((2, 3)))
 
 
 @pytest.mark.parametrize("d", [2, 3])
