@@ -120,18 +120,20 @@ def scored_points(fixed, moving, reference):
 
 
 def rigid_floor_map(moving, points):
-    """The rigid map nearest to the (affine) reference: least squares over the scored voxels (Kabsch).
+    """The rigid map nearest to the (affine) reference: least squares over the scored voxels
+    (:func:`jaxreg.spatial.fit_rigid`, in float64).
 
     No rigid method can be much closer to the reference than this (it minimises the squared, not the mean,
     distance); the gap is the reference's own scaling and shear. Returns the fixed-voxel map displacement.
     """
+    import jax
+
+    from jaxreg.spatial import fit_rigid
+
     x, world, ref, mask = points
-    a, b = world[mask], ref[mask]
-    ca, cb = a.mean(0), b.mean(0)
-    u, _, vt = np.linalg.svd((a - ca).T @ (b - cb))
-    d = np.sign(np.linalg.det(vt.T @ u.T))
-    rot = vt.T @ np.diag([1.0, 1.0, d]) @ u.T
-    moved = (world - ca) @ rot.T + cb
+    with jax.enable_x64(True):
+        m = np.asarray(fit_rigid(jax.numpy.asarray(world[mask]), jax.numpy.asarray(ref[mask])), np.float64)
+    moved = world @ m[:3, :3].T + m[:3, 3]
     inv_m = np.linalg.inv(moving.affine)
     return moved @ inv_m[:3, :3].T + inv_m[:3, 3] - x
 

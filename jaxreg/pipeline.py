@@ -25,8 +25,8 @@ from jaxreg import metrics as M
 from jaxreg.io import Volume, grid_to_grid_matrix, resample_to_grid, voxel_disp_to_world
 from jaxreg.optimize import DNS_CONFIG, InstanceConfig, normalize_intensity, register_instance, similarity_fn
 from jaxreg.programs import program
-from jaxreg.optimize.instance import InstanceResult, _resample_affine, compose_affine_deformable
-from jaxreg.spatial import fit_rigid, identity_grid, resize_disp, sample, voxel_spacing
+from jaxreg.optimize.instance import LINEAR_TRANSFORMS, InstanceResult, _resample_affine, compose_affine_deformable
+from jaxreg.spatial import identity_grid, resize_disp, sample, voxel_spacing
 
 # Affine-only MI registration used to pre-align training subjects (jaxreg.data.load_subjects) and the
 # inputs of learned methods (register_volumes_learned), so both see the same kind of alignment.
@@ -74,10 +74,10 @@ def feature_fn_for(method: str, weights: str | None = None) -> Callable | None:
 
 AUTO_VOXELS = 80        # voxels across the median extent of the fixed field of view (auto_resolution)
 AUTO_MAX_SPACING = 2.0  # mm: the coarsest automatic working grid (brains: 2 mm, as before)
-# Rigid and affine registrations get a grid twice as fine: at 1 mm on ms_native/patient01 jaxreg rigid comes
-# to 0.21-0.22 mm (sessions) and 0.30-0.56 mm (T1/T2 -> FLAIR) of the reference transforms, against 0.23-0.29
-# and 0.34-0.59 mm at 2 mm, in 5-6 s per pair (benchmarks/results/rigid_reference_1mm.md).
-LINEAR_TRANSFORMS = ("rigid", "affine")
+# Rigid and affine registrations (instance.LINEAR_TRANSFORMS) get a grid twice as fine: at 1 mm on
+# ms_native/patient01 jaxreg rigid comes to 0.21-0.22 mm (sessions) and 0.30-0.56 mm (T1/T2 -> FLAIR) of the
+# reference transforms, against 0.23-0.29 and 0.34-0.59 mm at 2 mm, in 5-6 s per pair
+# (benchmarks/results/rigid_reference_1mm.md).
 
 
 def auto_resolution(shape, affine, transform: str = "svf") -> float:
@@ -382,13 +382,14 @@ def keymorph_points(fixed: Volume, moving: Volume, model, *, transform: str = "a
         cube = km.canonical_grid(vol.data, vol.affine, grid=cfg.grid, spacing=cfg.spacing)
         kp = np.asarray(km.keypoints(model, to_cube(vol, cube, cfg.grid)[..., None]), np.float64)
         pts.append(kp @ cube[:3, :3].T + cube[:3, 3])
-    fitted = km.fit_points(jnp.asarray(pts[0], jnp.float32), jnp.asarray(pts[1], jnp.float32),
-                           transform=transform, tps_lambda=lam)
-    if transform == "affine":  # the same least squares (eq. 3) in float64: world mm are ~100
+    if transform == "affine":  # eq. 3's least squares in float64: world mm are ~100
         sol, *_ = np.linalg.lstsq(np.concatenate([pts[0], np.ones((len(pts[0]), 1))], 1), pts[1], rcond=None)
         fitted = ("affine", np.concatenate([sol.T, [[0, 0, 0, 1]]], 0))
-    elif transform == "rigid":
-        fitted = ("affine", np.asarray(fit_rigid(jnp.asarray(pts[0]), jnp.asarray(pts[1])), np.float64))
+    else:  # rigid (centred inside: float32 is enough) or TPS
+        fitted = km.fit_points(jnp.asarray(pts[0], jnp.float32), jnp.asarray(pts[1], jnp.float32),
+                               transform=transform, tps_lambda=lam)
+        if fitted[0] == "affine":
+            fitted = ("affine", np.asarray(fitted[1], np.float64))
     return {"fixed_keypoints": pts[0], "moving_keypoints": pts[1], "fitted": fitted}
 
 

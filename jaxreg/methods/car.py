@@ -174,11 +174,11 @@ def contrast_invariance(config: Config, proj_1, proj_2, mask=None) -> Float[Arra
     (eq. 2 up to the channel mean; range [0, 4 / P]). ``infonce``: mean over
     the batch of InfoNCE with the same location as positive.
     """
-    if config.contrast_loss in ("mse", "mse_var"):
-        mse = jnp.mean(jnp.square(proj_1 - proj_2))
-        if config.contrast_loss == "mse":
-            return mse
-        return mse + 0.5 * (projection_variance_hinge(proj_1, mask) + projection_variance_hinge(proj_2, mask))
+    if config.contrast_loss == "mse":
+        return jnp.mean(jnp.square(proj_1 - proj_2))
+    if config.contrast_loss == "mse_var":
+        return jnp.mean(jnp.square(proj_1 - proj_2)) + 0.5 * (
+            projection_variance_hinge(proj_1, mask) + projection_variance_hinge(proj_2, mask))
     p = proj_1.shape[-1]
     flat = lambda x: x.reshape(x.shape[0], -1, p)  # noqa: E731
     return jnp.mean(jax.vmap(lambda a, b: L.infonce(a, b, temperature=config.infonce_temperature))(

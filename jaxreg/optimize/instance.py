@@ -57,6 +57,7 @@ from jaxreg.spatial import (
 
 SIMILARITIES = ("mind", "dns", "mi", "nmi", "ngf", "lncc", "mse")
 TRANSFORMS = ("svf", "disp", "affine", "rigid")
+LINEAR_TRANSFORMS = ("affine", "rigid")  # no deformable stage
 AFFINE_INITS = ("auto", "header", "com")
 
 
@@ -547,11 +548,9 @@ def principal_axes_starts(fixed, moving, spacing=None, *, threshold: float = 0.0
         return {}
     (cf, uf), (cm, um) = mf, mm
     out = {}
+    parity = np.sign(np.linalg.det(um) * np.linalg.det(uf))  # det R = parity * prod(signs) must be +1
     for signs in itertools.product((1.0, -1.0), repeat=d - 1):
-        for last in (1.0, -1.0):
-            r = um @ np.diag(list(signs) + [last]) @ uf.T
-            if np.linalg.det(r) > 0:
-                break
+        r = um @ np.diag(list(signs) + [parity * np.prod(signs)]) @ uf.T
         mat = np.eye(d + 1)
         mat[:d, :d] = np.diag(1.0 / sp) @ r @ np.diag(sp)
         mat[:d, d] = (cm - r @ cf) / sp
@@ -1141,7 +1140,7 @@ def register_instance(
         return _binary_level_mask(full, factor=factor)
 
     # -- affine stage
-    run_affine = cfg.affine or cfg.transform in ("affine", "rigid")
+    run_affine = cfg.affine or cfg.transform in LINEAR_TRANSFORMS
     eye = np.eye(d + 1, dtype=np.float32)
     if init_matrix is not None and not (run_affine and cfg.affine_init == "auto"):
         candidates = {"given": np.asarray(init_matrix, np.float32)}
@@ -1165,7 +1164,7 @@ def register_instance(
         report(f"affine initialisation: {chosen}")
 
     matrix = np.asarray(matrix, np.float64)
-    if cfg.transform in ("affine", "rigid"):
+    if cfg.transform in LINEAR_TRANSFORMS:
         affine_disp = affine_to_disp(jnp.asarray(matrix, jnp.float32), true_shape)
         inv = np.linalg.inv(matrix)
         return InstanceResult(matrix, jnp.zeros_like(affine_disp), affine_disp,

@@ -130,21 +130,19 @@ def gaussian_downsample(image, sigma, factor: int):
     if factor == 1:
         return gaussian_blur(image, sigma)
     r, k = _kernel(float(sigma))
-    g = np.zeros(2 * r + 3)  # blur weights at offsets -r-1 .. r+1 (zero at both ends)
-    g[1:-1] = k
-    if factor % 2:  # sample on a voxel: base = f i + (f - 1) / 2, taps -r .. r
-        lo, taps, base0 = -r, np.asarray(k, np.float64), (factor - 1) // 2
-    else:  # halfway between base and base + 1, base = f i + f / 2 - 1: taps -r .. r + 1
-        lo, taps, base0 = -r, 0.5 * (g[1:] + g[:-1]), factor // 2 - 1
+    if factor % 2:  # sample on a voxel, base = f i + (f - 1) / 2: taps at offsets -r .. r
+        taps, base0 = np.asarray(k, np.float64), (factor - 1) // 2
+    else:  # halfway between base and base + 1, base = f i + f / 2 - 1: taps at offsets -r .. r + 1
+        g = np.pad(np.asarray(k, np.float64), 1)  # blur weights at offsets -r - 1 .. r + 1
+        taps, base0 = 0.5 * (g[1:] + g[:-1]), factor // 2 - 1
     for ax in range(image.ndim - 1):
-        n = image.shape[ax]
-        m = n // factor
+        m = image.shape[ax] // factor
         pad = [(0, 0)] * image.ndim
         pad[ax] = (r, len(taps) + r)
         xp = jnp.pad(image, pad, mode="edge")
         out = 0.0
         for t, w in enumerate(taps):
-            start = base0 + lo + t + r  # index in xp of input voxel base + lo + t for output 0
+            start = base0 + t  # index in xp (padded by r) of input voxel base - r + t for output 0
             out = out + np.float32(w) * jax.lax.slice_in_dim(xp, start, start + factor * (m - 1) + 1, stride=factor,
                                                               axis=ax)
         image = out.astype(image.dtype)
