@@ -10,17 +10,22 @@ untouched, so image and labels rotate together without resampling.
 
 Methods (each scored by Dice over the labels present in either map, on the
 fixed grid, moving labels resampled by nearest neighbour):
-- ``keymorph-affine``: the shipped KeyMorph keypoints + least-squares affine
-  (``jaxreg register --method keymorph``);
+- ``keymorph-affine``: ``jaxreg register --method keymorph``: the shipped
+  detector's keypoints averaged over the 24 rotations of the input cube
+  (``pipeline.keymorph_world_keypoints``) + the least-squares affine with a
+  ridge towards their rigid fit (``keymorph.AFFINE_RIDGE``);
 - ``keymorph-rigid``: the same keypoints + least-squares rotation and
   translation (``--transform rigid``; the official code's rigid aligner);
+- ``keymorph-affine-eq3``: the paper's KeyMorph affine as published: one
+  input cube, eq. 3 without ridge;
 - ``io-mind-affine``: jaxreg's default affine stage alone (headers / centre of
   mass + MI; ``--transform affine``);
 - ``io-mind``: the default ``jaxreg register`` (affine + SVF, MIND);
 - ``io-mind+km``: the same with ``--init keymorph``.
 Keypoint repeatability (Fig. 14): the rotated moving scan's keypoints mapped
 back through the known rotation, against the unrotated scan's keypoints;
-mean distance in mm and in input-cube voxels (4 mm). TPS sweep (0 degrees):
+mean distance in mm and in input-cube voxels (8 mm), for the rotation-averaged
+keypoints and for one cube. TPS sweep (0 degrees):
 KeyMorph TPS at several lambdas against KeyMorph affine: Dice and % folding.
 
 Usage::
@@ -44,7 +49,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 PAIRS = (("IXI013-HH-1212", "IXI012-HH-1211"), ("IXI012-HH-1211", "IXI013-HH-1212"))  # (moving, fixed)
-METHODS = ("keymorph-affine", "keymorph-rigid", "io-mind-affine", "io-mind", "io-mind+km")
+METHODS = ("keymorph-affine", "keymorph-rigid", "keymorph-affine-eq3", "io-mind-affine", "io-mind", "io-mind+km")
 LAMBDAS = (0.0, 0.01, 0.1, 1.0, 10.0, 100.0)
 
 
@@ -92,7 +97,8 @@ def main(argv=None) -> int:
         fixed, fixed_labels = load_image(data / f"{f_id}_t1.nii.gz"), load_labels(data / f"{f_id}_labels.nii.gz")
         moving, moving_labels = load_image(data / f"{m_id}_t1.nii.gz"), load_labels(data / f"{m_id}_labels.nii.gz")
         centre = moving.affine[:3, :3] @ ((np.asarray(moving.data.shape) - 1) / 2) + moving.affine[:3, 3]
-        base_kp = pipeline.keymorph_points(fixed, moving, model)["moving_keypoints"]
+        base_kp = pipeline.keymorph_world_keypoints(moving, model)
+        base_single = pipeline.keymorph_world_keypoints(moving, model, rotation_average=False)
         for a, angle in enumerate(angles):
             rng = np.random.default_rng([k, a])
             axis = rng.normal(size=3)
@@ -107,10 +113,15 @@ def main(argv=None) -> int:
             dist = np.linalg.norm(back - base_kp, axis=-1)
             row["repeat_mm"] = float(dist.mean())
             row["repeat_vox"] = float(dist.mean() / model.config.spacing)
+            single = pipeline.keymorph_world_keypoints(mv, model, rotation_average=False)
+            row["repeat_single_mm"] = float(np.linalg.norm((single - centre) @ r + centre - base_single, axis=-1).mean())
             for method in methods:
                 t0 = time.perf_counter()
                 if method == "keymorph-affine":
                     reg, _ = pipeline.register_volumes_keymorph(fixed, mv, model=model)
+                elif method == "keymorph-affine-eq3":
+                    reg, _ = pipeline.register_volumes_keymorph(fixed, mv, model=model, rotation_average=False,
+                                                                affine_ridge=0.0)
                 elif method == "keymorph-rigid":
                     reg, _ = pipeline.register_volumes_keymorph(fixed, mv, model=model, transform="rigid")
                 elif method == "io-mind-affine":
@@ -163,32 +174,36 @@ def write(out, name, meta, rows, sweep, methods, angles):
              "- fixed keypoints' RMS spread along their principal axes (mm): "
              + "; ".join(sorted({f"{r['pair'].split('->')[1]} " + " / ".join(f"{v:.1f}" for v in r["fixed_kp_axes_mm"])
                                  for r in rows if "fixed_kp_axes_mm" in r}))
-             + " (a near-zero axis makes the least-squares affine ill posed; the rigid fit is not)", "",
-             "| angle (deg) | " + " | ".join(methods) + " | repeatability mm (cube vox) |",
-             "|---" * (len(methods) + 2) + "|"]
+             + " (rotation-averaged keypoints; a near-zero axis makes eq. 3's affine ill posed; the rigid fit is not)",
+             "",
+             "| angle (deg) | " + " | ".join(methods) + " | repeatability mm (cube vox) | one cube mm |",
+             "|---" * (len(methods) + 3) + "|"]
     for angle in angles:
         sel = [r for r in rows if r["angle"] == angle]
         if not sel:
             continue
         cells = [f"{np.mean([r[m] for r in sel]):.3f}" for m in methods]
         rep = np.mean([r["repeat_mm"] for r in sel])
+        single = [r["repeat_single_mm"] for r in sel if "repeat_single_mm" in r]
         lines.append(f"| {angle:g} | " + " | ".join(cells)
-                     + f" | {rep:.2f} ({rep / meta.get('cube_spacing_mm', 8.0):.2f}) |")
+                     + f" | {rep:.2f} ({rep / meta.get('cube_spacing_mm', 8.0):.2f}) | "
+                     + (f"{np.mean(single):.2f} |" if single else "– |"))
     lines += ["", "Per pair:", "", "| pair | angle | " + " | ".join(methods) + " | repeat mm |",
               "|---" * (len(methods) + 3) + "|"]
     for r in rows:
         lines.append(f"| {r['pair']} | {r['angle']:g} | " + " | ".join(f"{r[m]:.3f}" for m in methods)
                      + f" | {r['repeat_mm']:.2f} |")
     if sweep:
-        lines += ["", "## TPS lambda sweep at 0 degrees (KeyMorph keypoints, mean of the pairs)", "",
+        lines += ["", "## TPS lambda sweep at 0 degrees (KeyMorph keypoints of one cube, mean of the pairs)", "",
                   "| lambda | Dice | % folding | SDlogJ |", "|---|---|---|---|"]
         for lam in sorted({s["lambda"] for s in sweep}):
             sel = [s for s in sweep if s["lambda"] == lam]
             lines.append(f"| {lam:g} | {np.mean([s['dice'] for s in sel]):.3f} | "
                          f"{np.mean([s['folding_percent'] for s in sel]):.3f} | {np.mean([s['sdlogj'] for s in sel]):.3f} |")
-        aff = [r["keymorph-affine"] for r in rows if r["angle"] == 0 and "keymorph-affine" in r]
-        if aff:
-            lines.append(f"| affine | {np.mean(aff):.3f} | 0 | 0 |")
+        for m in ("keymorph-affine-eq3", "keymorph-affine"):
+            aff = [r[m] for r in rows if r["angle"] == 0 and m in r]
+            if aff:
+                lines.append(f"| {m} | {np.mean(aff):.3f} | 0 | 0 |")
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib

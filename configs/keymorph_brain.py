@@ -36,8 +36,21 @@ at 0 degrees.
 Shipped run (this config, eq. 12 kept on every example): 2000 steps in 808 s
 (13.5 min, ~2.5 steps/s). Cube validation Dice 0.142 / 0.290 / 0.310 / 0.291
 at steps 500 / 1000 / 1500 / 2000; keypoint spread 42 mm (but nearly planar:
-3.4 mm along left-right). ``jaxreg/weights/keymorph_brain`` is step 2000. It
-is still not rotation robust (benchmarks/results/keymorph_rotation.md).
+3.4 mm along left-right). ``jaxreg/weights/keymorph_brain`` is step 2000.
+Its keypoints on one cube are not rotation robust (5-9 mm repeatability at
+45-180 degrees); averaged over the 24 rotations of the cube they are (1.5-2.2
+mm), and with the ridge affine of ``pipeline.keymorph_points`` KeyMorph affine
+Dice is 0.28 at 0 degrees and 0.25-0.27 at 45-180
+(benchmarks/results/keymorph_rotation.md).
+
+Two more runs (2026-12-02, 2000 steps, ~9 min each; docs/experiments/issue13_keypoints.md):
+``--config.model.transform=affine`` (KM-Aff) kept the keypoints as planar
+(smallest spread 0.27 cube voxels; cube validation Dice 0.233);
+``--config.model.transform=affine --config.model.spread_weight=1.0`` spread
+them (1.94 voxels) but those points did not follow a rotation (validation
+repeatability 3.07 voxels; 12-31 mm on the rotation benchmark; Dice 0.189).
+The detector cannot tell left from right in a head of any orientation, so
+``spread_weight`` stays 0 here.
 """
 import os
 
@@ -71,6 +84,7 @@ def get_config() -> ml_collections.ConfigDict:
         grid=(32, 32, 32), spacing=8.0, transform="logunif", tps_lambda=0.0, lambda_range=(1e-3, 10.0),
         rotation=180.0, translation_mm=15.0, scale=0.2, shear=0.1, deform_magnitude=0.5, deform_spacing=16,
         dice_weight=1.0, mse_weight=0.0, consistency_weight=0.01, pretrain_weight=0.01, pretrain_radius=0.3,
+        spread_weight=0.0, spread_min=2.0,
         num_labels=149, label_samples=32768))
     c.data = ml_collections.ConfigDict(dict(
         kind="keymorph", root=os.environ.get("JAXREG_DATA", "../shared/data"), labelled_cases=LABELLED,

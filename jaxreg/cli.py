@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start of the affine/rigid stage: header (the scans' NIfTI affines), com (centre-of-mass "
                         "translation), auto (default: refine both, and the 4 rotations that align the two heads' "
                         "principal axes, at the coarsest level and keep the best fit: a head rotated by any angle "
-                        "registers) or keymorph (the shipped KeyMorph affine as one more start of auto)")
+                        "registers) or keymorph (the shipped KeyMorph rigid fit as one more start of auto)")
     r.add_argument("--levels", type=int, default=None, help="pyramid levels (default 3)")
     r.add_argument("--iterations", type=_parse_levels, default=None,
                    help="Adam steps per level, coarse to fine, e.g. 100,80,50")
@@ -349,7 +349,7 @@ def _keymorph_runner(args, report):
         if getattr(args, flag, None) is not None:
             raise CLIError(f"{name} is not used by --method keymorph", EXIT_USAGE)
     if getattr(args, "init", "auto") not in (None, "auto"):
-        raise CLIError("--init is for the io-* methods (--init keymorph: KeyMorph's affine starts their affine "
+        raise CLIError("--init is for the io-* methods (--init keymorph: KeyMorph's rigid fit starts their affine "
                        "stage); --method keymorph needs none", EXIT_USAGE)
     model = _load_keymorph(getattr(args, "weights", None))
     resolution = getattr(args, "resolution", None)
@@ -438,7 +438,7 @@ def _registration_runner(args, report):
     def run(f, m):
         start = None
         if keymorph is not None:
-            start = pipeline.keymorph_init(f, m, keymorph, rigid=config.rigid_affine, progress=report)
+            start = pipeline.keymorph_init(f, m, keymorph, progress=report)
         return pipeline.register_volumes(f, m, config=config, resolution=res, progress=report,
                                          feature_fn=feature_fn, init=start)
 

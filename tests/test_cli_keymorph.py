@@ -95,17 +95,21 @@ def test_keymorph_end_to_end_on_real_ixi(tmp_path):
     assert json.loads((tmp_path / "io" / "metrics.json").read_text())["dice_mean"] > 0.55
 
 
-def test_keymorph_init_rejects_a_reflection_and_projects_to_rigid(monkeypatch):
+def test_keymorph_init_is_the_rigid_fit_of_the_keypoints_even_when_they_are_coplanar(monkeypatch):
     from jaxreg import pipeline
 
-    pts = {"fixed_keypoints": np.zeros((4, 3)), "moving_keypoints": np.zeros((4, 3))}
-    reflect = np.diag([-1.0, 1.0, 1.0, 1.0])
-    monkeypatch.setattr(pipeline, "keymorph_points", lambda f, m, model: dict(pts, fitted=("affine", reflect)))
-    assert pipeline.keymorph_init(None, None, None) is None
-    scaled = np.diag([1.2, 0.9, 1.0, 1.0])
-    scaled[:3, 3] = [5.0, 0.0, -2.0]
-    monkeypatch.setattr(pipeline, "keymorph_points", lambda f, m, model: dict(pts, fitted=("affine", scaled)))
-    np.testing.assert_allclose(pipeline.keymorph_init(None, None, None), scaled)
-    rigid = pipeline.keymorph_init(None, None, None, rigid=True)
-    np.testing.assert_allclose(rigid[:3, :3], np.eye(3), atol=1e-12)
-    np.testing.assert_allclose(rigid[:3, 3], [5.0, 0.0, -2.0])  # the keypoints' centroid (0) maps as before
+    rng = np.random.default_rng(0)
+    fixed_kp = rng.normal(size=(64, 3)) * [30.0, 25.0, 0.0]  # on one plane: eq. 3's affine is undetermined
+    angle = np.deg2rad(150.0)
+    rot = np.array([[np.cos(angle), 0, np.sin(angle)], [0, 1, 0], [-np.sin(angle), 0, np.cos(angle)]])
+    moving_kp = fixed_kp @ rot.T + [4.0, -7.0, 12.0]
+    start = pipeline.keymorph_init(None, None, None, points={"fixed_keypoints": fixed_kp, "moving_keypoints": moving_kp})
+    np.testing.assert_allclose(start[:3, :3], rot, atol=1e-5)
+    np.testing.assert_allclose(start[:3, 3], [4.0, -7.0, 12.0], atol=1e-3)
+    bad = {"fixed_keypoints": np.full((4, 3), np.nan), "moving_keypoints": np.zeros((4, 3))}
+    assert pipeline.keymorph_init(None, None, None, points=bad) is None
+    calls = []
+    monkeypatch.setattr(pipeline, "keymorph_points", lambda f, m, model, transform: calls.append(transform) or
+                        {"fitted": ("affine", np.eye(4))})
+    np.testing.assert_allclose(pipeline.keymorph_init(None, None, None), np.eye(4))
+    assert calls == ["rigid"]

@@ -123,17 +123,28 @@ def matrix_to_params(matrix: Float[Array, "D+1 D+1"], *, center=None) -> Float[A
 
 
 def fit_affine(
-    src: Float[Array, "N D"], dst: Float[Array, "N D"], *, weights: Float[Array, "N"] | None = None
+    src: Float[Array, "N D"], dst: Float[Array, "N D"], *, weights: Float[Array, "N"] | None = None,
+    ridge: float = 0.0, prior: Float[Array, "D D"] | None = None,
 ) -> Float[Array, "D+1 D+1"]:
     """Closed-form weighted least-squares affine mapping ``src`` points onto ``dst``.
 
-    Minimises ``sum_i w_i |A src_i + b - dst_i|^2``. Points are centred and
-    scaled internally for conditioning; differentiable (a linear solve).
+    Minimises ``sum_i w_i |A src_i + b - dst_i|^2``, plus with ``ridge > 0``
+    the Tikhonov term ``ridge * (sum_i w_i / D) * s^2 |A - P|_F^2`` pulling the
+    linear part ``A`` towards ``prior`` ``P`` (default the identity), with
+    ``s`` the weighted RMS distance of ``src`` from its centroid. The term
+    matters only along directions in which ``src`` spreads less than about
+    ``sqrt(ridge / D) * s`` (there ``A`` takes ``P``'s columns), so nearly
+    coplanar points give a well-posed fit (ours; KeyMorph's points of
+    :func:`jaxreg.pipeline.keymorph_points` pass their rigid fit as ``P``).
+    Points are centred and scaled internally for conditioning; differentiable
+    (a linear solve).
 
     Args:
-      src: ``(N, D)`` points, N >= D + 1 not all coplanar.
+      src: ``(N, D)`` points, N >= D + 1 not all coplanar (unless ``ridge > 0``).
       dst: ``(N, D)`` corresponding points.
       weights: optional ``(N,)`` non-negative weights.
+      ridge: ``>= 0``, dimensionless (0: eq. 3 as published).
+      prior: ``(D, D)`` linear part the ridge pulls towards.
 
     Returns:
       ``(D+1, D+1)`` matrix ``A`` with ``dst ~= A [src; 1]``.
@@ -160,6 +171,13 @@ def fit_affine(
     # Normal equations for the centred problem (translation decouples).
     xtx = (xs * w[:, None]).T @ xs
     xty = (xs * w[:, None]).T @ yd
+    if ridge:
+        if ridge < 0:
+            raise ValueError(f"fit_affine: ridge must be >= 0, got {ridge}")
+        p = jnp.eye(d, dtype=src.dtype) if prior is None else jnp.asarray(prior, src.dtype)
+        mu = ridge * wsum / d
+        xtx = xtx + mu * jnp.eye(d, dtype=src.dtype)
+        xty = xty + mu * scale_s * p.T  # the prior in the scaled coordinates: (s P^T)
     lin = jnp.linalg.solve(xtx, xty).T / scale_s
     offset = mu_d - lin @ mu_s
     top = jnp.concatenate([lin, offset[:, None]], axis=1)

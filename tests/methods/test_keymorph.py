@@ -169,3 +169,50 @@ def test_labels_remap_and_source_examples():
         == {0.0, 1.0}
     with pytest.raises(ValueError, match="2 labelled"):
         KeyMorphSource(subjects[:1], multi)
+
+
+@pytest.mark.parametrize("ndim, count", [(2, 4), (3, 24)])
+def test_cube_rotations_are_the_rotation_group_of_the_cube(ndim, count):
+    rots = km.cube_rotations(ndim)
+    assert rots.shape == (count, ndim, ndim)
+    np.testing.assert_array_equal(rots[0], np.eye(ndim))
+    np.testing.assert_allclose(np.einsum("kij,kil->kjl", rots, rots), np.broadcast_to(np.eye(ndim), rots.shape))
+    np.testing.assert_allclose(np.linalg.det(rots), 1.0)
+    keys = {r.astype(int).tobytes() for r in rots}
+    assert len(keys) == count  # distinct
+    assert all((a @ b).astype(int).tobytes() in keys for a in rots for b in rots)  # closed: a group
+    with pytest.raises(ValueError, match="ndim"):
+        km.cube_rotations(4)
+
+
+def test_rotation_average_makes_world_keypoints_equivariant_to_cube_rotations():
+    """A scan turned by 90 degrees in its header about its intensity centroid: the averaged keypoints turn
+    with it exactly (the 24 turned cubes sample the same world points), a single cube's need not."""
+    from jaxreg import pipeline
+    from jaxreg.io import Volume
+
+    model = km.init(jax.random.key(1), km.Config(**SMALL))
+    data = (_blob((20, 22, 18), (8.0, 12.0, 9.0), 3.0) + 0.6 * _blob((20, 22, 18), (13.0, 8.0, 6.0), 2.0))
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = [-20.0, -25.0, -15.0]
+    vol = Volume(data, affine)
+    cube = km.canonical_grid(data, affine, grid=(16, 16, 16), spacing=2.0)
+    centroid = cube[:3, :3] @ np.full(3, 7.5) + cube[:3, 3]
+    q = km.cube_rotations(3)[5]
+    turned = Volume(data, rotate_header(affine, q, centroid))
+    base = pipeline.keymorph_world_keypoints(vol, model)
+    moved = pipeline.keymorph_world_keypoints(turned, model)
+    np.testing.assert_allclose(moved, (base - centroid) @ q.T + centroid, atol=1e-3)
+    single = pipeline.keymorph_world_keypoints(turned, model, rotation_average=False)
+    single_base = pipeline.keymorph_world_keypoints(vol, model, rotation_average=False)
+    assert np.abs(single - ((single_base - centroid) @ q.T + centroid)).max() > 1e-2
+
+
+def test_spread_penalty_pushes_coplanar_keypoints_off_their_plane():
+    pts = np.random.default_rng(0).normal(size=(1, 32, 3)).astype(np.float32) * [5.0, 4.0, 0.0]
+    assert float(km.min_spread(jnp.asarray(pts))[0]) < 1e-3
+    cube = np.random.default_rng(1).uniform(-3, 3, size=(1, 4000, 3))
+    assert float(km.min_spread(jnp.asarray(cube))[0]) == pytest.approx(np.sqrt(3.0), rel=0.05)  # U(-3, 3): sd sqrt(3)
+    penalty = lambda p: jnp.sum(jnp.square(jax.nn.relu(2.0 - km.min_spread(p))))
+    g = np.asarray(jax.grad(penalty)(jnp.asarray(pts + np.random.default_rng(2).normal(size=pts.shape) * [0, 0, 0.1])))
+    assert np.abs(g[..., 2]).max() > 10 * max(np.abs(g[..., :2]).max(), 1e-9)  # the pull is across the plane

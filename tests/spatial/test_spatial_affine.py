@@ -280,3 +280,28 @@ def test_affine_to_disp(d):
 def test_errors(call):
     with pytest.raises(ValueError):
         call()
+
+
+def test_fit_affine_ridge_is_the_tikhonov_solution_and_fills_the_missing_direction_from_the_prior():
+    rng = np.random.default_rng(6)
+    a = _random_matrix(3, rng)
+    src = rng.uniform(0, 64, (30, 3))
+    dst = _apply(a, src) + rng.normal(0, 0.5, (30, 3))
+    prior = _random_matrix(3, rng)[:3, :3]
+    ridge = 0.3
+    # direct: minimise |X A^T + 1 b^T - Y|^2 + ridge (N / D) s^2 |A - P|^2 (b unpenalised)
+    xc = src - src.mean(0)
+    s2 = np.mean(np.sum(xc**2, -1))
+    mu = ridge * 30 / 3 * s2
+    lin = np.linalg.solve(xc.T @ xc + mu * np.eye(3), xc.T @ (dst - dst.mean(0)) + mu * prior.T).T
+    expect = np.eye(4)
+    expect[:3, :3], expect[:3, 3] = lin, dst.mean(0) - lin @ src.mean(0)
+    got = fit_affine(jnp.asarray(src, jnp.float32), jnp.asarray(dst, jnp.float32), ridge=ridge, prior=prior)
+    np.testing.assert_allclose(np.asarray(got), expect, atol=2e-3)
+    # coplanar points (z = 5): the plain fit is undetermined along z, the ridge takes the prior's z column
+    flat = np.concatenate([rng.uniform(0, 64, (30, 2)), np.full((30, 1), 5.0)], 1)
+    fit = np.asarray(fit_affine(jnp.asarray(flat, jnp.float32), jnp.asarray(_apply(a, flat), jnp.float32),
+                                ridge=0.05, prior=a[:3, :3]))
+    np.testing.assert_allclose(fit, a, atol=1e-3)
+    with pytest.raises(ValueError, match="ridge"):
+        fit_affine(jnp.asarray(src, jnp.float32), jnp.asarray(dst, jnp.float32), ridge=-1.0)
