@@ -106,6 +106,7 @@ def test_validate_reports_dice_repeatability_and_spread():
     res = km.validate(model, [ex])
     assert res["val_dice"] == pytest.approx(1.0, abs=1e-6) and res["val_repeat_vox"] == pytest.approx(0.0, abs=1e-5)
     assert res["val_spread_vox"] > 0
+    assert 0 <= res["val_min_spread_vox"] <= res["val_spread_vox"]
 
 
 def test_register_maps_fixed_keypoints_onto_moving_keypoints():
