@@ -209,7 +209,7 @@ def canonical_grid(data, affine, *, grid=(64, 64, 64), spacing: float = 4.0) -> 
 def cube_rotations(ndim: int) -> np.ndarray:
     """The proper rotations of the square / cube: ``(4, 2, 2)`` or ``(24, 3, 3)`` float64 signed permutations
     with determinant +1, the identity first (the rotation group averaged over by
-    :func:`jaxreg.pipeline.keymorph_points`).
+    :func:`jaxreg.pipeline.keymorph_world_keypoints`).
 
     Raises:
       ValueError: ``ndim`` not 2 or 3.
