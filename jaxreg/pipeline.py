@@ -386,6 +386,19 @@ def keymorph_world_keypoints(vol: Volume, model, *, rotation_average: bool = Tru
     return total / len(rotations)
 
 
+KEYPOINT_LINE_RATIO = 0.25  # second / first principal spread below which keypoints count as a line (a warning)
+
+
+def keypoint_spread(points) -> np.ndarray:
+    """RMS spread (the points' units) of ``(N, D)`` points along their principal axes, largest first: ``(D,)``.
+
+    Rotation-averaged KeyMorph keypoints on brains have one near-zero axis (they lie near the mid-sagittal
+    plane); a second small axis (points near a line) leaves even the rigid fit undetermined.
+    """
+    p = np.asarray(points, np.float64)
+    return np.linalg.svd(p - p.mean(0), compute_uv=False) / np.sqrt(len(p))
+
+
 def keymorph_points(fixed: Volume, moving: Volume, model, *, transform: str = "affine",
                     tps_lambda: float = 0.0, rotation_average: bool | None = None,
                     affine_ridge: float | None = None) -> dict:
@@ -479,6 +492,12 @@ def register_volumes_keymorph(fixed: Volume, moving: Volume, *, model, transform
     t0 = time.perf_counter()
     pts = keymorph_points(fixed, moving, model, transform=transform, tps_lambda=tps_lambda,
                           rotation_average=rotation_average, affine_ridge=affine_ridge)
+    for name in ("fixed", "moving"):
+        spread = keypoint_spread(pts[f"{name}_keypoints"])
+        if spread[1] < KEYPOINT_LINE_RATIO * spread[0]:
+            report(f"warning: the {name} scan's KeyMorph keypoints lie near a line (RMS spread "
+                   + " / ".join(f"{v:.1f}" for v in spread) + " mm): the fit is unreliable; the detector was "
+                   "trained on brain MRI with skull (IXI)")
     w, w_inv = np.asarray(work_affine, np.float64), np.linalg.inv(work_affine)
     zero = jnp.zeros(tuple(work_shape) + (3,), jnp.float32)
     if pts["fitted"][0] == "affine":

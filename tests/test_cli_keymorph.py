@@ -113,3 +113,19 @@ def test_keymorph_init_is_the_rigid_fit_of_the_keypoints_even_when_they_are_copl
                         {"fitted": ("affine", np.eye(4))})
     np.testing.assert_allclose(pipeline.keymorph_init(None, None, None), np.eye(4))
     assert calls == ["rigid"]
+
+def test_keypoints_near_a_line_give_a_warning(monkeypatch):
+    from jaxreg import pipeline
+    from jaxreg.io import Volume
+
+    rng = np.random.default_rng(0)
+    line = rng.normal(size=(32, 3)) * [20.0, 1.0, 0.1]
+    plane = rng.normal(size=(32, 3)) * [20.0, 15.0, 0.1]
+    np.testing.assert_allclose(pipeline.keypoint_spread(line), [20.0, 1.0, 0.1], rtol=0.35)
+    vol = Volume(np.zeros((8, 8, 8), np.float32), np.eye(4))
+    for kp, warned in ((line, True), (plane, False)):
+        monkeypatch.setattr(pipeline, "keymorph_points", lambda *a, **k: {
+            "fixed_keypoints": kp, "moving_keypoints": plane, "fitted": ("affine", np.eye(4))})
+        msgs = []
+        pipeline.register_volumes_keymorph(vol, vol, model=None, progress=msgs.append)
+        assert any("near a line" in m and "fixed" in m for m in msgs) == warned
