@@ -453,20 +453,28 @@ def keymorph_init(fixed: Volume, moving: Volume, model, *, progress: Callable[[s
     (:func:`keymorph_points` with ``transform="rigid"``); the affine stage then frees scale and shear
     from the images. The rigid fit is well posed even where the keypoints lie near one plane (ours:
     eq. 3's affine start was ill posed for our detector's keypoints, benchmarks/results/keymorph_rotation.md).
-    None (use the default initialisation) when the fit is not finite. ``points``: a :func:`keymorph_points`
-    result already computed for this pair (only its keypoints are used).
+    None (use the default initialisation) when the fit is not finite or either scan's keypoints lie near a
+    line (:data:`KEYPOINT_LINE_RATIO`; then even the rotation is undetermined: measured on the skull-stripped
+    brats scans, 10 / 1.8 / 0.2 mm). ``points``: a :func:`keymorph_points` result already computed for this
+    pair (only its keypoints are used).
     """
     from jaxreg.spatial import fit_rigid
 
     report = progress or (lambda _: None)
     if points is None:
-        start = keymorph_points(fixed, moving, model, transform="rigid")["fitted"][1]
+        points = keymorph_points(fixed, moving, model, transform="rigid")
+        start = points["fitted"][1]
     else:
         start = fit_rigid(*(jnp.asarray(points[k], jnp.float32) for k in ("fixed_keypoints", "moving_keypoints")))
     start = np.asarray(start, np.float64)
     if not np.isfinite(start).all():
         report("KeyMorph rigid fit is not finite: using the default initialisation")
         return None
+    for name in ("fixed", "moving"):
+        spread = keypoint_spread(points[f"{name}_keypoints"])
+        if spread[1] < KEYPOINT_LINE_RATIO * spread[0]:
+            report(f"KeyMorph keypoints of the {name} scan lie near a line: using the default initialisation")
+            return None
     report("KeyMorph rigid initialisation")
     return start
 

@@ -108,9 +108,12 @@ def test_keymorph_init_is_the_rigid_fit_of_the_keypoints_even_when_they_are_copl
     np.testing.assert_allclose(start[:3, 3], [4.0, -7.0, 12.0], atol=1e-3)
     bad = {"fixed_keypoints": np.full((4, 3), np.nan), "moving_keypoints": np.zeros((4, 3))}
     assert pipeline.keymorph_init(None, None, None, points=bad) is None
+    line = fixed_kp * [1.0, 0.1, 0.0]  # the fixed keypoints near a line: the rotation about it is undetermined
+    assert pipeline.keymorph_init(None, None, None, points={"fixed_keypoints": line,
+                                                            "moving_keypoints": line @ rot.T}) is None
     calls = []
     monkeypatch.setattr(pipeline, "keymorph_points", lambda f, m, model, transform: calls.append(transform) or
-                        {"fitted": ("affine", np.eye(4))})
+                        {"fitted": ("affine", np.eye(4)), "fixed_keypoints": fixed_kp, "moving_keypoints": fixed_kp})
     np.testing.assert_allclose(pipeline.keymorph_init(None, None, None), np.eye(4))
     assert calls == ["rigid"]
 
