@@ -70,6 +70,7 @@ def main(argv=None) -> int:
     from jaxreg import pipeline
     from jaxreg.data.keymorph import rotate_header, rotation_about_axis
     from jaxreg.io import Volume, load_image, load_labels
+    from jaxreg.methods.keymorph import principal_spread
 
     data = pathlib.Path(args.data) / "ixi"
     out = pathlib.Path(args.out)
@@ -108,7 +109,7 @@ def main(argv=None) -> int:
             row = {"pair": f"{m_id}->{f_id}", "angle": angle, "axis": (axis / np.linalg.norm(axis)).tolist()}
             pts = pipeline.keymorph_points(fixed, mv, model)
             kf = pts["fixed_keypoints"]  # RMS spread along their principal axes: near 0 on one = coplanar
-            row["fixed_kp_axes_mm"] = (np.linalg.svd(kf - kf.mean(0), compute_uv=False) / np.sqrt(len(kf))).tolist()
+            row["fixed_kp_axes_mm"] = np.asarray(principal_spread(kf), np.float64).tolist()
             back = (pts["moving_keypoints"] - centre) @ r + centre  # R^-1 (p - c) + c, R orthonormal
             dist = np.linalg.norm(back - base_kp, axis=-1)
             row["repeat_mm"] = float(dist.mean())

@@ -152,13 +152,23 @@ def _map_coords(matrix, shape, disp=None):
     return x @ m[:d, :d].T + m[:d, d]
 
 
-def resample_smooth(vol: Volume, shape, affine) -> jnp.ndarray:
-    """Resample ``vol`` onto ``(shape, affine)`` with Gaussian anti-aliasing when downsampling."""
+def antialias(vol: Volume, affine) -> Volume:
+    """``vol`` Gaussian-smoothed for resampling onto a grid with voxel axes ``affine`` (unchanged if not coarser).
+
+    The filter depends only on the target voxel size per source axis, so one smoothing serves every grid whose
+    axes are signed permutations of ``affine``'s (the rotated cubes of :func:`keymorph_world_keypoints`).
+    """
     g = grid_to_grid_matrix(affine, vol.affine)
     # Voxel size of the target grid measured in source voxels, per source axis.
     step = np.abs(g[:3, :3]).max(axis=1)
     sigma = np.where(step > 1.0, 0.4 * step, 0.0)
-    data = ndi.gaussian_filter(vol.data.astype(np.float32), sigma) if np.any(sigma > 0) else vol.data
+    return Volume(ndi.gaussian_filter(vol.data.astype(np.float32), sigma), vol.affine) if np.any(sigma > 0) else vol
+
+
+def resample_smooth(vol: Volume, shape, affine, *, smooth: bool = True) -> jnp.ndarray:
+    """Resample ``vol`` onto ``(shape, affine)`` (linear), with Gaussian anti-aliasing (:func:`antialias`) when
+    downsampling unless ``smooth=False`` (``vol`` already smoothed)."""
+    data = (antialias(vol, affine) if smooth else vol).data
     return jnp.asarray(resample_to_grid(data, vol.affine, shape, affine, order=1), jnp.float32)[..., None]
 
 
@@ -361,7 +371,7 @@ def keymorph_world_keypoints(vol: Volume, model, *, rotation_average: bool = Tru
     point, which makes the result invariant to those rotations of the scan. The CPU-scale detector is far
     from rotation-equivariant on its own; on the held-out IXI pairs rotated by 45-180 degrees the average
     cut the keypoint repeatability from 5.4-8.9 mm to 1.3-2.7 mm (benchmarks/results/keymorph_rotation.md).
-    It costs 24 detector passes on 32^3 (~0.6 s per scan on 2 CPU cores).
+    It costs one anti-aliasing filter and 24 detector passes on 32^3 (~0.27 s per IXI scan on 2 CPU cores).
 
     Raises:
       ValueError: a scan that is not 3D.
@@ -376,27 +386,35 @@ def keymorph_world_keypoints(vol: Volume, model, *, rotation_average: bool = Tru
     half = (np.asarray(cfg.grid, np.float64) - 1) / 2
     centre = cube[:3, :3] @ half + cube[:3, 3]
     rotations = km.cube_rotations(3) if rotation_average else np.eye(3)[None]
+    smoothed = antialias(vol, cube)  # the same filter for every turned cube: smooth once
     total = np.zeros((cfg.num_keypoints, 3))
     for r in rotations:
         turned = np.eye(4)
         turned[:3, :3] = r @ cube[:3, :3]
         turned[:3, 3] = centre - turned[:3, :3] @ half
-        kp = np.asarray(km.keypoints(model, to_cube(vol, turned, cfg.grid)[..., None]), np.float64)
+        kp = np.asarray(km.keypoints(model, to_cube(smoothed, turned, cfg.grid, smooth=False)[..., None]), np.float64)
         total += kp @ turned[:3, :3].T + turned[:3, 3]
     return total / len(rotations)
 
 
-KEYPOINT_LINE_RATIO = 0.25  # second / first principal spread below which keypoints count as a line (a warning)
+KEYPOINT_LINE_RATIO = 0.25  # second / first principal spread below which keypoints count as a line
 
 
-def keypoint_spread(points) -> np.ndarray:
-    """RMS spread (the points' units) of ``(N, D)`` points along their principal axes, largest first: ``(D,)``.
+def keypoints_near_line(points: dict) -> dict:
+    """``{"fixed" | "moving": (D,) principal RMS spread in mm}`` of the scans whose keypoints lie near a line.
 
-    Rotation-averaged KeyMorph keypoints on brains have one near-zero axis (they lie near the mid-sagittal
-    plane); a second small axis (points near a line) leaves even the rigid fit undetermined.
+    Rotation-averaged KeyMorph keypoints on brains have one near-zero axis (the mid-sagittal plane); a second
+    small one (:data:`KEYPOINT_LINE_RATIO`) leaves even the rigid fit undetermined. ``points``: a
+    :func:`keymorph_points` result.
     """
-    p = np.asarray(points, np.float64)
-    return np.linalg.svd(p - p.mean(0), compute_uv=False) / np.sqrt(len(p))
+    from jaxreg.methods.keymorph import principal_spread
+
+    out = {}
+    for name in ("fixed", "moving"):
+        spread = np.asarray(principal_spread(points[f"{name}_keypoints"]), np.float64)
+        if spread[1] < KEYPOINT_LINE_RATIO * spread[0]:
+            out[name] = spread
+    return out
 
 
 def keymorph_points(fixed: Volume, moving: Volume, model, *, transform: str = "affine",
@@ -470,11 +488,9 @@ def keymorph_init(fixed: Volume, moving: Volume, model, *, progress: Callable[[s
     if not np.isfinite(start).all():
         report("KeyMorph rigid fit is not finite: using the default initialisation")
         return None
-    for name in ("fixed", "moving"):
-        spread = keypoint_spread(points[f"{name}_keypoints"])
-        if spread[1] < KEYPOINT_LINE_RATIO * spread[0]:
-            report(f"KeyMorph keypoints of the {name} scan lie near a line: using the default initialisation")
-            return None
+    for name in keypoints_near_line(points):
+        report(f"KeyMorph keypoints of the {name} scan lie near a line: using the default initialisation")
+        return None
     report("KeyMorph rigid initialisation")
     return start
 
@@ -500,12 +516,10 @@ def register_volumes_keymorph(fixed: Volume, moving: Volume, *, model, transform
     t0 = time.perf_counter()
     pts = keymorph_points(fixed, moving, model, transform=transform, tps_lambda=tps_lambda,
                           rotation_average=rotation_average, affine_ridge=affine_ridge)
-    for name in ("fixed", "moving"):
-        spread = keypoint_spread(pts[f"{name}_keypoints"])
-        if spread[1] < KEYPOINT_LINE_RATIO * spread[0]:
-            report(f"warning: the {name} scan's KeyMorph keypoints lie near a line (RMS spread "
-                   + " / ".join(f"{v:.1f}" for v in spread) + " mm): the fit is unreliable; the detector was "
-                   "trained on brain MRI with skull (IXI)")
+    for name, spread in keypoints_near_line(pts).items():
+        report(f"warning: the {name} scan's KeyMorph keypoints lie near a line (RMS spread "
+               + " / ".join(f"{v:.1f}" for v in spread) + " mm): the fit is unreliable; the detector was "
+               "trained on brain MRI with skull (IXI)")
     w, w_inv = np.asarray(work_affine, np.float64), np.linalg.inv(work_affine)
     zero = jnp.zeros(tuple(work_shape) + (3,), jnp.float32)
     if pts["fitted"][0] == "affine":

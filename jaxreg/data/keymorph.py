@@ -33,14 +33,15 @@ class CubeSubject:
     source: Volume | None = None
 
 
-def to_cube(vol: Volume, cube_affine, grid, *, labels: bool = False) -> np.ndarray:
-    """``vol`` resampled onto the cube ``(grid, cube_affine)``: linear with Gaussian anti-aliasing, then
-    normalised to [0, 1]; nearest neighbour for ``labels``."""
+def to_cube(vol: Volume, cube_affine, grid, *, labels: bool = False, smooth: bool = True) -> np.ndarray:
+    """``vol`` resampled onto the cube ``(grid, cube_affine)``: linear with Gaussian anti-aliasing (unless
+    ``smooth=False``: ``vol`` is already :func:`jaxreg.pipeline.antialias`-ed), then normalised to [0, 1];
+    nearest neighbour for ``labels``."""
     from jaxreg.pipeline import resample_smooth
 
     if labels:
         return resample_to_grid(np.asarray(vol.data), vol.affine, tuple(grid), cube_affine, order=0).astype(np.int32)
-    return normalize(np.asarray(resample_smooth(vol, tuple(grid), cube_affine))[..., 0]).astype(np.float32)
+    return normalize(np.asarray(resample_smooth(vol, tuple(grid), cube_affine, smooth=smooth))[..., 0]).astype(np.float32)
 
 
 def load_cube_subject(name: str, paths: dict, *, grid, spacing: float, labels_path=None) -> CubeSubject:

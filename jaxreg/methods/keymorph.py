@@ -379,7 +379,7 @@ def loss_fn(model: KeypointDetector, batch: dict, *, key):
     dice, mse, cons, pre_err = jax.vmap(one)(kp_f, kp_m, a_f, a_m, uinv_f, uinv_m, f, m, f_labels, m_labels,
                                              jax.random.split(k_pts, bsz))
     is_pair, is_cons = (task == 0).astype(jnp.float32), (task == 1).astype(jnp.float32)
-    spread = min_spread(kp)
+    spread = principal_spread(kp)[:, -1]
     per = (is_pair * (cfg.dice_weight * dice + cfg.mse_weight * mse) + is_cons * cfg.consistency_weight * cons
            + pre * cfg.pretrain_weight * pre_err)
     loss = jnp.mean(per) + cfg.spread_weight * jnp.mean(jnp.square(jax.nn.relu(cfg.spread_min - spread)))
@@ -393,15 +393,17 @@ def loss_fn(model: KeypointDetector, batch: dict, *, key):
                   "min_spread": jnp.mean(spread)}
 
 
-def min_spread(kp: jnp.ndarray) -> jnp.ndarray:
-    """Smallest principal RMS spread of keypoint sets: ``(B, N, D)`` -> ``(B,)`` (the points' units).
+def principal_spread(kp) -> jnp.ndarray:
+    """RMS spread of keypoint sets along their principal axes, largest first: ``(..., N, D)`` -> ``(..., D)``.
 
-    The square root of the smallest eigenvalue of each set's covariance; near 0 for coplanar points,
-    where the least-squares affine of eq. 3 is ill posed.
+    In the points' units; the square roots of the eigenvalues of each set's covariance (differentiable).
+    A near-zero last value means coplanar points, where the least-squares affine of eq. 3 is ill posed;
+    the RMS distance from the centroid is the norm of the result.
     """
-    c = kp - jnp.mean(kp, axis=1, keepdims=True)
-    cov = jnp.einsum("bni,bnj->bij", c, c) / kp.shape[1]
-    return jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(cov)[:, 0], 1e-12))
+    kp = jnp.asarray(kp, jnp.float32)
+    c = kp - jnp.mean(kp, axis=-2, keepdims=True)
+    cov = jnp.einsum("...ni,...nj->...ij", c, c) / kp.shape[-2]
+    return jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(cov)[..., ::-1], 1e-12))
 
 
 # ----------------------------------------------------------------------------- inference
@@ -462,10 +464,9 @@ def validate(model: KeypointDetector, examples: list) -> dict:
         out = register(model, ex["fixed"], ex["moving"])
         disp = affine_to_disp(out["fitted"][1], ex["fixed"].shape[:-1])
         warped = np.asarray(warp_labels(jnp.asarray(ex["moving_labels"]), disp))
-        kf = np.asarray(out["fixed_keypoints"])
+        spreads = principal_spread(out["fixed_keypoints"])
         row = {"name": ex["name"], "dice": float(np.nanmean(np.asarray(dice_fn(warped, ex["fixed_labels"])))),
-               "spread_vox": float(np.sqrt(np.mean(np.sum((kf - kf.mean(0)) ** 2, -1)))),
-               "min_spread_vox": float(min_spread(jnp.asarray(kf)[None])[0])}
+               "spread_vox": float(jnp.linalg.norm(spreads)), "min_spread_vox": float(spreads[-1])}
         if "moving_rotated" in ex:
             kr = keypoints(model, ex["moving_rotated"])
             back = _apply_matrix(jnp.asarray(ex["rotation"], jnp.float32), kr)
