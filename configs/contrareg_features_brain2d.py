@@ -19,8 +19,9 @@ import os
 
 import ml_collections
 
-TRAIN_CASES = ("brats_space/tcga_fg6692", "ms_mni/patient07", "ms_mni/patient19")
-VAL_CASES = ("brats_space/brats_gli_00001", "ixi_t2/IXI002")
+# held out: ms_mni patient19 has lesion labels (the table's Dice column); brats_gli_00001 has no tumour labels here
+TRAIN_CASES = ("brats_space/tcga_fg6692", "brats_space/brats_gli_00001", "ms_mni/patient07")
+VAL_CASES = ("ms_mni/patient19", "ixi_t2/IXI002")
 CONTRASTS = ("t1", "t2", "flair", "t1c")
 
 
@@ -53,5 +54,5 @@ def get_config() -> ml_collections.ConfigDict:
                                              contrast_range=(0.8, 1.2)))
     c.data = ml_collections.ConfigDict(dict(
         kind="slices", root=os.environ.get("JAXREG_DATA", "../shared/data"), resolution=2.0, crop=(96, 112, 80),
-        train_cases=TRAIN_CASES[:3], val_cases=("brats_space/brats_gli_00001",), slice_axis=2, flip=True, num_val=4))
+        train_cases=TRAIN_CASES[:3], val_cases=VAL_CASES[:1], slice_axis=2, flip=True, num_val=4))
     return c

@@ -258,13 +258,13 @@ def build_crossreg_data(config):
     Training: slices of ``data.train_cases`` (multi-contrast, skull-stripped,
     affinely aligned, :func:`jaxreg.data.car.load_brain_subjects`): fixed =
     ``data.fixed_contrast``, moving = one of ``data.moving_contrasts`` of the
-    same subject (or of another with ``data.inter_prob``), both deformed
-    independently (``deform_voxels``), one contrast pair per batch
+    same subject (or of another with ``data.inter_prob``), deformed by a
+    random smooth field (``deform_voxels``; the fixed image by an independent
+    one too with ``data.deform_fixed``), one contrast pair per batch
     (``contrast_block = batch_size``), indices into ``model.contrasts`` when
     the model has them. Validation: :func:`jaxreg.data.car.known_deformation_examples`
     of ``data.val_cases`` (endpoint error; tumour / lesion Dice where the case has labels).
-    Controlled experiments (issue 14) may set ``data.deform_fixed`` (default
-    True), ``data.keep_truth`` (the true field in each example, for
+    Controlled experiments (issue 14) may set ``data.keep_truth`` (the true field in each example, for
     ``model.supervised``; needs ``deform_fixed=False`` and ``inter_prob=0``),
     ``data.remap_fixed`` (``"sin"``: a synthetic fixed contrast of the moving
     image's anatomy, with ``moving_contrasts=("t1",)``), ``data.keep_target`` and
@@ -293,7 +293,7 @@ def build_crossreg_data(config):
     names_idx = tuple(config.model.contrasts) if "contrasts" in config.model else (d.fixed_contrast, *moving)
     source = PairSource(train, mode="intra", fixed_contrast=d.fixed_contrast, moving_contrast=moving,
                         seed=config.seed, deform_voxels=d.deform_voxels, deform_spacing=d.deform_spacing,
-                        deform_fixed=d.get("deform_fixed", True), slice_axis=_axis(d), flip=d.flip,
+                        deform_fixed=d.get("deform_fixed", False), slice_axis=_axis(d), flip=d.flip,
                         contrast_block=config.batch_size, contrast_names=names_idx, inter_prob=d.inter_prob,
                         keep_truth=d.get("keep_truth", False), remap_fixed=d.get("remap_fixed") or None,
                         keep_target=d.get("keep_target", False),
