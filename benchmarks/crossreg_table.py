@@ -122,7 +122,10 @@ def markdown(results: dict, meta: dict) -> str:
              "with mean folding < 0.5 %. Dice / Dice30 (mean of the lowest 30 %) over tumour / lesion labels where "
              "a held-out case has them (" + ("none of these has labels: EPE is the accuracy measure" if
                                              all(r["selected"] is None or r["selected"].get("dice") is None
-                                                 for r in results.values()) else "see the cases") + ").", "",
+                                                 for r in results.values())
+                                             else f"Dice before registration {fmt(meta['before'].get('dice'))}, "
+                                             "Dice30 " + fmt(meta['before'].get('dice30')) + "; slices without "
+                                             "labels are left out") + ").", "",
              "| method | step | opt. lambda | EPE (mm) | EPE T2 / FLAIR / T1c | Dice | Dice30 | % folds | SDlogJ "
              "| lambda by Dice |",
              "|---|---|---|---|---|---|---|---|---|---|"]
