@@ -57,6 +57,10 @@ def crossreg_data() -> ml_collections.ConfigDict:
         synthetic_cases=()))
 
 
+# the comparison's budget, shared by every row (mCR, CR, the VXM baselines, DeepSim-AE):
+# the table of benchmarks/results/crossreg_table.md
+STEPS = dict(num_train_steps=2000, eval_every=1000, eval_lambda=0.1)
+
 NETWORK = dict(ndim=2, in_channels=1, enc_features=(16, 32, 32, 32), dec_features=(32, 32, 32, 32),
                final_features=(32, 16, 16), out_level=1, int_steps=5, int_downsize=2, hyper=True,
                lambda_range=(0.0, 1.0))
@@ -64,9 +68,7 @@ NETWORK = dict(ndim=2, in_channels=1, enc_features=(16, 32, 32, 32), dec_feature
 
 def get_config() -> ml_collections.ConfigDict:
     c = fb.base("contrareg")
-    c.num_train_steps = 2000  # the table of benchmarks/results/crossreg_table.md
-    c.eval_every = 1000
-    c.eval_lambda = 0.1
+    c.update(STEPS)
     c.model = ml_collections.ConfigDict(dict(
         NETWORK, contrasts=fb.CONTRASTS, features_checkpoint="runs/contrareg_features_brain2d",
         ae_features=(32, 64, 128, 64, 32, 32, 32), num_feature_layers=6, mlp_features=256, mlp_layers=3,

@@ -54,5 +54,5 @@ def get_config() -> ml_collections.ConfigDict:
                                              contrast_range=(0.8, 1.2)))
     c.data = ml_collections.ConfigDict(dict(
         kind="slices", root=os.environ.get("JAXREG_DATA", "../shared/data"), resolution=2.0, crop=(96, 112, 80),
-        train_cases=TRAIN_CASES[:3], val_cases=VAL_CASES[:1], slice_axis=2, flip=True, num_val=4))
+        train_cases=TRAIN_CASES, val_cases=VAL_CASES[:1], slice_axis=2, flip=True, num_val=4))
     return c

@@ -20,9 +20,7 @@ from configs import contrareg_features_brain2d as fb
 
 def get_config() -> ml_collections.ConfigDict:
     c = fb.base("deepsim")
-    c.num_train_steps = 2000  # the table of benchmarks/results/crossreg_table.md
-    c.eval_every = 1000
-    c.eval_lambda = 0.1
+    c.update(cr.STEPS)
     net = {k: v for k, v in cr.NETWORK.items()}
     c.model = ml_collections.ConfigDict(dict(
         net, norm=False, features_checkpoint="runs/deepsim_features_brain2d", feature_head="ae",

@@ -26,9 +26,7 @@ from configs import contrareg_features_brain2d as fb
 
 def get_config() -> ml_collections.ConfigDict:
     c = fb.base("voxelmorph")
-    c.num_train_steps = 2000  # the table of benchmarks/results/crossreg_table.md
-    c.eval_every = 1000
-    c.eval_lambda = 0.1
+    c.update(cr.STEPS)
     c.model = ml_collections.ConfigDict(dict(
         cr.NETWORK, input_features="image", norm=False, velocity_sigma=0.0, bidirectional=False, similarity="mi",
         loss_sigma=0.0, loss_scales=1, loss_mask_threshold=0.0, lncc_window=9, mi_bins=32, local_mi_patch=9,
