@@ -27,20 +27,26 @@ def dns_pairs(ndim: int, dilations=(1, 2)) -> tuple:
     return tuple(tuple(tuple(d * o for o in off) for off in pair) for d in dilations for pair in base)
 
 
-def _layout_distances(features, dilations):
-    """Per layout, the list of ``(h(x + a) - h(x + b))^2`` (``(*spatial, C)`` each) over its pairs."""
+def _layout_distances(features, dilations, channel_axis: int = -1):
+    """Per layout, the list of ``(h(x + a) - h(x + b))^2`` over its pairs (each shaped as ``features``).
+
+    ``features`` is ``(*spatial, C)`` (``channel_axis=-1``) or ``(C, *spatial)`` (``channel_axis=0``).
+    """
     if features.ndim not in (3, 4):
         raise ValueError(f"features must be (*spatial, C) with 2 or 3 spatial axes, got {features.shape}")
     dilations = tuple(dilations)
     if not dilations or any(int(d) != d or d < 1 for d in dilations):
         raise ValueError(f"dilations must be positive ints, got {dilations}")
-    spatial = features.shape[:-1]
+    first = channel_axis == 0
+    spatial = features.shape[1:] if first else features.shape[:-1]
     ndim = len(spatial)
     r = max(dilations)
-    padded = jnp.pad(features, [(r, r)] * ndim + [(0, 0)], mode="edge")
+    pad = [(r, r)] * ndim
+    padded = jnp.pad(features, [(0, 0)] + pad if first else pad + [(0, 0)], mode="edge")
 
     def shift(offset):  # h(x + offset), edge-clamped
-        return padded[tuple(slice(r + o, r + o + n) for o, n in zip(offset, spatial))]
+        window = tuple(slice(r + o, r + o + n) for o, n in zip(offset, spatial))
+        return padded[(slice(None),) + window] if first else padded[window]
 
     per_layout = len(dns_pairs(ndim, (1,)))
     pairs = dns_pairs(ndim, dilations)
@@ -94,15 +100,19 @@ def dns_squeezed(
     """``sum_c weights[c] * dns(features)[..., c, :] + bias``, without materialising the ``(C, K)`` stack.
 
     The feature-squeezing linear layer of MASR-Net (DNS Sec. 3.2) fused with
-    :func:`dns`: one pass per pair (0.74 s instead of 1.74 s for a 2 mm brain
-    with ``C = 8`` on 2 CPU cores). Same arguments as :func:`dns`, plus the
-    ``(C,)`` weights and scalar bias of the linear layer; returns
-    ``(*spatial, K)``.
+    :func:`dns`: one pass per pair, channel by channel on channel-first
+    slices, so that XLA fuses each pair's ``C`` exponentials and their
+    weighted sum into one loop over the voxels (a 2 mm brain with ``C = 8`` on
+    2 CPU cores: 1.74 s for :func:`dns` then the layer, 0.71 s for one pass
+    per pair on channel-last arrays, 0.38 s like this). Same arguments as
+    :func:`dns`, plus the ``(C,)`` weights and scalar bias of the linear layer;
+    returns ``(*spatial, K)``.
     """
+    h = jnp.moveaxis(features, -1, 0)  # (C, *spatial)
     out = []
-    for d in _layout_distances(features, dilations):
+    for d in _layout_distances(h, dilations, channel_axis=0):
         inv = 1.0 / (sum(d) / len(d) + DNS_EPS)
-        out += [jnp.dot(jnp.exp(-dk * inv), weights) for dk in d]
+        out += [sum(weights[c] * jnp.exp(-dk[c] * inv[c]) for c in range(h.shape[0])) for dk in d]
     return jnp.stack(out, axis=-1) + bias
 
 
@@ -158,9 +168,14 @@ def cosine_similarity_loss(
     """
     fixed_desc, moving_desc, spatial = _check_pair(fixed_desc, moving_desc, names=("fixed_desc", "moving_desc"))
     w = _mask_weights(mask, spatial, fixed_desc.dtype)
-    dot = jnp.sum(fixed_desc * moving_desc, axis=-1, keepdims=True)
-    nf = jnp.sum(jnp.square(fixed_desc), axis=-1, keepdims=True)
-    nm = jnp.sum(jnp.square(moving_desc), axis=-1, keepdims=True)
+    # contractions (dots) rather than multiply-and-reduce: on XLA:CPU the sampled IO loss (32768 x 24) with
+    # its gradient took 7.7 instead of 16.3 ms per step
+    def inner(a, b):
+        return jnp.einsum("...k,...k->...", a, b)[..., None]
+
+    dot = inner(fixed_desc, moving_desc)
+    nf = inner(fixed_desc, fixed_desc)
+    nm = inner(moving_desc, moving_desc)
     denom = nf * nm
     ok = denom > 1e-20
     cos = jnp.where(ok, dot / jnp.sqrt(jnp.where(ok, denom, 1.0)), 0.0)

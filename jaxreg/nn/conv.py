@@ -7,8 +7,9 @@ convolution forward reaches ~37 GFLOP/s and its GEMMs ~120. For a stride-1
 compute
 
 * forward: one 2D convolution of the depth slices (batch ``B * D``) with the
-  ``kd`` depth taps stacked as output channels, then a sum of the ``kd``
-  depth-shifted partial results;
+  ``kd`` depth taps stacked on the narrower side: as output channels, then a
+  sum of the ``kd`` depth-shifted partial results (``C >= Co``), or as input
+  channels, the ``kd`` depth-shifted inputs concatenated (``C < Co``);
 * input gradient: the same forward with the flipped, in/out-transposed
   kernel (the adjoint of a stride-1 SAME convolution with an odd kernel);
 * kernel gradient: one GEMM per tap, ``x_shifted^T @ grad_out``,
@@ -34,6 +35,17 @@ def _forward(x, w):
     b, d, h, ww, c = x.shape
     kd, kh, kw, ci, co = w.shape
     p = kd // 2
+    if ci < co:
+        # depth taps stacked on the input side: one 2D convolution of kd * C channels, no partial sums
+        # (8 -> 24 channels on 128x128x96: 0.30 s instead of 0.55 s; 1 -> 8: 0.05 instead of 0.14 s)
+        xp = jnp.pad(x, ((0, 0), (p, p), (0, 0), (0, 0), (0, 0))) if p else x
+        xs = jnp.concatenate([xp[:, i:i + d] for i in range(kd)], axis=-1)  # (b, d, h, w, kd * C)
+        k2 = jnp.concatenate([w[i] for i in range(kd)], axis=2)  # (kh, kw, kd * C, Co)
+        r = jax.lax.conv_general_dilated(xs.reshape(b * d, h, ww, kd * c), k2, (1, 1), "SAME",
+                                         dimension_numbers=_DN2)
+        return r.reshape(b, d, h, ww, co)
+    # depth taps stacked as output channels, then a sum of the kd depth-shifted partial results
+    # (faster when C >= Co: 24 -> 8 channels 0.31 s instead of 0.58 s)
     k2 = jnp.concatenate([w[i] for i in range(kd)], axis=-1)  # (kh, kw, C, kd * Co)
     r = jax.lax.conv_general_dilated(x.reshape(b * d, h, ww, c), k2, (1, 1), "SAME", dimension_numbers=_DN2)
     r = r.reshape(b, d, h, ww, kd, co)

@@ -838,22 +838,27 @@ def _foreground_box(fixed, moving, margin=4):
 
 
 FEATURE_MARGIN = 8    # voxels of context around the foreground box given to a learned feature function
-FEATURE_MULTIPLE = 16  # box sizes are rounded up to this (fewer distinct shapes to compile)
+FEATURE_MULTIPLE = 8   # box sizes are rounded up to this (fewer distinct shapes to compile; MASR-Net's stride)
 
 
-def _box_features(feature_fn, fixed, *others):
+def _box_features(feature_fn, fixed, *others, extent=None):
     """Learned features of ``fixed`` and each of ``others``, computed only inside their common foreground box.
 
     The box (voxels above 5 % of the range in either normalised image, plus
-    ``FEATURE_MARGIN``) is rounded up to a multiple of ``FEATURE_MULTIPLE``
-    voxels (clipped to the grid) and is the same for both images, so one
-    compiled network serves the pair; features outside it are zero (cosine 0:
-    no pull). On the brats 2 mm grid (120x120x78) the box holds ~40 % of the
-    voxels: 2.4x less network time.
+    ``FEATURE_MARGIN``, within ``extent``: the unpadded grid, when the images
+    are padded to a size class) is rounded up to a multiple of
+    ``FEATURE_MULTIPLE`` voxels (clipped to the grid) and is the same for both
+    images, so one compiled network serves the pair; features outside it are
+    zero (cosine 0: no pull). On the brats 2 mm grid (120x120x78) the box holds
+    ~40 % of the voxels: 2.4x less network time; on IXI (120x120x90, padded to
+    128x128x96) the box is the unpadded grid rounded to 120x120x96 instead of
+    the whole padded grid.
     """
     shape = fixed.shape[:-1]
     union = functools.reduce(jnp.maximum, others, fixed)
     box = _foreground_box(fixed, union, margin=FEATURE_MARGIN)
+    if extent is not None:
+        box[1] = np.minimum(box[1], np.asarray(extent) - 1)
     size = np.minimum(np.ceil((box[1] - box[0] + 1) / FEATURE_MULTIPLE) * FEATURE_MULTIPLE, shape).astype(int)
     lo = np.clip(np.minimum(box[0], np.asarray(shape) - size), 0, None).astype(int)
     sl = tuple(slice(int(a), int(a + n)) for a, n in zip(lo, size))
@@ -1177,7 +1182,7 @@ def register_instance(
     sim_mask = _deformable_mask(fixed, moving_aff, mask_f, moving_mask, jnp.asarray(matrix, jnp.float32), cfg)
     key = jax.random.key(0)
     if cfg.similarity == "dns":
-        fixed_desc, moving_desc = _box_features(feature_fn, fixed, moving_aff)
+        fixed_desc, moving_desc = _box_features(feature_fn, fixed, moving_aff, extent=true_shape)
         # the descriptor pyramid is built by successive 2x downsampling (the full-resolution 24-channel
         # stacks are blurred once, not once per level)
         pyramid = {1: (fixed_desc, moving_desc)}

@@ -119,11 +119,12 @@ def test_svfnet_velocity_sigma_smooths_the_predicted_velocity():
 
 
 @pytest.mark.parametrize("kernel", [(3, 3, 3), (1, 3, 5), (5, 1, 3)])
-def test_conv3d_matches_lax_with_gradients(kernel):
+@pytest.mark.parametrize("channels", [(3, 4), (4, 3), (1, 5)])  # both stackings (input side if C < Co)
+def test_conv3d_matches_lax_with_gradients(kernel, channels):
     from jaxreg.nn.conv import _conv3d_cpu
 
-    x = jax.random.normal(jax.random.key(0), (2, 7, 6, 9, 3))
-    w = jax.random.normal(jax.random.key(1), (*kernel, 3, 4))
+    x = jax.random.normal(jax.random.key(0), (2, 7, 6, 9, channels[0]))
+    w = jax.random.normal(jax.random.key(1), (*kernel, *channels))
     ref = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1, 1), "SAME",  # noqa: E731
                                                     dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
     np.testing.assert_allclose(np.asarray(_conv3d_cpu(x, w)), np.asarray(ref(x, w)), rtol=1e-4, atol=1e-4)

@@ -1,0 +1,25 @@
+"""Pretraining of DeepSim's feature extractors on whole IXI T1 volumes at 4 mm (for ``configs/deepsim_ixi3d.py``).
+
+Paper: Czolbe et al., "DeepSim", MIDL 2021, Sec. 3 ("Feature extraction") and
+Sec. 4 (3D widths 32-64-128). Commands::
+
+    PYTHONPATH=. JAXREG_DATA=../shared/data .venv/bin/python -m train.main \\
+        --config configs/deepsim_features_ixi3d.py --workdir runs/deepsim_features_ixi3d_seg
+    ... --config.model.kind=deepsim_ae --workdir runs/deepsim_features_ixi3d_ae
+
+Same cases and heads as ``configs/deepsim_features_ixi2d.py`` (IXI 014, 015,
+033, 034, 039; validation IXI012), as whole 48x64x48 volumes at 4 mm
+(``configs/contrareg_features_brain3d.to_3d``), batch 2.
+"""
+import ml_collections
+
+from configs import contrareg_features_brain3d as f3
+from configs import deepsim_features_ixi2d as fi
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = f3.to_3d(fi.get_config())
+    c.batch_size = 2
+    c.num_train_steps = 600
+    c.eval_every = 300
+    return c

@@ -1,0 +1,22 @@
+"""MSE and NCC baselines of the 3D DeepSim IXI comparison (same network, data, steps, batch as configs/deepsim_ixi3d.py).
+
+Commands::
+
+    PYTHONPATH=. JAXREG_DATA=../shared/data .venv/bin/python -m train.main \\
+        --config configs/vxm_ixi3d.py --workdir runs/vxm_mse_ixi3d --config.model.similarity=mse
+    ... --config.model.similarity=lncc --workdir runs/vxm_ncc_ixi3d
+"""
+import ml_collections
+
+from configs import deepsim_ixi3d as d3
+from configs import vxm_ixi2d as v2
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = v2.get_config()
+    ref = d3.get_config()
+    c.model.ndim = 3
+    for k in ("batch_size", "num_train_steps", "eval_every", "checkpoint_every"):
+        c[k] = ref[k]
+    c.data = d3.ixi_data3d()
+    return c
