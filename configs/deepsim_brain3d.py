@@ -5,8 +5,7 @@ Needs ``configs/deepsim_features_brain3d.py``. Command::
     PYTHONPATH=. JAXREG_DATA=../shared/data .venv/bin/python -m train.main \\
         --config configs/deepsim_brain3d.py --workdir runs/deepsim_ae_3d
 
-For the mono-contrast IXI comparison in 3D use the data of ``configs/car_brain3d.py``
-(``--config.data.*``). Not trained in a recorded run yet.
+The mono-contrast IXI comparison in 3D is ``configs/deepsim_ixi3d.py``. Not trained in a recorded run yet.
 """
 import ml_collections
 

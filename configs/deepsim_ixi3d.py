@@ -15,6 +15,7 @@ Data as ``configs/deepsim_ixi2d.py`` in 3D: whole volumes at 4 mm cropped to
 control points 8 voxels apart, as ``configs/car_brain3d.py``) and flipped;
 held out IXI012 <-> IXI013 (148 labels). Evaluated over 17 lambdas by
 ``benchmarks/crossreg_table.py --config configs/deepsim_ixi3d.py``.
+Not trained in a recorded run yet (cost: ``configs/deepsim_features_ixi3d.py``).
 """
 import ml_collections
 

@@ -58,7 +58,7 @@ from jaxreg.spatial import (
 SIMILARITIES = ("mind", "dns", "mi", "nmi", "ngf", "lncc", "mse")
 TRANSFORMS = ("svf", "disp", "affine", "rigid")
 LINEAR_TRANSFORMS = ("affine", "rigid")  # no deformable stage
-AFFINE_INITS = ("auto", "header", "com")
+AFFINE_INITS = ("auto", "upright", "header", "com")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,8 +249,11 @@ class InstanceConfig:
         still starts close, and a head rotated by any angle is found (IXI
         pairs rotated 90-180 degrees about random axes: io-mind Dice
         0.003-0.010 with header and com only, 0.582-0.585 with the axes,
-        0.579 unrotated; benchmarks/keymorph_rotation.py); ``"header"`` or
-        ``"com"``: only that.
+        0.579 unrotated; benchmarks/keymorph_rotation.py); ``"upright"``: the
+        headers and the centre of mass only, for scans known to share an
+        orientation (the pre-alignment of training subjects: at 4 mm the
+        principal-axes starts of two near-symmetric skull-stripped brains turned
+        3 of 7 IXI subjects by ~180 degrees); ``"header"`` or ``"com"``: only that.
       grid_buckets: zero-pad the grid at the high end of each axis to
         :func:`bucket_shape` (at most 25 % more voxels per axis), with the
         padding outside both masks, so scans of different sizes in one size
@@ -1155,7 +1158,7 @@ def register_instance(
         candidates = {"header": eye, "com": com}
         if cfg.affine_init == "auto":  # any rotation of the head (issue 13): principal-axes starts compete too
             candidates.update(principal_axes_starts(fixed, moving, spacing))
-        if cfg.affine_init != "auto":
+        if cfg.affine_init in ("header", "com"):
             candidates = {cfg.affine_init: candidates[cfg.affine_init]}
         elif init_matrix is not None:  # a given start competes with the headers and the centre of mass
             candidates = {"given": np.asarray(init_matrix, np.float32), **candidates}

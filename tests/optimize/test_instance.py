@@ -223,7 +223,15 @@ def test_affine_init_header_keeps_an_aligned_pair_and_auto_chooses_a_start():
     res = register_instance(fixed, moving, config=dataclasses.replace(cfg, affine_init="auto"),
                             progress=messages.append)
     assert any("from header" in m for m in messages) and any("from com" in m for m in messages)
+    assert any("from axes" in m for m in messages)
     assert any(m.startswith("affine initialisation:") for m in messages)
+    np.testing.assert_allclose(res.matrix[:2, 2], np.asarray(t), atol=0.25)
+    # "upright": the headers and the centre of mass compete, the principal-axes rotations do not
+    messages = []
+    res = register_instance(fixed, moving, config=dataclasses.replace(cfg, affine_init="upright"),
+                            progress=messages.append)
+    assert any("from header" in m for m in messages) and any("from com" in m for m in messages)
+    assert not any("from axes" in m for m in messages)
     np.testing.assert_allclose(res.matrix[:2, 2], np.asarray(t), atol=0.25)
 
 
