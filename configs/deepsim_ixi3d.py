@@ -33,13 +33,14 @@ def ixi_data3d() -> ml_collections.ConfigDict:
     return d
 
 
+# the comparison's budget, shared by the DeepSim rows and the VXM baselines (configs/vxm_ixi3d.py)
+STEPS = dict(batch_size=1, num_train_steps=1500, eval_every=500, checkpoint_every=250)
+
+
 def get_config() -> ml_collections.ConfigDict:
     c = d2.get_config()
     c.model.ndim = 3
     c.model.features_checkpoint = "runs/deepsim_features_ixi3d_seg"
-    c.batch_size = 1
-    c.num_train_steps = 1500
-    c.eval_every = 500
-    c.checkpoint_every = 250
+    c.update(STEPS)
     c.data = ixi_data3d()
     return c

@@ -18,9 +18,7 @@ from configs import vxm_ixi2d as v2
 
 def get_config() -> ml_collections.ConfigDict:
     c = v2.get_config()
-    ref = d3.get_config()
     c.model.ndim = 3
-    for k in ("batch_size", "num_train_steps", "eval_every", "checkpoint_every"):
-        c[k] = ref[k]
+    c.update(d3.STEPS)
     c.data = d3.ixi_data3d()
     return c

@@ -27,26 +27,25 @@ def dns_pairs(ndim: int, dilations=(1, 2)) -> tuple:
     return tuple(tuple(tuple(d * o for o in off) for off in pair) for d in dilations for pair in base)
 
 
-def _layout_distances(features, dilations, channel_axis: int = -1):
-    """Per layout, the list of ``(h(x + a) - h(x + b))^2`` over its pairs (each shaped as ``features``).
+def _layout_distances(features, dilations):
+    """Per layout, the list of ``(h(x + a) - h(x + b))^2`` over its pairs, each channel-first ``(C, *spatial)``.
 
-    ``features`` is ``(*spatial, C)`` (``channel_axis=-1``) or ``(C, *spatial)`` (``channel_axis=0``).
+    ``features`` is ``(*spatial, C)``; the result is channel-first so that XLA
+    fuses per-channel work into loops over contiguous voxels (``dns_squeezed``).
     """
     if features.ndim not in (3, 4):
         raise ValueError(f"features must be (*spatial, C) with 2 or 3 spatial axes, got {features.shape}")
     dilations = tuple(dilations)
     if not dilations or any(int(d) != d or d < 1 for d in dilations):
         raise ValueError(f"dilations must be positive ints, got {dilations}")
-    first = channel_axis == 0
-    spatial = features.shape[1:] if first else features.shape[:-1]
+    h = jnp.moveaxis(features, -1, 0)  # (C, *spatial)
+    spatial = h.shape[1:]
     ndim = len(spatial)
     r = max(dilations)
-    pad = [(r, r)] * ndim
-    padded = jnp.pad(features, [(0, 0)] + pad if first else pad + [(0, 0)], mode="edge")
+    padded = jnp.pad(h, [(0, 0)] + [(r, r)] * ndim, mode="edge")
 
     def shift(offset):  # h(x + offset), edge-clamped
-        window = tuple(slice(r + o, r + o + n) for o, n in zip(offset, spatial))
-        return padded[(slice(None),) + window] if first else padded[window]
+        return padded[(slice(None),) + tuple(slice(r + o, r + o + n) for o, n in zip(offset, spatial))]
 
     per_layout = len(dns_pairs(ndim, (1,)))
     pairs = dns_pairs(ndim, dilations)
@@ -88,10 +87,10 @@ def dns(
     """
     out = []
     for d in _layout_distances(features, dilations):
-        d = jnp.stack(d, axis=-1)  # (*spatial, C, pairs)
+        d = jnp.stack(d, axis=-1)  # (C, *spatial, pairs)
         sigma2 = jnp.mean(d, axis=-1, keepdims=True) + DNS_EPS
         out.append(jnp.exp(-d / sigma2))
-    return jnp.concatenate(out, axis=-1)
+    return jnp.moveaxis(jnp.concatenate(out, axis=-1), 0, -2)  # (*spatial, C, K)
 
 
 def dns_squeezed(
@@ -108,11 +107,10 @@ def dns_squeezed(
     :func:`dns`, plus the ``(C,)`` weights and scalar bias of the linear layer;
     returns ``(*spatial, K)``.
     """
-    h = jnp.moveaxis(features, -1, 0)  # (C, *spatial)
     out = []
-    for d in _layout_distances(h, dilations, channel_axis=0):
+    for d in _layout_distances(features, dilations):
         inv = 1.0 / (sum(d) / len(d) + DNS_EPS)
-        out += [sum(weights[c] * jnp.exp(-dk[c] * inv[c]) for c in range(h.shape[0])) for dk in d]
+        out += [sum(weights[c] * jnp.exp(-dk[c] * inv[c]) for c in range(features.shape[-1])) for dk in d]
     return jnp.stack(out, axis=-1) + bias
 
 
