@@ -29,6 +29,7 @@ References:
 import dataclasses
 import functools
 import itertools
+import threading
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -844,33 +845,72 @@ FEATURE_MARGIN = 8    # voxels of context around the foreground box given to a l
 FEATURE_MULTIPLE = 8   # box sizes are rounded up to this (fewer distinct shapes to compile; MASR-Net's stride)
 
 
-def _box_features(feature_fn, fixed, *others, extent=None):
-    """Learned features of ``fixed`` and each of ``others``, computed only inside their common foreground box.
+def _feature_box(images, extent=None):
+    """Slices of the common foreground box of ``images`` where a learned feature function is run.
 
-    The box (voxels above 5 % of the range in either normalised image, plus
-    ``FEATURE_MARGIN``, within ``extent``: the unpadded grid, when the images
-    are padded to a size class) is rounded up to a multiple of
-    ``FEATURE_MULTIPLE`` voxels (clipped to the grid) and is the same for both
-    images, so one compiled network serves the pair; features outside it are
-    zero (cosine 0: no pull). On the brats 2 mm grid (120x120x78) the box holds
-    ~40 % of the voxels: 2.4x less network time; on IXI (120x120x90, padded to
-    128x128x96) the box is the unpadded grid rounded to 120x120x96 instead of
-    the whole padded grid.
+    The box (voxels above 5 % of the range in any of the normalised images,
+    plus ``FEATURE_MARGIN``, within ``extent``: the unpadded grid, when the
+    images are padded to a size class) is rounded up to a multiple of
+    ``FEATURE_MULTIPLE`` voxels (clipped to the grid).
     """
-    shape = fixed.shape[:-1]
-    union = functools.reduce(jnp.maximum, others, fixed)
-    box = _foreground_box(fixed, union, margin=FEATURE_MARGIN)
+    first, *rest = images
+    shape = first.shape[:-1]
+    union = functools.reduce(jnp.maximum, rest, first)
+    box = _foreground_box(first, union, margin=FEATURE_MARGIN)
     if extent is not None:
         box[1] = np.minimum(box[1], np.asarray(extent) - 1)
     size = np.minimum(np.ceil((box[1] - box[0] + 1) / FEATURE_MULTIPLE) * FEATURE_MULTIPLE, shape).astype(int)
     lo = np.clip(np.minimum(box[0], np.asarray(shape) - size), 0, None).astype(int)
-    sl = tuple(slice(int(a), int(a + n)) for a, n in zip(lo, size))
-    out = []
-    for image in (fixed, *others):
-        f = feature_fn(image[sl])
-        pad = [(int(a), int(n - a - k)) for a, k, n in zip(lo, size, shape)] + [(0, 0)]
-        out.append(jnp.pad(f, pad))
-    return out
+    return tuple(slice(int(a), int(a + n)) for a, n in zip(lo, size))
+
+
+def _features_in_box(feature_fn, image, sl):
+    """``feature_fn`` on ``image[sl]``, zero-padded back to the grid of ``image``."""
+    f = feature_fn(image[sl])
+    pad = [(s.start, n - s.stop) for s, n in zip(sl, image.shape[:-1])] + [(0, 0)]
+    return jnp.pad(f, pad)
+
+
+def _box_features(feature_fn, fixed, *others, extent=None):
+    """Learned features of ``fixed`` and each of ``others``, computed only inside their common foreground box.
+
+    One box (:func:`_feature_box`) serves all images, so one compiled network
+    serves the pair; features outside it are zero (cosine 0: no pull). On the
+    brats 2 mm grid (120x120x78) the box holds ~40 % of the voxels: 2.4x less
+    network time; on IXI (120x120x90, padded to 128x128x96) the box is the
+    unpadded grid rounded to 120x120x96 instead of the whole padded grid.
+    """
+    sl = _feature_box((fixed, *others), extent)
+    return [_features_in_box(feature_fn, image, sl) for image in (fixed, *others)]
+
+
+class _Background:
+    """``fn()`` in a thread on the caller's default device; ``result()`` waits for it (and re-raises).
+
+    The learned descriptors of the fixed image do not depend on the affine
+    stage, whose many small programs leave a core idle on the CPU: io-dns
+    computes them meanwhile (IXI 2 mm pair, 2 cores: see docs/design.md,
+    issue 12 "Speed").
+    """
+
+    def __init__(self, fn, device):
+        self._out = {}
+
+        def run():
+            try:
+                with jax.default_device(device):
+                    self._out["value"] = jax.block_until_ready(fn())
+            except BaseException as e:  # noqa: BLE001 - handed to the caller by result()
+                self._out["error"] = e
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+
+    def result(self):
+        self._thread.join()
+        if "error" in self._out:
+            raise self._out["error"]
+        return self._out["value"]
 
 
 @program(static_argnames=("factors", "cfg"))
@@ -1102,9 +1142,12 @@ def register_instance(
       progress: optional callback receiving a message after each stage.
       feature_fn: for ``similarity="dns"``: ``(*spatial, 1)`` normalised
         image in [0, 1] -> ``(*spatial, K)`` descriptors (e.g.
-        :func:`jaxreg.methods.dns.feature_fn`), called once on the fixed and
-        once on the affinely resampled moving image; the pyramid levels
-        downsample these descriptors (DNS supplementary B.1).
+        :func:`jaxreg.methods.dns.feature_fn`), called once on the fixed
+        image (in a background thread while the affine stage runs) and once
+        on the affinely resampled moving image, both inside the box of the
+        foregrounds of the fixed and the (header-aligned) moving image
+        (:func:`_feature_box`; zero outside); the pyramid
+        levels downsample these descriptors (DNS supplementary B.1).
       spacing: ``(D,)`` voxel size (mm) of the grid along its axes; the
         affine stage's parameters act in mm, so rotations are rigid in world
         space on anisotropic grids (default: 1, i.e. voxel units).
@@ -1165,6 +1208,13 @@ def register_instance(
     else:
         candidates = {"header": eye}
     matrix = next(iter(candidates.values()))
+    fixed_desc_job = None
+    if cfg.similarity == "dns" and cfg.transform not in LINEAR_TRANSFORMS:
+        # the fixed image's descriptors while the affine stage runs, on the box of the foregrounds of both images
+        # as the headers place them (the affine stage brings the moving head into the fixed one's box)
+        feature_box = _feature_box((fixed, moving), true_shape)
+        device = next(iter(fixed.devices())) if hasattr(fixed, "devices") else jax.devices()[0]
+        fixed_desc_job = _Background(lambda: _features_in_box(feature_fn, fixed, feature_box), device)
     if run_affine:
         matrix, aff_curves, chosen = _affine_stage(fixed, moving, candidates, cfg, spacing, moving_mask, level_mask,
                                                    report)
@@ -1185,7 +1235,8 @@ def register_instance(
     sim_mask = _deformable_mask(fixed, moving_aff, mask_f, moving_mask, jnp.asarray(matrix, jnp.float32), cfg)
     key = jax.random.key(0)
     if cfg.similarity == "dns":
-        fixed_desc, moving_desc = _box_features(feature_fn, fixed, moving_aff, extent=true_shape)
+        moving_desc = _features_in_box(feature_fn, moving_aff, feature_box)
+        fixed_desc = fixed_desc_job.result()
         # the descriptor pyramid is built by successive 2x downsampling (the full-resolution 24-channel
         # stacks are blurred once, not once per level)
         pyramid = {1: (fixed_desc, moving_desc)}

@@ -124,6 +124,60 @@ def test_io_dns_recovers_a_shift_with_a_feature_fn():
         InstanceConfig(similarity="dns", affine_similarity=None)
 
 
+def _blob_pair():
+    g = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float32) for s in (32, 32, 24)], indexing="ij"), -1)
+    blob = lambda c: np.exp(-np.sum((g - np.asarray(c)) ** 2, -1) / (2 * 4.0**2))
+    return (jnp.asarray(blob((16, 16, 12)) + 0.6 * blob((10, 20, 14)))[..., None],
+            jnp.asarray(blob((17, 15, 12)) + 0.6 * blob((11, 19, 14)))[..., None])
+
+
+def test_io_dns_fixed_descriptors_in_a_thread_equal_the_serial_result(monkeypatch):
+    """The fixed descriptors are computed in a thread during the affine stage: same result as in line."""
+    import threading
+
+    import jaxreg.optimize.instance as I
+
+    fixed, moving = _blob_pair()
+    calls = []
+
+    def feat(im):
+        calls.append(threading.current_thread() is threading.main_thread())
+        return L.mind_ssc(im, radius=1, dilation=1)
+
+    cfg = InstanceConfig(similarity="dns", levels=2, affine_levels=2, affine_iterations=(10, 10),
+                         iterations=(20, 10), learning_rates=(1e-2, 5e-3), smoothness=(0.5, 0.4), num_samples=0)
+    threaded = register_instance(fixed, moving, config=cfg, feature_fn=feat)
+    assert calls == [False, True]  # fixed in the background thread, moving after the affine stage
+
+    class Inline:  # the same work, without a thread
+        def __init__(self, fn, device):
+            self.value = fn()
+
+        def result(self):
+            return self.value
+
+    monkeypatch.setattr(I, "_Background", Inline)
+    serial = register_instance(fixed, moving, config=cfg, feature_fn=feat)
+    np.testing.assert_array_equal(np.asarray(threaded.total_disp), np.asarray(serial.total_disp))
+    np.testing.assert_array_equal(threaded.matrix, serial.matrix)
+
+
+def test_io_dns_error_in_the_fixed_descriptors_reaches_the_caller():
+    fixed, moving = _blob_pair()
+
+    def feat(im):  # fails only for the fixed image, in the background thread
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("feature network failed")
+        return L.mind_ssc(im, radius=1, dilation=1)
+
+    cfg = InstanceConfig(similarity="dns", levels=2, affine_levels=2, affine_iterations=(5, 5), iterations=(5, 5),
+                         learning_rates=(1e-2, 5e-3), smoothness=(0.5, 0.4), num_samples=0)
+    with pytest.raises(RuntimeError, match="feature network failed"):
+        register_instance(fixed, moving, config=cfg, feature_fn=feat)
+
+
 def test_weights_roundtrip_and_errors(tmp_path):
     from jaxreg.weights import load_model, read_weights, save_weights
 
