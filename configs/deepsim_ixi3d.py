@@ -15,7 +15,14 @@ Data as ``configs/deepsim_ixi2d.py`` in 3D: whole volumes at 4 mm cropped to
 control points 8 voxels apart, as ``configs/car_brain3d.py``) and flipped;
 held out IXI012 <-> IXI013 (148 labels). Evaluated over 17 lambdas by
 ``benchmarks/crossreg_table.py --config configs/deepsim_ixi3d.py``.
-Not trained in a recorded run yet (cost: ``configs/deepsim_features_ixi3d.py``).
+
+Measured (2026-12-03, session 19, 2 cores, ~0.85 steps/s: 1000 steps in ~20 min;
+benchmarks/results/deepsim_ixi3d.md): with the short-trained segmentation
+extractor the DeepSim-seg network stays at the identity at every lambda (Dice
+0.455 before and after; so does VXM-MSE), while the loss itself registers: a
+dense field optimised directly with it reaches Dice 0.546 (MSE 0.529, NCC
+0.541). Controlled experiments in docs/experiments/issue14_controlled.md.
+The DeepSim-AE row was not run (see configs/deepsim_features_ixi3d.py).
 """
 import ml_collections
 
@@ -33,8 +40,9 @@ def ixi_data3d() -> ml_collections.ConfigDict:
     return d
 
 
-# the comparison's budget, shared by the DeepSim rows and the VXM baselines (configs/vxm_ixi3d.py)
-STEPS = dict(batch_size=1, num_train_steps=1500, eval_every=500, checkpoint_every=250)
+# the comparison's budget, shared by the DeepSim rows and the VXM baselines (configs/vxm_ixi3d.py); 1000 steps:
+# in session 18's NCC probe 1000 and 1500 steps gave the same Dice (0.472 / 0.471)
+STEPS = dict(batch_size=1, num_train_steps=1000, eval_every=500, checkpoint_every=250)
 
 
 def get_config() -> ml_collections.ConfigDict:
