@@ -26,10 +26,10 @@ References:
   MedIA 2012 (MIND-based registration).
   Arsigny et al., MICCAI 2006 (stationary velocity fields).
 """
+import concurrent.futures
 import dataclasses
 import functools
 import itertools
-import threading
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -884,33 +884,22 @@ def _box_features(feature_fn, fixed, *others, extent=None):
     return [_features_in_box(feature_fn, image, sl) for image in (fixed, *others)]
 
 
-class _Background:
-    """``fn()`` in a thread on the caller's default device; ``result()`` waits for it (and re-raises).
+def _in_background(fn, device) -> concurrent.futures.Future:
+    """``fn()`` in a thread on ``device`` (JAX's default there); the future's ``result()`` waits and re-raises.
 
     The learned descriptors of the fixed image do not depend on the affine
     stage, whose many small programs leave a core idle on the CPU: io-dns
     computes them meanwhile (IXI 2 mm pair, 2 cores: see docs/design.md,
     issue 12 "Speed").
     """
+    def run():
+        with jax.default_device(device):
+            return jax.block_until_ready(fn())
 
-    def __init__(self, fn, device):
-        self._out = {}
-
-        def run():
-            try:
-                with jax.default_device(device):
-                    self._out["value"] = jax.block_until_ready(fn())
-            except BaseException as e:  # noqa: BLE001 - handed to the caller by result()
-                self._out["error"] = e
-
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
-
-    def result(self):
-        self._thread.join()
-        if "error" in self._out:
-            raise self._out["error"]
-        return self._out["value"]
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    future = pool.submit(run)
+    pool.shutdown(wait=False)  # the thread ends with the task; nothing waits for it here
+    return future
 
 
 @program(static_argnames=("factors", "cfg"))
@@ -1214,7 +1203,7 @@ def register_instance(
         # as the headers place them (the affine stage brings the moving head into the fixed one's box)
         feature_box = _feature_box((fixed, moving), true_shape)
         device = next(iter(fixed.devices())) if hasattr(fixed, "devices") else jax.devices()[0]
-        fixed_desc_job = _Background(lambda: _features_in_box(feature_fn, fixed, feature_box), device)
+        fixed_desc_job = _in_background(lambda: _features_in_box(feature_fn, fixed, feature_box), device)
     if run_affine:
         matrix, aff_curves, chosen = _affine_stage(fixed, moving, candidates, cfg, spacing, moving_mask, level_mask,
                                                    report)

@@ -150,13 +150,13 @@ def test_io_dns_fixed_descriptors_in_a_thread_equal_the_serial_result(monkeypatc
     assert calls == [False, True]  # fixed in the background thread, moving after the affine stage
 
     class Inline:  # the same work, without a thread
-        def __init__(self, fn, device):
+        def __init__(self, fn):
             self.value = fn()
 
         def result(self):
             return self.value
 
-    monkeypatch.setattr(I, "_Background", Inline)
+    monkeypatch.setattr(I, "_in_background", lambda fn, device: Inline(fn))
     serial = register_instance(fixed, moving, config=cfg, feature_fn=feat)
     np.testing.assert_array_equal(np.asarray(threaded.total_disp), np.asarray(serial.total_disp))
     np.testing.assert_array_equal(threaded.matrix, serial.matrix)
