@@ -5,7 +5,7 @@ Sec. 4 (3D widths 32-64-128). Commands::
 
     PYTHONPATH=. JAXREG_DATA=../shared/data .venv/bin/python -m train.main \\
         --config configs/deepsim_features_ixi3d.py --workdir runs/deepsim_features_ixi3d_seg
-    ... --config.model.kind=deepsim_ae --config.model.num_classes=0 --workdir runs/deepsim_features_ixi3d_ae
+    ... --config.model.kind=deepsim_ae --workdir runs/deepsim_features_ixi3d_ae
 
 Same cases and heads as ``configs/deepsim_features_ixi2d.py`` (IXI 014, 015,
 033, 034, 039; validation IXI012), as whole 48x64x48 volumes at 4 mm
@@ -21,9 +21,10 @@ segmentation head and ``=150`` steps for the auto-encoder): segmentation
 cross-entropy 0.79 -> 0.47 over 300 steps (61 min beside other jobs), held-out
 IXI012 Dice over the 148 labels 0.006 / 0.020 at steps 150 / 300 (it has not
 learned to segment yet); auto-encoder (18 min) validation MSE 0.0224. That
-auto-encoder was trained without ``--config.model.num_classes=0``, so its 1x1
-head had 149 outputs (each reconstructing the image; DeepSim uses only the
-encoder) and a DeepSim run on it needs ``--config.model.feature_classes=149``.
+auto-encoder was built with a 149-output 1x1 head (the config's ``num_classes``
+leaked into the ``deepsim_ae`` head; fixed on 2026-12-03: an auto-encoder head
+always has one output), so its checkpoint does not load into today's
+``configs/deepsim_ixi3d.py``; retrain it with the command above.
 Registration results with these extractors: configs/deepsim_ixi3d.py.
 """
 import ml_collections

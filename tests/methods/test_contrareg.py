@@ -89,6 +89,18 @@ def test_deepsim_loss_is_one_minus_eq5_and_the_extractor_is_frozen():
     assert abs(float(same)) < 1e-3
 
 
+def test_deepsim_heads_size_from_their_kind_not_from_a_leftover_num_classes():
+    # an auto-encoder head reconstructs the one input image whatever num_classes says (a 3D run once built a
+    # 149-output AE head from a segmentation config's num_classes, and its checkpoint then did not load)
+    for kind, want in (("deepsim_ae", 1), ("deepsim_seg", 5)):
+        nets = FE.init(jax.random.key(0), FE.Config(ndim=2, kind=kind, contrasts=("t1",), features=(4, 8, 8),
+                                                   num_classes=5))
+        assert nets.nets[0].out_channels == want
+    for head, classes, want in (("ae", 5, 1), ("seg", 5, 5)):
+        cfg = DS.Config(ndim=2, feature_head=head, feature_classes=classes, feature_widths=(4, 8, 8))
+        assert DS.DeepSim(cfg, rngs=nnx.Rngs(0)).extractor.out_channels == want
+
+
 @pytest.mark.parametrize("kind", ["contrareg_ae", "deepsim_ae", "deepsim_seg"])
 def test_feature_pretraining_loss_decreases(kind):
     import optax
