@@ -99,6 +99,16 @@ class InstanceConfig:
         each): x1 SDlogJ over the grid 0.177 / 0.204 (mono / cross), inside
         the brain 0.150 / 0.159, Dice 0.580 / 0.580, EPE 1.37 / 1.00 mm;
         x30: 0.164 / 0.179, 0.137 / 0.142, 0.581 / 0.579, 1.36 / 1.00 mm.
+      field_decay: weight of a zero-order prior, the mean squared control
+        field in normalised units (``(2/N)^2`` times its squared length in
+        level voxels), added to the diffusion prior. It penalises
+        large-scale displacement, which the diffusion prior hardly does.
+        Default 0. On same-subject pairs (ms_native/patient01, against the
+        reference transforms) 100 cut the svf's mean error from 0.75 to
+        0.60 mm, but it cost 0.025 of IXI inter-subject Dice (0.579 ->
+        0.554 over 3 pairs), so it is an option for longitudinal or
+        within-session pairs, not the default
+        (docs/experiments/issue17_regularity.md, session 20).
       control_spacing: spacing, in voxels of the finest level, of the grid
         on which the velocity (or displacement) is optimised, integrated and
         then upsampled linearly (never finer than the level's own grid).
@@ -271,6 +281,7 @@ class InstanceConfig:
     learning_rates: tuple = (2e-2, 1e-2, 6e-3)
     smoothness: tuple = (0.6, 0.5, 0.4)
     smoothness_scale: float = 30.0
+    field_decay: float = 0.0
     control_spacing: int = 4
     field_sigma: float = 2.0
     num_samples: int = 2 ** 15
@@ -321,6 +332,8 @@ class InstanceConfig:
         for name in ("iterations", "learning_rates", "smoothness"):
             if len(getattr(self, name)) != self.levels:
                 raise ValueError(f"{name} needs one value per level ({self.levels}), got {getattr(self, name)}")
+        if self.field_decay < 0:
+            raise ValueError(f"field_decay must be >= 0, got {self.field_decay}")
         if self.control_spacing < 1:
             raise ValueError(f"control_spacing must be >= 1, got {self.control_spacing}")
         if self.affine_levels < 1 or self.affine_finest_factor < 1:
@@ -712,6 +725,7 @@ def _deformable_level(field, fixed_f, moving_f, mask, box, key, n_mean, *, cfg, 
     # (2/N)^2 |grad u|^2 per level voxel; the field is `spacing` times coarser.
     spacing = float(np.mean(np.asarray(level_shape, np.float32) / np.asarray(field.shape[:-1], np.float32)))
     lam = cfg.smoothness[level] * cfg.smoothness_scale * (2.0 / n_mean) ** 2 / spacing**2
+    decay = cfg.field_decay * (2.0 / n_mean) ** 2
     sim = similarity_fn(cfg)
     if cfg.relative_eps > 0:  # Adam on the gradient divided by its global RMS, with eps in those units
         opt = optax.chain(_scale_by_global_rms(), optax.adam(lr, eps=cfg.relative_eps))
@@ -739,7 +753,10 @@ def _deformable_level(field, fixed_f, moving_f, mask, box, key, n_mean, *, cfg, 
             warped = sample(moving_f, identity_grid(level_shape) + disp, padding="border")
             value = sim(fixed_f, warped, mask)
         # Regularise the control-grid field (velocity for svf): exact and cheap.
-        return value + lam * L.diffusion(field)
+        reg = lam * L.diffusion(field)
+        if cfg.field_decay > 0:
+            reg = reg + decay * jnp.mean(jnp.sum(field**2, axis=-1))
+        return value + reg
 
     def step(carry, i):
         field, state = carry

@@ -325,6 +325,20 @@ def test_relative_eps_option_recovers_a_known_deformation():
         InstanceConfig(relative_eps=-1.0)
 
 
+def test_field_decay_shrinks_the_displacement_and_zero_is_the_default():
+    fixed = _phantom()
+    disp_true, inv_true = random_deformation(jax.random.key(1), SHAPE, mean_magnitude=1.5, control_spacing=12)
+    moving = warp(fixed, inv_true, padding="border")
+    size = {}
+    for decay in (0.0, 1e3, 1e6):
+        cfg = InstanceConfig(similarity="mse", affine=False, field_decay=decay, **FAST)
+        size[decay] = float(jnp.mean(jnp.linalg.norm(register_instance(fixed, moving, config=cfg).disp, axis=-1)))
+    assert InstanceConfig().field_decay == 0.0
+    assert size[1e6] < 0.2 * size[0.0] and size[1e3] < size[0.0], size
+    with pytest.raises(ValueError, match="field_decay"):
+        InstanceConfig(field_decay=-1.0)
+
+
 def test_plausible_affine_rejects_reflections_collapses_and_nans():
     eye = np.eye(4)
     assert inst.plausible_affine(eye)
