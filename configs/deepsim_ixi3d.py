@@ -23,6 +23,12 @@ extractor the DeepSim-seg network stays at the identity at every lambda (Dice
 dense field optimised directly with it reaches Dice 0.546 (MSE 0.529, NCC
 0.541). Controlled experiments in docs/experiments/issue14_controlled.md.
 The DeepSim-AE row was not run (see configs/deepsim_features_ixi3d.py).
+Cause found in session 20, with VXM-MSE as the proxy (same network and
+regulariser): ``reg_scale`` 1 outweighs the ~0.005 that 1 - cos (or MSE)
+gains from a good alignment for every lambda above ~0.1, so the network
+learns to output zero; with ``reg_scale`` 0.01 the field moves, and with a
+fixed weight of 0.01 VXM-MSE beats the identity at step 200. The DeepSim rows
+are to be rerun with ``--config.model.reg_scale=0.01`` (not yet measured).
 """
 import ml_collections
 

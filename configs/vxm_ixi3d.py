@@ -8,7 +8,13 @@ Commands::
 
 Measured (2026-12-03, NCC, 2 cores, ~2 steps/s): validation Dice mono 0.455 before, 0.242 / 0.472 / 0.471 at
 steps 500 / 1000 / 1500 (sin-remapped fixed 0.400 at 1500): the 3D network dips before it learns
-(docs/experiments/issue14_controlled.md, last section).
+(docs/experiments/issue14_controlled.md).
+MSE with ``reg_scale`` 1 (session 19, 1000 steps) never left the identity (Dice 0.455 at every lambda): MSE
+changes by ~0.004 between the identity and a good alignment, against a diffusion term of ~0.03 for a useful
+field. With ``--config.model.reg_scale=0.01`` the field moves (mono Dice 0.439 at step 400, the early dip the NCC
+run also shows). With ``--config.model.hyper=False --config.model.reg_weight=0.01`` the mono Dice is 0.465 at
+step 400 (session 20; docs/experiments/issue14_controlled.md, last section). Run MSE with
+``--config.model.reg_scale=0.01``.
 """
 import ml_collections
 
