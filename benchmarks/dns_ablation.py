@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO))
 
 import io_registration  # noqa: E402
-from io_registration import cpu_model, git_commit, write_atomic  # noqa: E402
+from io_registration import cpu_model, git_commit, report_header, write_atomic  # noqa: E402
 
 
 def validation_metrics(run_dir: pathlib.Path) -> dict:
@@ -91,11 +91,7 @@ def markdown(meta, rows) -> str:
     def f(v, fmt=".3f"):
         return "–" if v is None else format(v, fmt)
 
-    lines = [f"# dns_ablation ({meta['started']}, commit {meta['commit']})", "",
-             f"Machine: {meta['machine']}", "", f"Command: `{meta['command']}`", ""]
-    for e in meta.get("earlier", []):
-        lines += [f"Rows of other variants from: `{e['command']}` ({e['started']}, commit {e['commit']})", ""]
-    lines += [
+    lines = report_header("dns_ablation", meta, meta.get("earlier", []), "variants") + [
         "Each row is one `configs/dns_brain.py` training run. Only the setting named in the row differs, and "
         "every run has the same step budget. *val* = held-out InfoNCE (log 4096 = 8.3 is chance) and top-1 "
         "retrieval at the run's last validation. EPE = mean endpoint error (mm) of io-dns on "

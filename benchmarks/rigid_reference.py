@@ -50,7 +50,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO))
 
 from io_registration import (cpu_model, finite, git_commit, limit_threads, log, parse_overrides,  # noqa: E402
-                             source_hash, write_atomic)
+                             report_header, source_hash, write_atomic)
 
 METHODS = ("header", "rigid-floor", "jaxreg-rigid", "jaxreg-affine", "jaxreg-svf", "ants-rigid", "ants-syn")
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -192,11 +192,7 @@ def run_ants(method, fixed_path, moving_path, moving, workdir):
 
 
 def markdown(meta, rows) -> str:
-    lines = [f"# rigid_reference ({meta['started']}, commit {meta['commit']})", "",
-             f"Machine: {meta['machine']}", "", f"Command: `{meta['command']}`", ""]
-    for e in meta.get("earlier_runs", []):
-        lines += [f"Rows of other methods from: `{e['command']}` ({e['started']}, commit {e['commit']})", ""]
-    lines += [
+    lines = report_header("rigid_reference", meta, meta.get("earlier_runs", []), "methods") + [
              "Distance (mm) of each fixed head voxel's moving point from the reference transform's "
              "(mean / p95), and wall time of the registration call (s; * = first call on that working-grid "
              "shape in the process, so it includes XLA compilation). *rigid-floor*: the rigid map nearest to the "
