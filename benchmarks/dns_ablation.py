@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO))
 
 import io_registration  # noqa: E402
-from io_registration import cpu_model, git_commit, report_header, write_atomic  # noqa: E402
+from io_registration import cpu_model, earlier_runs, git_commit, report_header, write_atomic  # noqa: E402
 
 
 def validation_metrics(run_dir: pathlib.Path) -> dict:
@@ -63,9 +63,10 @@ def run_settings(run_dir: pathlib.Path) -> dict:
 def evaluate(name, run_dir, args, tmp) -> dict:
     from jaxreg.weights import export_run
 
-    st, js = export_run(str(run_dir), str(tmp / name.replace(" ", "_").replace(",", "")))
+    slug = "".join(c if c.isalnum() else "_" for c in name)
+    st, js = export_run(str(run_dir), str(tmp / slug))
     step = json.loads(pathlib.Path(js).read_text())["training"]["step"]
-    stem = "reg_" + name.replace(" ", "_").replace(",", "")
+    stem = "reg_" + slug
     argv = ["--methods", "io-dns", "--dns-weights", str(st), "--out", str(tmp), "--name", stem,
             "--ixi-pairs", str(args.ixi_pairs), "--parts", args.parts, "--threads", str(args.threads)]
     if args.quick:
@@ -91,7 +92,7 @@ def markdown(meta, rows) -> str:
     def f(v, fmt=".3f"):
         return "–" if v is None else format(v, fmt)
 
-    lines = report_header("dns_ablation", meta, meta.get("earlier", []), "variants") + [
+    lines = report_header("dns_ablation", meta, meta.get("earlier_runs", []), "variants") + [
         "Each row is one `configs/dns_brain.py` training run. Only the setting named in the row differs, and "
         "every run has the same step budget. *val* = held-out InfoNCE (log 4096 = 8.3 is chance) and top-1 "
         "retrieval at the run's last validation. EPE = mean endpoint error (mm) of io-dns on "
@@ -145,7 +146,7 @@ def main(argv=None):
     if args.append and old.exists():
         prev = json.loads(old.read_text())
         rows = {k: v for k, v in prev["rows"].items() if k not in runs}
-        meta["earlier"] = prev["meta"].get("earlier", []) + [prev["meta"]]
+        meta["earlier_runs"] = earlier_runs(prev["meta"])
     with tempfile.TemporaryDirectory() as tmp:
         for name, path in runs.items():
             rows[name] = evaluate(name, path, args, pathlib.Path(tmp))

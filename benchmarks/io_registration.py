@@ -168,6 +168,13 @@ def report_header(title: str, meta: dict, earlier: list, what: str) -> list[str]
     return lines
 
 
+def earlier_runs(prev_meta: dict) -> list[dict]:
+    """The ``earlier_runs`` of a results file being appended to: its own, plus the command, commit and start
+    of the run that wrote it (what :func:`report_header` lists)."""
+    return prev_meta.get("earlier_runs", []) + [
+        {k: prev_meta[k] for k in ("command", "commit", "started") if k in prev_meta}]
+
+
 def cpu_model() -> str:
     try:
         for line in open("/proc/cpuinfo"):

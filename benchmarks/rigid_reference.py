@@ -49,7 +49,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO))
 
-from io_registration import (cpu_model, finite, git_commit, limit_threads, log, parse_overrides,  # noqa: E402
+from io_registration import (cpu_model, earlier_runs, finite, git_commit, limit_threads, log, parse_overrides,  # noqa: E402
                              report_header, source_hash, write_atomic)
 
 METHODS = ("header", "rigid-floor", "jaxreg-rigid", "jaxreg-affine", "jaxreg-svf", "ants-rigid", "ants-syn")
@@ -261,8 +261,7 @@ def main(argv=None):
         rows = [r for r in prev["rows"] if r["method"] not in methods]
         meta["methods"] = [m for m in METHODS if m in set(methods) | {r["method"] for r in rows}]
         meta["pairs"] = list(dict.fromkeys(prev["meta"]["pairs"] + names))
-        meta["earlier_runs"] = prev["meta"].get("earlier_runs", []) + [
-            {k: prev["meta"][k] for k in ("command", "commit", "started") if k in prev["meta"]}]
+        meta["earlier_runs"] = earlier_runs(prev["meta"])
 
     def flush():
         write_atomic(out / f"{args.name}.json", json.dumps({"meta": meta, "rows": rows}, indent=1))

@@ -39,7 +39,7 @@ def test_reads_the_last_validation_and_the_run_settings(ablation, tmp_path):
 
 def test_table_has_one_row_per_variant_with_its_numbers(ablation):
     meta = {"started": "2026-12-03 17:00", "commit": "abc", "machine": "m", "command": "c",
-            "earlier": [{"command": "c0", "started": "s0", "commit": "k0"}]}
+            "earlier_runs": [{"command": "c0", "started": "s0", "commit": "k0"}]}
     rows = {"dual": {"dilations": [1, 2], "invert_prob": 0.5, "steps": 500, "weights_step": 500,
                      "validation": {"val_infonce": 2.92, "val_top1": 0.3226}, "epe_a_before_mm": 2.28,
                      "epe_a_mm": 1.40, "folding_a": 0.0, "dice_mono": 0.577, "dice_cross": 0.575, "folding_mono": 0.01},

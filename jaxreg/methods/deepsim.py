@@ -99,8 +99,7 @@ class DeepSim(nnx.Module):
         self.config, self.ndim = config, config.ndim
         self.reg = voxelmorph.VoxelMorph(config.network_config(), rngs=rngs)
         self.extractor = DeepSimNet(config.ndim, 1, features=tuple(config.feature_widths) or None,
-                                    head=config.feature_head, out_channels=config.feature_classes if config.feature_head == "seg" else 1,
-                                    rngs=rngs)
+                                    head=config.feature_head, out_channels=config.feature_classes, rngs=rngs)
 
     def __call__(self, fixed, moving, lam=None, *, inverse: bool | None = None):
         """``(velocity, disp, inverse_disp)`` of the registration network."""

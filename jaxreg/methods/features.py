@@ -91,8 +91,7 @@ class FeatureNets(nnx.Module):
             nets = [ContraRegAutoencoder(config.ndim, 1, features=feats, rngs=rngs) for _ in config.contrasts]
         else:
             nets = [DeepSimNet(config.ndim, 1, features=tuple(config.features) or None, head=config.kind[8:],
-                               out_channels=config.num_classes if config.kind == "deepsim_seg" else 1,
-                               dropout=config.dropout, rngs=rngs)]
+                               out_channels=config.num_classes, dropout=config.dropout, rngs=rngs)]
         self.nets = nnx.List(nets)
 
 

@@ -138,8 +138,9 @@ class DeepSimNet(nnx.Module):
     stages back to full resolution (widths ``features[1]``, ``features[0]``,
     with U-Net skip connections for ``head="seg"`` and none for the
     auto-encoder, as the paper), three smoothing 3x3(x3) convs (LeakyReLU)
-    and a 1x1 head: ``sigmoid`` (``head="ae"``, ``out_channels`` = image
-    channels) or class logits (``head="seg"``, softmax in the loss).
+    and a 1x1 head: ``sigmoid`` (``head="ae"``: always ``in_channels``
+    outputs, reconstructing the image; ``out_channels`` is not used) or
+    ``out_channels`` class logits (``head="seg"``, softmax in the loss).
 
     Normalisation: the paper's batch norm is replaced by instance
     normalisation (per image and channel, learned scale and shift): the
@@ -168,7 +169,7 @@ class DeepSimNet(nnx.Module):
         if head == "seg" and not out_channels:
             raise ValueError("head='seg' needs out_channels (the number of classes, background included)")
         self.ndim, self.in_channels, self.head, self.features = ndim, in_channels, head, features
-        self.out_channels = int(out_channels or in_channels)
+        self.out_channels = int(out_channels) if head == "seg" else in_channels  # ae reconstructs its input
         enc, c = [], in_channels
         for f in features:
             enc.append(_Stage(ndim, c, f, dropout=dropout, rngs=rngs))
