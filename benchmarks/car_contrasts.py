@@ -75,13 +75,16 @@ def run_network(run_dir: str, examples: list[dict], batch: int = 16) -> tuple[li
     return out, time.perf_counter() - t0, step
 
 
-def run_io_mind(examples: list[dict]) -> tuple[list[np.ndarray], float]:
+def run_io_mind(examples: list[dict], feature_fn=None) -> tuple[list[np.ndarray], float]:
+    """Instance optimisation of every example (no affine stage): io-mind, or with ``feature_fn`` the
+    learned-descriptor cosine (io-dns / io-deepsim) under the same optimiser settings."""
     from jaxreg.optimize import InstanceConfig, register_instance
 
-    cfg = InstanceConfig(affine=False)
+    cfg = InstanceConfig(affine=False, similarity="mind" if feature_fn is None else "dns")
     out, t0 = [], time.perf_counter()
     for e in examples:
-        out.append(np.asarray(register_instance(jnp.asarray(e["fixed"]), jnp.asarray(e["moving"]), config=cfg).disp))
+        out.append(np.asarray(register_instance(jnp.asarray(e["fixed"]), jnp.asarray(e["moving"]), config=cfg,
+                                                feature_fn=feature_fn).disp))
     return out, time.perf_counter() - t0
 
 

@@ -19,7 +19,10 @@ lambda with the lowest mean endpoint error among those with mean folding
 < 0.5 % (ContraReg Table 1 selects by Dice; here the known field is the
 sharper criterion, and the Dice-selected lambda is listed too). Dice30: the
 mean of the lowest 30 % of the per-pair Dice scores (ContraReg Sec. 4).
-io-mind (``InstanceConfig(affine=False)``) is the non-learned reference.
+io-mind (``InstanceConfig(affine=False)``) is the non-learned reference;
+``--io-deepsim NAME=RUN`` adds instance optimisation with the DeepSim features
+of an extractor run under the same optimiser settings (DeepSim eq. 5 as the
+similarity, :func:`jaxreg.methods.deepsim.descriptors`).
 Writes OUT.json, OUT.md and OUT.png (EPE, Dice, folding, SDlogJ against lambda).
 """
 from __future__ import annotations
@@ -186,6 +189,8 @@ def main(argv=None) -> int:
     p.add_argument("--config", default="configs/contrareg_brain2d.py")
     p.add_argument("--run", action="append", default=[], help="NAME=RUN_DIR (repeatable)")
     p.add_argument("--io-mind", action="store_true")
+    p.add_argument("--io-deepsim", action="append", default=[],
+                   help="NAME=RUN_DIR: io-deepsim with the DeepSim extractor of that run (repeatable)")
     p.add_argument("--num-slices", type=int, default=8)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
@@ -214,6 +219,14 @@ def main(argv=None) -> int:
         s = {"lambda": None, **summarise([score(e, d, spacing) for e, d in zip(examples, disps)])}
         results["io-mind"] = {"seconds": secs, "sweep": [s], "selected": s, "selected_by_dice": s}
         print("io-mind", json.dumps(s), flush=True)
+    for spec in args.io_deepsim:
+        from jaxreg.methods import deepsim
+
+        name, run_dir = spec.split("=", 1)
+        disps, secs = run_io_mind(examples, feature_fn=deepsim.feature_fn(deepsim.load_extractor(run_dir)[0]))
+        s = {"lambda": None, **summarise([score(e, d, spacing) for e, d in zip(examples, disps)])}
+        results[name] = {"run": run_dir, "seconds": secs, "sweep": [s], "selected": s, "selected_by_dice": s}
+        print(name, json.dumps(s), flush=True)
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     zero = [score(e, np.zeros(e["fixed"].shape[:-1] + (e["fixed"].ndim - 1,), np.float32), spacing) for e in examples]

@@ -27,8 +27,8 @@ class CLIError(Exception):
         self.code = code
 
 
-METHOD_CHOICES = ["io-mind", "io-dns", "io-dns-random", "io-mi", "io-nmi", "io-ngf", "io-lncc", "io-mse", "vxm", "car",
-                  "contrareg", "deepsim", "keymorph"]
+METHOD_CHOICES = ["io-mind", "io-dns", "io-dns-random", "io-deepsim", "io-mi", "io-nmi", "io-ngf", "io-lncc", "io-mse",
+                  "vxm", "car", "contrareg", "deepsim", "keymorph"]
 EVALUATE_OUTPUTS = ("per_pair.csv", "summary.json", "summary.md", "sweep.png")
 COMPARE_OUTPUTS = ("results.md", "results.json", "per_pair.csv")
 
@@ -59,13 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default) = all local devices of the default backend (one on a plain CPU host)")
     r.add_argument("--method", default="io-mind", choices=METHOD_CHOICES,
                    help="io-*: instance optimisation with that similarity (default io-mind; io-dns: learned "
-                        "DNS descriptors, weights shipped; io-dns-random: the same network untrained); "
+                        "DNS descriptors, weights shipped; io-dns-random: the same network untrained; io-deepsim: "
+                        "DeepSim features of a pretrained extractor, --checkpoint); "
                         "vxm: a trained VoxelMorph-style network (--checkpoint); car: a trained contrast-agnostic "
                         "CAR network (--checkpoint, 3D, skull-stripped scans); keymorph: learned keypoints "
                         "aligned in closed form (--transform affine|rigid|tps, weights shipped)")
     r.add_argument("--weights", help="io-dns / keymorph: network weights (.safetensors with its .json beside it; "
                                      "default: the shipped brain weights)")
-    r.add_argument("--checkpoint", help="training run directory (train.main --workdir) for --method vxm, car, contrareg or deepsim")
+    r.add_argument("--checkpoint", help="training run directory (train.main --workdir) for --method vxm, car, contrareg "
+                                        "or deepsim; for io-deepsim a DeepSim extractor run (configs/deepsim_features_*.py), "
+                                        "registered by default at the grid spacing it was trained on")
     r.add_argument("--lambda", dest="lam", type=float, default=None,
                    help="regularisation weight in [0, 1] for a lambda-conditioned network")
     r.add_argument("--transform", default=None, choices=["svf", "disp", "affine", "rigid", "tps"],
@@ -106,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--pairs", required=True,
                    help="CSV with columns fixed, moving [, fixed_labels, moving_labels, name]")
     e.add_argument("--method", default="io-mind", choices=METHOD_CHOICES)
-    e.add_argument("--checkpoint", help="training run directory for --method vxm, car, contrareg or deepsim")
+    e.add_argument("--checkpoint", help="training run directory for --method vxm, car, contrareg or deepsim; a DeepSim "
+                                        "extractor run for io-deepsim")
     e.add_argument("--weights", help="io-dns: MASR-Net weights (default: shipped)")
     e.add_argument("--lambda", dest="lam", type=float, default=None)
     e.add_argument("--lambdas", default=None,
@@ -417,17 +421,25 @@ def _registration_runner(args, report):
         config = InstanceConfig(similarity=sim if sim in SIMILARITIES else "mind")
         return (lambda f, m: pipeline.register_volumes_learned(f, m, module=module, model=model, lam=args.lam,
                                                                resolution=res, progress=report)), config, None
-    if getattr(args, "checkpoint", None):
-        raise CLIError("--checkpoint is only used with --method vxm, car, contrareg or deepsim", EXIT_USAGE)
+    checkpoint = getattr(args, "checkpoint", None)
+    if checkpoint and args.method != "io-deepsim":
+        raise CLIError("--checkpoint is only used with --method vxm, car, contrareg, deepsim or io-deepsim", EXIT_USAGE)
+    if args.method == "io-deepsim" and not checkpoint:
+        raise CLIError("--method io-deepsim needs --checkpoint DIR (a DeepSim extractor run, "
+                       "configs/deepsim_features_*.py)", EXIT_USAGE)
     weights = getattr(args, "weights", None)
     if weights is not None and args.method != "io-dns":
         raise CLIError(f"--weights is only used with --method io-dns or keymorph, not {args.method}", EXIT_USAGE)
+    flag = f"--checkpoint {checkpoint}" if checkpoint else f"--weights {weights}" if weights else None
     try:
-        feature_fn = pipeline.feature_fn_for(args.method, weights)
+        feature_fn = pipeline.feature_fn_for(args.method, weights, checkpoint=checkpoint)
     except FileNotFoundError as e:
-        raise CLIError(f"--weights: {e}") from None
+        raise CLIError(f"{flag.split()[0]}: {e}") from None
     except ValueError as e:
-        raise CLIError(f"--weights {weights}: {e}" if weights else str(e)) from None
+        raise CLIError(f"{flag}: {e}" if flag else str(e)) from None
+    if args.method == "io-deepsim" and resolution is None:  # the extractor's features belong to its training grid
+        resolution = feature_fn.resolution_mm
+        report(f"io-deepsim: registering at {resolution:g} mm, the grid its extractor was trained on")
     config = pipeline.config_for(args.method, transform=getattr(args, "transform", None) or "svf",
                                  affine=not getattr(args, "no_affine", False), levels=getattr(args, "levels", None),
                                  iterations=getattr(args, "iterations", None),

@@ -38,26 +38,48 @@ PREALIGN_CONFIG = InstanceConfig(transform="affine", similarity="mi", levels=1, 
                                  learning_rates=(1e-2,), smoothness=(0.0,), affine_iterations=(150, 100, 80),
                                  affine_levels=3, affine_finest_factor=2, affine_init="upright")
 
-METHODS = {"io-mind": "mind", "io-dns": "dns", "io-dns-random": "dns", "io-mi": "mi", "io-nmi": "nmi",
-           "io-ngf": "ngf", "io-lncc": "lncc", "io-mse": "mse"}
+# io-deepsim: DeepSim's features (a pretrained extractor, --checkpoint) compared by cosine through the same
+# learned-descriptor similarity as io-dns (InstanceConfig similarity "dns": the cosine of feature_fn's stacks)
+METHODS = {"io-mind": "mind", "io-dns": "dns", "io-dns-random": "dns", "io-deepsim": "dns", "io-mi": "mi",
+           "io-nmi": "nmi", "io-ngf": "ngf", "io-lncc": "lncc", "io-mse": "mse"}
 DNS_WEIGHTS = "dns_brain"  # shipped in jaxreg/weights (configs/dns_brain.py)
 
 
-def feature_fn_for(method: str, weights: str | None = None) -> Callable | None:
+def feature_fn_for(method: str, weights: str | None = None, *, checkpoint: str | None = None) -> Callable | None:
     """The learned descriptor function of a learned-feature io-* method, or None for the others.
 
     ``io-dns``: MASR-Net with ``weights`` (a ``.safetensors`` path with its
     ``.json`` beside it; default the shipped ``dns_brain``); ``io-dns-random``:
     the same architecture untrained (DNS Table 3's random-initialisation
-    ablation; seed 0).
+    ablation; seed 0); ``io-deepsim``: the DeepSim extractor of the training
+    run ``checkpoint`` (:func:`jaxreg.methods.deepsim.load_extractor`; no
+    weights are shipped, so it is required). Its function carries
+    ``resolution_mm``, the grid spacing the extractor was trained on.
 
     Raises:
-      FileNotFoundError: a missing weights file.
+      FileNotFoundError: a missing weights file or run directory.
       ValueError: weights of another method or of a mismatched architecture;
-        ``weights`` given for a method that takes none.
+        ``weights`` or ``checkpoint`` given for a method that takes none;
+        io-deepsim without a 3D ``checkpoint``.
     """
     from jaxreg.methods import dns as dns_method
 
+    if method == "io-deepsim":
+        from jaxreg.methods import deepsim
+
+        if weights is not None:
+            raise ValueError("io-deepsim takes its extractor from --checkpoint, not --weights")
+        if not checkpoint:
+            raise ValueError("io-deepsim needs --checkpoint DIR: a DeepSim feature-extractor run "
+                             "(configs/deepsim_features_*.py) or a deepsim run")
+        extractor, resolution = deepsim.load_extractor(checkpoint)
+        if extractor.ndim != 3:
+            raise ValueError(f"{checkpoint} holds a {extractor.ndim}D extractor; registering volumes needs a 3D one")
+        fn = deepsim.feature_fn(extractor)
+        fn.resolution_mm = resolution
+        return fn
+    if checkpoint is not None:
+        raise ValueError(f"--checkpoint is not used by {method}")
     if method not in ("io-dns", "io-dns-random"):
         if weights is not None:
             raise ValueError(f"--weights is only used with io-dns, not {method}")
@@ -632,7 +654,7 @@ def registration_metrics(method: str, config: InstanceConfig, reg: Registration,
         "method": method,
         "transform": config.transform,
         "runtime_s": round(reg.runtime_s, 3),
-        "similarity": f"{config.similarity} loss (lower is better)",
+        "similarity": f"{'deepsim' if method == 'io-deepsim' else config.similarity} loss (lower is better)",
         **_similarity_before_after(config, reg.work, feature_fn),
         "folding_percent": float(M.folding_percent(disp)),
         "sdlogj": float(M.sdlogj(disp)),

@@ -93,3 +93,24 @@ def test_evaluate_lambda_sweep_tables_plots_and_selects(runs, data_dir, tmp_path
         assert main(["evaluate", "--pairs", str(pairs), "--method", "contrareg", "--checkpoint",
                      str(runs["contrareg"]), "--out", str(o), "--quiet", *bad]) != 0
         assert msg in capsys.readouterr().err and not o.exists()
+
+
+def test_register_io_deepsim_with_an_extractor_run(runs, data_dir, tmp_path, capsys):
+    (f, fl), (m, ml) = _ixi(data_dir, 1), _ixi(data_dir, 0)
+    out = tmp_path / "out"
+    args = ["register", "--fixed", str(f), "--moving", str(m), "--out", str(out), "--fixed-labels", str(fl),
+            "--moving-labels", str(ml), "--method", "io-deepsim"]
+    # a deepsim run holds its frozen extractor; io-deepsim registers on the grid it was trained on (8 mm here)
+    assert main(args + ["--checkpoint", str(runs["deepsim"])]) == 0
+    err = capsys.readouterr().err
+    assert "registering at 8 mm" in err and "descriptors: 6 channels" in err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == "io-deepsim" and metrics["similarity"].startswith("deepsim loss")
+    assert metrics["similarity_after"] < metrics["similarity_before"] and 0.0 <= metrics["dice_mean"] <= 1.0
+    bad = tmp_path / "bad"
+    for extra, msg in (([], "needs --checkpoint"), (["--checkpoint", str(runs["contrareg"])], "DeepSim extractor"),
+                       (["--checkpoint", str(tmp_path / "none")], "--checkpoint")):
+        assert main([*args[:6], str(bad), *args[7:], *extra, "--quiet"]) != 0
+        assert msg in capsys.readouterr().err and not bad.exists()
+    assert main([*args[:6], str(bad), "--method", "io-mind", "--checkpoint", str(runs["deepsim"]), "--quiet"]) != 0
+    assert "only used with" in capsys.readouterr().err and not bad.exists()

@@ -150,3 +150,90 @@ def loss_fn(model: DeepSim, batch: dict, *, key) -> tuple[Float[Array, ""], dict
 def register(model: DeepSim, fixed, moving, *, lam: float | None = None) -> Result:
     """Register with a trained DeepSim network (one forward pass); as :func:`jaxreg.methods.voxelmorph.register`."""
     return voxelmorph.register(model, fixed, moving, lam=lam)
+
+
+# ----------------------------------------------------------------------------- io-deepsim
+
+@nnx.jit
+def _descriptor_stack(extractor: DeepSimNet, image):
+    """Eq. 5's layers of one image as one full-resolution stack (see :func:`descriptors`)."""
+    spatial = image.shape[:-1]
+    pad = [(0, (-s) % 4) for s in spatial] + [(0, 0)]  # the extractor pools twice: sizes divisible by 4
+    layers = frozen(extractor).encode(jnp.pad(image, pad)[None])
+    out = []
+    for f in layers:
+        f = f[0]
+        f = jax.image.resize(f, tuple(s + p for s, (_, p) in zip(spatial, pad)) + (f.shape[-1],), "linear")
+        f = f[tuple(slice(0, s) for s in spatial)]
+        norm = jnp.sqrt(jnp.sum(f * f, axis=-1, keepdims=True))
+        out.append(f / jnp.maximum(norm, 1e-6) / jnp.sqrt(float(len(layers))))
+    return jnp.concatenate(out, axis=-1)
+
+
+def descriptors(extractor: DeepSimNet, image) -> jnp.ndarray:
+    """DeepSim's feature layers of one image as a descriptor stack for instance optimisation (``io-deepsim``).
+
+    Each of the three encoder layers ``F^l`` (eq. 5) is resized linearly to
+    the image grid, normalised to unit length per voxel and scaled by
+    ``1/sqrt(3)``, then the layers are concatenated. The cosine of two such
+    stacks at a voxel is therefore ``(1/3) sum_l cos(F^l(I), F^l(J))``, eq. 5's
+    per-voxel term, so :func:`jaxreg.losses.cosine_similarity_loss` over them
+    is ``-DeepSim`` at the image's resolution.
+
+    Unlike the paper's network training (features of the warped image,
+    ``F(I o Phi)``), instance optimisation warps the moving image's features
+    (``F(I) o Phi``), as IO-DNS does with its descriptors: the extractor runs
+    once per image instead of once per iteration.
+
+    Args:
+      extractor: a pretrained :class:`jaxreg.nn.DeepSimNet` (auto-encoder or
+        segmentation head), e.g. from :func:`load_extractor`.
+      image: ``(*spatial, 1)`` float image in [0, 1] (the extractor's
+        training normalisation); any size (padded to a multiple of 4 inside).
+
+    Returns:
+      ``(*spatial, sum_l C_l)`` float32 (224 channels for the 3D widths
+      32-64-128); unit length where the features are non-zero.
+
+    Raises:
+      ValueError: an image whose rank or channels do not match the extractor.
+    """
+    image = jnp.asarray(image, jnp.float32)
+    if image.ndim != extractor.ndim + 1 or image.shape[-1] != 1:
+        raise ValueError(f"DeepSim descriptors expect a (*spatial[{extractor.ndim}], 1) image, got {image.shape}")
+    return _descriptor_stack(extractor, image)
+
+
+def feature_fn(extractor: DeepSimNet):
+    """``image -> descriptors`` for :func:`jaxreg.optimize.register_instance`'s ``feature_fn`` (``io-deepsim``)."""
+    return lambda image: descriptors(extractor, image)
+
+
+def load_extractor(run_dir) -> tuple[DeepSimNet, float]:
+    """``(extractor, resolution_mm)``: the frozen DeepSim extractor of a run and the grid spacing it was trained on.
+
+    Args:
+      run_dir: a ``features`` pretraining run of kind ``deepsim_ae`` or
+        ``deepsim_seg`` (``configs/deepsim_features_*.py``), or a trained
+        ``deepsim`` registration run (its frozen extractor).
+
+    Raises:
+      FileNotFoundError: not a run directory. ValueError: a run of another method or kind.
+    """
+    import pathlib
+
+    from jaxreg.io.checkpoint import load_trained
+    from jaxreg.methods import restore_model
+
+    run_cfg, params, _ = load_trained(pathlib.Path(run_dir))
+    method = run_cfg.get("method")
+    resolution = float(run_cfg.get("data", {}).get("resolution", 2.0))
+    if method == "deepsim":
+        _, model = restore_model(run_cfg, params)
+        return model.extractor, resolution
+    if method != "features" or run_cfg.get("model", {}).get("kind") not in ("deepsim_ae", "deepsim_seg"):
+        kind = run_cfg.get("model", {}).get("kind")
+        raise ValueError(f"{run_dir} holds a {method!r} run{f' of kind {kind!r}' if kind else ''}; io-deepsim "
+                         "needs a DeepSim extractor (configs/deepsim_features_*.py) or a deepsim run")
+    _, model = restore_model(run_cfg, params)
+    return model.nets[0], resolution

@@ -89,6 +89,32 @@ def test_deepsim_loss_is_one_minus_eq5_and_the_extractor_is_frozen():
     assert abs(float(same)) < 1e-3
 
 
+@pytest.mark.parametrize("shape", [(16, 24), (10, 13, 7)])
+def test_io_deepsim_descriptors_cosine_is_eq5_mean_of_layer_cosines(shape):
+    from jaxreg import losses as L
+
+    ndim = len(shape)
+    net = DS.DeepSimNet(ndim, 1, features=(3, 4, 5), rngs=nnx.Rngs(0))
+    k1, k2 = jax.random.split(jax.random.key(1))
+    a, b = jax.random.uniform(k1, (*shape, 1)), jax.random.uniform(k2, (*shape, 1))
+    da, db = DS.descriptors(net, a), DS.descriptors(net, b)
+    assert da.shape == (*shape, 12)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(da), axis=-1), 1.0, rtol=1e-5)
+    # eq. 5 per voxel, layer by layer: each layer's own cosine, averaged over the 3 layers
+    cos = []
+    for lo, hi in ((0, 3), (3, 7), (7, 12)):
+        x, y = np.asarray(da[..., lo:hi], np.float64), np.asarray(db[..., lo:hi], np.float64)
+        cos.append(np.sum(x * y, -1) / (np.linalg.norm(x, axis=-1) * np.linalg.norm(y, axis=-1)))
+    np.testing.assert_allclose(-float(L.cosine_similarity_loss(da, db)), np.mean(cos), rtol=1e-5)
+    assert abs(float(L.cosine_similarity_loss(da, da)) + 1.0) < 1e-5
+    if all(s % 4 == 0 for s in shape):  # no padding: the first layer is the extractor's own, normalised
+        f0 = np.asarray(net.encode(a[None])[0][0])
+        np.testing.assert_allclose(np.asarray(da[..., :3]) * np.sqrt(3.0),
+                                   f0 / np.linalg.norm(f0, axis=-1, keepdims=True), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="expect a"):
+        DS.descriptors(net, a[..., 0])
+
+
 def test_deepsim_heads_size_from_their_kind_not_from_a_leftover_num_classes():
     # an auto-encoder head reconstructs the one input image whatever num_classes says (a 3D run once built a
     # 149-output AE head from a segmentation config's num_classes, and its checkpoint then did not load)
