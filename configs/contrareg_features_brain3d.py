@@ -6,7 +6,12 @@ Command::
         --config configs/contrareg_features_brain3d.py --workdir runs/contrareg_features_brain3d
 
 Same cases as the 2D config (``configs/contrareg_features_brain2d.py``); each
-example is a whole 48x64x48 volume, flipped. Not trained in a recorded run yet.
+example is a whole 48x64x48 volume, flipped. Not trained in a recorded run yet:
+on 2026-12-03 (session 21) a 200-step run beside one other training did not log
+its first 25 steps in 16 min, data loading included (four 3D autoencoders at
+batch 2; one DeepSim extractor takes ~6 s per step), so it was stopped to
+leave the cores to the DeepSim rows. The 3D ContraReg rows need more CPU time
+than a session has, or an accelerator.
 """
 import ml_collections
 
