@@ -5,7 +5,9 @@ Command::
     PYTHONPATH=. JAXREG_DATA=../shared/data .venv/bin/python -m train.main \\
         --config configs/deepsim_features_brain3d.py --workdir runs/deepsim_features_brain3d
 
-Not trained in a recorded run yet.
+Measured (2026-12-03, session 21): ``--config.num_train_steps=100 --config.eval_every=100`` took 31 min on
+the 2 cores beside other runs (~12 s per step alone at batch 1 over the four contrasts' volumes), validation
+reconstruction MSE 0.0153. Used by configs/deepsim_brain3d.py.
 """
 import ml_collections
 
