@@ -6,7 +6,7 @@ Command::
         --config configs/deepsim_features_brain3d.py --workdir runs/deepsim_features_brain3d
 
 Measured (2026-12-03, session 21): ``--config.num_train_steps=100 --config.eval_every=100`` took 31 min on
-the 2 cores beside other runs (~12 s per step alone at batch 1 over the four contrasts' volumes), validation
+the 2 cores beside other runs (0.04-0.08 steps/s at batch 1 over the four contrasts' volumes), validation
 reconstruction MSE 0.0153. Used by configs/deepsim_brain3d.py.
 """
 import ml_collections
