@@ -75,7 +75,7 @@ def run_network(run_dir: str, examples: list[dict], batch: int = 16) -> tuple[li
     return out, time.perf_counter() - t0, step
 
 
-def run_io_mind(examples: list[dict], feature_fn=None) -> tuple[list[np.ndarray], float]:
+def run_io(examples: list[dict], feature_fn=None) -> tuple[list[np.ndarray], float]:
     """Instance optimisation of every example (no affine stage): io-mind, or with ``feature_fn`` the
     learned-descriptor cosine (io-dns / io-deepsim) under the same optimiser settings."""
     from jaxreg.optimize import InstanceConfig, register_instance
@@ -162,7 +162,7 @@ def main(argv=None) -> int:
         results[name] = {"run": run_dir, "step": step, "seconds": secs, "rows": rows, "summary": summarise(rows)}
         print(name, json.dumps(results[name]["summary"]), flush=True)
     if args.io_mind:
-        disps, secs = run_io_mind(examples)
+        disps, secs = run_io(examples)
         rows = [score(e, d, spacing) for e, d in zip(examples, disps)]
         results["io-mind"] = {"seconds": secs, "rows": rows, "summary": summarise(rows)}
         print("io-mind", json.dumps(results["io-mind"]["summary"]), flush=True)

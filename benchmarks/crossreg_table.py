@@ -41,7 +41,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from car_contrasts import _load_config, run_io_mind, score  # noqa: E402
+from car_contrasts import _load_config, run_io, score  # noqa: E402
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -216,18 +216,18 @@ def main(argv=None) -> int:
                          "selected": select_lambda(sweep, score=crit[0], higher_is_better=crit[1]),
                          "selected_by_dice": select_lambda(sweep, score="dice")}
         print(name, json.dumps(results[name]["selected"]), flush=True)
-    if args.io_mind:
-        disps, secs = run_io_mind(examples)
-        s = {"lambda": None, **summarise([score(e, d, spacing) for e, d in zip(examples, disps)])}
-        results["io-mind"] = {"seconds": secs, "sweep": [s], "selected": s, "selected_by_dice": s}
-        print("io-mind", json.dumps(s), flush=True)
-    for spec in args.io_deepsim:
-        from jaxreg.methods import deepsim
+    io_rows = [("io-mind", None)] if args.io_mind else []
+    io_rows += [tuple(spec.split("=", 1)) for spec in args.io_deepsim]
+    for name, run_dir in io_rows:  # instance optimisation: one row, no lambda
+        feature_fn = None
+        if run_dir is not None:
+            from jaxreg.methods import deepsim
 
-        name, run_dir = spec.split("=", 1)
-        disps, secs = run_io_mind(examples, feature_fn=deepsim.feature_fn(deepsim.load_extractor(run_dir)[0]))
+            feature_fn = deepsim.feature_fn(deepsim.load_extractor(run_dir)[0])
+        disps, secs = run_io(examples, feature_fn=feature_fn)
         s = {"lambda": None, **summarise([score(e, d, spacing) for e, d in zip(examples, disps)])}
-        results[name] = {"run": run_dir, "seconds": secs, "sweep": [s], "selected": s, "selected_by_dice": s}
+        results[name] = {**({"run": run_dir} if run_dir else {}), "seconds": secs, "sweep": [s], "selected": s,
+                         "selected_by_dice": s}
         print(name, json.dumps(s), flush=True)
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -92,7 +92,7 @@ def markdown(meta, rows) -> str:
     def f(v, fmt=".3f"):
         return "–" if v is None else format(v, fmt)
 
-    lines = report_header("dns_ablation", meta, meta.get("earlier_runs", []), "variants") + [
+    lines = report_header("dns_ablation", meta, "variants") + [
         "Each row is one `configs/dns_brain.py` training run. Only the setting named in the row differs, and "
         "every run has the same step budget. *val* = held-out InfoNCE (log 4096 = 8.3 is chance) and top-1 "
         "retrieval at the run's last validation. EPE = mean endpoint error (mm) of io-dns on "

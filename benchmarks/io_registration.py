@@ -158,12 +158,12 @@ def write_atomic(path: pathlib.Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def report_header(title: str, meta: dict, earlier: list, what: str) -> list[str]:
+def report_header(title: str, meta: dict, what: str) -> list[str]:
     """Markdown lines opening a results file: title with date and commit, machine, command, and the commands of
-    earlier runs whose rows the file keeps (``what``: "methods", "variants", ...)."""
+    the earlier runs whose rows the file keeps (``meta["earlier_runs"]``; ``what``: "methods", "variants", ...)."""
     lines = [f"# {title} ({meta['started']}, commit {meta['commit']})", "",
              f"Machine: {meta['machine']}", "", f"Command: `{meta['command']}`", ""]
-    for e in earlier:
+    for e in meta.get("earlier_runs", []):
         lines += [f"Rows of other {what} from: `{e['command']}` ({e['started']}, commit {e['commit']})", ""]
     return lines
 

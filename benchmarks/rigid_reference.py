@@ -192,7 +192,7 @@ def run_ants(method, fixed_path, moving_path, moving, workdir):
 
 
 def markdown(meta, rows) -> str:
-    lines = report_header("rigid_reference", meta, meta.get("earlier_runs", []), "methods") + [
+    lines = report_header("rigid_reference", meta, "methods") + [
              "Distance (mm) of each fixed head voxel's moving point from the reference transform's "
              "(mean / p95), and wall time of the registration call (s; * = first call on that working-grid "
              "shape in the process, so it includes XLA compilation). *rigid-floor*: the rigid map nearest to the "

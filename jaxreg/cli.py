@@ -391,7 +391,7 @@ def _registration_runner(args, report):
     if args.method in learned:
         if not args.checkpoint:
             raise CLIError(f"--method {args.method} needs --checkpoint DIR (a training run directory)", EXIT_USAGE)
-        from jaxreg.io.checkpoint import load_trained
+        from jaxreg.io.checkpoint import load_trained, run_resolution
         from jaxreg.methods import restore_model
         from jaxreg.optimize import InstanceConfig
 
@@ -409,7 +409,7 @@ def _registration_runner(args, report):
             raise CLIError("--lambda given but the network is not lambda-conditioned", EXIT_USAGE)
         if args.lam is not None and not 0.0 <= args.lam <= 1.0:
             raise CLIError(f"--lambda must be in [0, 1], got {args.lam}", EXIT_USAGE)
-        train_res = float(run_cfg.get("data", {}).get("resolution", 2.0))
+        train_res = run_resolution(run_cfg)
         if resolution is not None and resolution != train_res:
             report(f"note: the network was trained at {train_res} mm; registering at {resolution or 'native'} mm")
         res = train_res if resolution is None else (resolution or None)
@@ -430,13 +430,13 @@ def _registration_runner(args, report):
     weights = getattr(args, "weights", None)
     if weights is not None and args.method != "io-dns":
         raise CLIError(f"--weights is only used with --method io-dns or keymorph, not {args.method}", EXIT_USAGE)
-    flag = f"--checkpoint {checkpoint}" if checkpoint else f"--weights {weights}" if weights else None
+    flag = "--checkpoint" if checkpoint else "--weights" if weights else None
     try:
         feature_fn = pipeline.feature_fn_for(args.method, weights, checkpoint=checkpoint)
     except FileNotFoundError as e:
-        raise CLIError(f"{flag.split()[0]}: {e}") from None
+        raise CLIError(f"{flag}: {e}") from None
     except ValueError as e:
-        raise CLIError(f"{flag}: {e}" if flag else str(e)) from None
+        raise CLIError(f"{flag} {checkpoint or weights}: {e}" if flag else str(e)) from None
     if args.method == "io-deepsim" and resolution is None:  # the extractor's features belong to its training grid
         resolution = feature_fn.resolution_mm
         report(f"io-deepsim: registering at {resolution:g} mm, the grid its extractor was trained on")

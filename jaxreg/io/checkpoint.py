@@ -46,3 +46,9 @@ def load_trained(workdir, *, step: int | None = None) -> tuple[dict, dict, int]:
             raise FileNotFoundError(f"no checkpoint under {ckdir}")
         out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     return config, _strip_value(out["state"]["params"]), int(step)
+
+
+def run_resolution(config: dict) -> float:
+    """The grid spacing (mm) a run was trained at: ``config["data"]["resolution"]`` of :func:`load_trained`'s
+    configuration (2.0, the training stack's default, when the run does not state it)."""
+    return float(config.get("data", {}).get("resolution", 2.0))

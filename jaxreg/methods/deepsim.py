@@ -222,18 +222,16 @@ def load_extractor(run_dir) -> tuple[DeepSimNet, float]:
     """
     import pathlib
 
-    from jaxreg.io.checkpoint import load_trained
+    from jaxreg.io.checkpoint import load_trained, run_resolution
     from jaxreg.methods import restore_model
+    from jaxreg.methods.features import frozen_nets
 
     run_cfg, params, _ = load_trained(pathlib.Path(run_dir))
-    method = run_cfg.get("method")
-    resolution = float(run_cfg.get("data", {}).get("resolution", 2.0))
-    if method == "deepsim":
-        _, model = restore_model(run_cfg, params)
-        return model.extractor, resolution
-    if method != "features" or run_cfg.get("model", {}).get("kind") not in ("deepsim_ae", "deepsim_seg"):
-        kind = run_cfg.get("model", {}).get("kind")
-        raise ValueError(f"{run_dir} holds a {method!r} run{f' of kind {kind!r}' if kind else ''}; io-deepsim "
-                         "needs a DeepSim extractor (configs/deepsim_features_*.py) or a deepsim run")
-    _, model = restore_model(run_cfg, params)
-    return model.nets[0], resolution
+    if run_cfg.get("method") == "deepsim":
+        return restore_model(run_cfg, params)[1].extractor, run_resolution(run_cfg)
+    try:
+        _, nets = frozen_nets(run_dir, run_cfg, params, kind=("deepsim_ae", "deepsim_seg"))
+    except ValueError as e:
+        raise ValueError(f"{e}; io-deepsim needs a DeepSim extractor (configs/deepsim_features_*.py) "
+                         "or a deepsim run") from None
+    return nets[0], run_resolution(run_cfg)

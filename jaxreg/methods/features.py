@@ -184,13 +184,14 @@ def _apply(net, x):
     return net(x)
 
 
-def load_frozen(run_dir, *, kind: str, contrasts=None, ndim: int | None = None) -> tuple[Config, list]:
+def load_frozen(run_dir, *, kind, contrasts=None, ndim: int | None = None) -> tuple[Config, list]:
     """``(config, nets)``: the pretrained extractor(s) of a ``features`` training run directory.
 
     Args:
       run_dir: ``--workdir`` of ``train.main --config configs/*_features_*.py``.
-      kind: the expected ``Config.kind`` (``contrareg_ae`` also accepts a
-        run whose contrasts include ``contrasts``, reordered to them).
+      kind: the expected ``Config.kind``, or a tuple of accepted kinds
+        (``contrareg_ae`` also accepts a run whose contrasts include
+        ``contrasts``, reordered to them).
       contrasts: for ``contrareg_ae``, the contrasts wanted, in order.
       ndim: the expected dimensionality.
 
@@ -203,18 +204,26 @@ def load_frozen(run_dir, *, kind: str, contrasts=None, ndim: int | None = None) 
         kind or dimensionality, or missing contrasts.
     """
     from jaxreg.io.checkpoint import load_trained
-    from jaxreg.methods import restore_model
 
     run_cfg, params, _ = load_trained(pathlib.Path(run_dir))
+    return frozen_nets(run_dir, run_cfg, params, kind=kind, contrasts=contrasts, ndim=ndim)
+
+
+def frozen_nets(run_dir, run_cfg: dict, params: dict, *, kind, contrasts=None,
+                ndim: int | None = None) -> tuple[Config, list]:
+    """:func:`load_frozen` on a run already read by :func:`jaxreg.io.load_trained` (``run_dir`` names it in errors)."""
+    from jaxreg.methods import restore_model
+
     if run_cfg.get("method") != "features":
         raise ValueError(f"{run_dir} holds a {run_cfg.get('method')!r} run, not a 'features' pretraining run")
     _, model = restore_model(run_cfg, params)
     cfg = model.config
-    if cfg.kind != kind:
-        raise ValueError(f"{run_dir} pretrained {cfg.kind!r} features, expected {kind!r}")
+    kinds = (kind,) if isinstance(kind, str) else tuple(kind)
+    if cfg.kind not in kinds:
+        raise ValueError(f"{run_dir} pretrained {cfg.kind!r} features, expected {' or '.join(map(repr, kinds))}")
     if ndim is not None and cfg.ndim != ndim:
         raise ValueError(f"{run_dir} holds {cfg.ndim}D features, expected {ndim}D")
-    if kind != "contrareg_ae":
+    if cfg.kind != "contrareg_ae":
         return cfg, [model.nets[0]]
     missing = [c for c in contrasts if c not in cfg.contrasts]
     if missing:
