@@ -216,6 +216,7 @@ def run_register(args):
     pair that fails writes nothing and the others still run; the command then exits non-zero.
     """
     plan = _register_plan(args)
+    _preload_output_modules()
     devices = _cohort_devices(getattr(args, "devices", "auto"), len(plan))
     fixed, fixed_labels = _load_scan("--fixed", args.fixed, args.fixed_labels)
     report = _progress(args.quiet)
@@ -243,6 +244,20 @@ def run_register(args):
         raise CLIError(f"{len(failed)} of {len(plan)} pairs failed ({', '.join(failed)}); the other "
                        f"{len(plan) - len(failed)} were written")
     return results
+
+
+def _preload_output_modules() -> None:
+    """Import the QC figure's module (matplotlib: ~0.5 s) in a thread.
+
+    The import overlaps the registration, which runs in XLA with the GIL released, instead of delaying the
+    outputs (issue 18). Python's import lock makes a later import in the main thread wait for this one.
+    """
+    import threading
+
+    def load():
+        import jaxreg.viz  # noqa: F401
+
+    threading.Thread(target=load, daemon=True).start()
 
 
 def _cohort_devices(spec, n_pairs: int) -> list:

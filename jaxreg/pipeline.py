@@ -62,8 +62,6 @@ def feature_fn_for(method: str, weights: str | None = None, *, checkpoint: str |
         ``weights`` or ``checkpoint`` given for a method that takes none;
         io-deepsim without a 3D ``checkpoint``.
     """
-    from jaxreg.methods import dns as dns_method
-
     if method == "io-deepsim":
         from jaxreg.methods import deepsim
 
@@ -84,6 +82,8 @@ def feature_fn_for(method: str, weights: str | None = None, *, checkpoint: str |
         if weights is not None:
             raise ValueError(f"--weights is only used with io-dns, not {method}")
         return None
+    from jaxreg.methods import dns as dns_method  # imported only here: it brings flax (~0.4 s of start-up)
+
     if method == "io-dns-random":
         if weights is not None:
             raise ValueError("io-dns-random uses an untrained network; --weights does not apply")
@@ -619,29 +619,31 @@ def similarity_value(config: InstanceConfig, fixed_w, moving_w, feature_fn: Call
         from jaxreg.optimize.instance import _box_features
 
         return float(L.cosine_similarity_loss(*_box_features(feature_fn, f, m)))
-    return float(_similarity(f, m, config=config))
+    return float(_similarity(f, (m,), config=config)[0])
 
 
 def _similarity_before_after(config: InstanceConfig, work: dict, feature_fn) -> dict:
-    """``similarity_before`` / ``similarity_after`` on the working grid; learned descriptors of the fixed
-    image are computed once for both."""
+    """``similarity_before`` / ``similarity_after`` on the working grid; the descriptors of the fixed
+    image (MIND-SSC or learned) are computed once for both."""
+    f, m, w = (normalize_intensity(work[k]) for k in ("fixed", "moving", "warped"))
     if config.similarity != "dns":
-        return {"similarity_before": similarity_value(config, work["fixed"], work["moving"]),
-                "similarity_after": similarity_value(config, work["fixed"], work["warped"])}
+        before, after = (float(v) for v in _similarity(f, (m, w), config=config))
+        return {"similarity_before": before, "similarity_after": after}
     from jaxreg.optimize.instance import _box_features
 
-    f, m, w = (normalize_intensity(work[k]) for k in ("fixed", "moving", "warped"))
     fd, md, wd = _box_features(feature_fn, f, m, w)
     return {"similarity_before": float(L.cosine_similarity_loss(fd, md)),
             "similarity_after": float(L.cosine_similarity_loss(fd, wd))}
 
 
 @program(static_argnames=("config",))
-def _similarity(f, m, *, config):
+def _similarity(f, ms, *, config):
+    """The similarity loss of ``f`` against each image of the tuple ``ms`` (MIND-SSC of ``f`` computed once)."""
+    descriptors = lambda x: x  # noqa: E731
     if config.similarity == "mind":
-        kw = dict(radius=config.mind_radius, dilation=config.mind_dilation)
-        f, m = L.mind_ssc(f, **kw), L.mind_ssc(m, **kw)
-    return similarity_fn(config)(f, m, None)
+        descriptors = functools.partial(L.mind_ssc, radius=config.mind_radius, dilation=config.mind_dilation)
+    fd = descriptors(f)
+    return tuple(similarity_fn(config)(fd, descriptors(m), None) for m in ms)
 
 
 def registration_metrics(method: str, config: InstanceConfig, reg: Registration, fixed: Volume,

@@ -130,8 +130,27 @@ class InstanceConfig:
         ``v / 2^5`` is a small fraction of a control voxel; on the brats
         known-deformation pairs (benchmark part a) 7, 5 and 4 steps gave
         the same endpoint error (1.423 / 1.423 / 1.422 mm) and 5 steps
-        took 1.4 s less per pair than 7 (integration under ``grad`` is
+        took 1.4 s less per pair than 7 (measured with
+        ``integration_grad="exact"``, when integration under ``grad`` was
         most of an Adam step's cost).
+      integration_grad: how the deformable stage differentiates the
+        integrated ``svf`` displacement with respect to its velocity.
+        ``"identity"`` (default): the similarity's gradient with respect to
+        the displacement is applied to the velocity unchanged, i.e.
+        ``d exp(v) / dv`` is taken as the identity. That is the first-order
+        BCH update of log-domain demons (``v <- v + u``; Vercauteren et al.,
+        "Symmetric log-domain diffeomorphic registration", MICCAI 2008,
+        Sec. 2), exact at ``v = 0``. The map itself is still the exact
+        ``exp(v)``, so it stays diffeomorphic. ``"exact"``: backpropagate
+        through scaling and squaring, whose backward pass (a scatter per
+        squaring) was ~60 % of an Adam step. Measured with
+        ``benchmarks/io_registration.py --parts a,s,b --ixi-pairs 3
+        --methods io-mind`` (2026-12-03, 2 cores), exact -> identity: brats
+        EPE 1.36 -> 1.36 mm (real contrasts) and 1.00 -> 1.00 mm (synthetic
+        contrast), IXI Dice 0.579 -> 0.580 (mono) and 0.576 -> 0.578
+        (cross), SDlogJ over the grid / inside the brain 0.171 / 0.147 ->
+        0.176 / 0.147 (mono), no folding; the deformable levels of the IXI
+        pair took 4.1 -> 2.3 s.
       mind_radius, mind_dilation: MIND-SSC patch radius and neighbour
         distance. Default dilation 1 (the SSC pairs 1 voxel apart): on the
         brats known-deformation pairs at 2 mm (benchmark part a, 3 levels)
@@ -286,6 +305,7 @@ class InstanceConfig:
     field_sigma: float = 2.0
     num_samples: int = 2 ** 15
     integration_steps: int = 5
+    integration_grad: str = "identity"
     mind_radius: int = 1
     feature_sigma: float = 0.0
     mind_dilation: int = 1
@@ -356,6 +376,8 @@ class InstanceConfig:
             raise ValueError(f"relative_eps must be >= 0, got {self.relative_eps}")
         if self.field_extension < 0:
             raise ValueError(f"field_extension must be >= 0, got {self.field_extension}")
+        if self.integration_grad not in ("identity", "exact"):
+            raise ValueError(f"integration_grad must be 'identity' or 'exact', got {self.integration_grad!r}")
         if self.num_samples < 0:
             raise ValueError(f"num_samples must be >= 0, got {self.num_samples}")
 
@@ -427,24 +449,26 @@ def _downsample(image, factor):
 _downsample_jit = jax.jit(_downsample, static_argnames=("factor",))
 
 
-@program(static_argnames=("factor",))
-def _binary_level_mask(mask, *, factor):
-    """A ``(*spatial)`` mask downsampled to pyramid level ``factor`` and binarised at 0.5."""
-    return (_downsample(mask[..., None], factor)[..., 0] > 0.5).astype(jnp.float32)
+@program(static_argnames=("factor", "pad_to"))
+def _binary_level_mask(mask, *, factor, pad_to=None):
+    """A ``(*spatial)`` mask downsampled to pyramid level ``factor`` and binarised at 0.5 (zero-padded at the
+    high end to ``pad_to``, if given)."""
+    return _pad_high((_downsample(mask[..., None], factor)[..., 0] > 0.5).astype(jnp.float32), pad_to, "constant")
 
 
-@program(static_argnames=("factor", "cfg"))
-def _level_features(image, *, factor, cfg: InstanceConfig):
+@program(static_argnames=("factor", "cfg", "pad_to"))
+def _level_features(image, *, factor, cfg: InstanceConfig, pad_to=None):
     """Features of ``image`` at pyramid level ``factor`` (MIND-SSC, the image itself, or smoothed learned
     descriptors: for ``"dns"`` ``image`` is already the full-resolution descriptor stack, which is
-    downsampled as DNS's IO pyramid, supplementary B.1)."""
+    downsampled as DNS's IO pyramid, supplementary B.1); edge-padded at the high end to ``pad_to``, if given
+    (sampled deformable levels, :func:`_sampled_level`)."""
     image = _downsample(image, factor)
     if cfg.similarity == "dns":
-        return gaussian_blur(image, cfg.dns_sigma)
-    if cfg.similarity == "mind":
-        return gaussian_blur(L.mind_ssc(image, radius=cfg.mind_radius, dilation=cfg.mind_dilation),
+        image = gaussian_blur(image, cfg.dns_sigma)
+    elif cfg.similarity == "mind":
+        image = gaussian_blur(L.mind_ssc(image, radius=cfg.mind_radius, dilation=cfg.mind_dilation),
                               cfg.feature_sigma)
-    return image
+    return _pad_high(image, pad_to)
 
 
 def similarity_fn(cfg: InstanceConfig) -> Callable:
@@ -702,40 +726,88 @@ def _field_disp_at(disp_field, points, level_shape):
     """Linear interpolation of a control-grid displacement at level-voxel ``points``, in level voxels.
 
     Same convention as :func:`resize_disp` (voxel centres aligned, border
-    values held), so it agrees with ``resize_disp(disp_field, level_shape)``.
+    values held), so it agrees with ``resize_disp(disp_field, level_shape)``; ``level_shape`` may be traced.
     """
-    ratio = jnp.asarray([f / s for f, s in zip(disp_field.shape[:-1], level_shape)], jnp.float32)
+    ratio = jnp.asarray(disp_field.shape[:-1], jnp.float32) / jnp.asarray(level_shape, jnp.float32)
     coords = (points + 0.5) * ratio - 0.5
     return sample(disp_field, coords, padding="border") / ratio
 
 
-@program(static_argnames=("cfg", "level"), donate_argnums=(0,))
-def _deformable_level(field, fixed_f, moving_f, mask, box, key, n_mean, *, cfg, level):
-    """Adam on the control-grid velocity/displacement at one level; returns (field, losses).
+def _pad_high(x, shape, mode="edge"):
+    """Pad ``(*spatial, ...)`` at the high end of its first ``len(shape)`` axes to ``shape`` (traceable)."""
+    if shape is None or tuple(x.shape[:len(shape)]) == tuple(shape):
+        return x
+    pad = [(0, n - s) for n, s in zip(shape, x.shape)] + [(0, 0)] * (x.ndim - len(shape))
+    return jnp.pad(x, pad, mode=mode)
+
+
+def _sampled_level(cfg: InstanceConfig, level_shape) -> bool:
+    """Whether a deformable level evaluates its similarity at random samples (else at every voxel).
+
+    Sampled levels only gather from their arrays, so those are padded (edge
+    values) to the finest level's grid and the level is described by traced
+    values (:func:`_level_hyper`): with the default control grid, whose size is
+    the same at every level, one compiled program serves every sampled level
+    (issue 18). A level with no more voxels than ``num_samples`` is evaluated
+    densely on its own grid (padding it would make its gathers slower: IXI
+    2 mm, 32x32x24 level, 5 -> 12 ms per Adam step).
+    """
+    return cfg.similarity in _SAMPLED and 0 < cfg.num_samples < int(np.prod(level_shape))
+
+
+def _level_hyper(cfg: InstanceConfig, level: int, level_shape, field_shape, n_mean: float) -> dict:
+    """The traced per-level inputs of :func:`_deformable_level` (host-side, float32 / int32 / bool)."""
+    spacing = float(np.mean(np.asarray(level_shape, np.float32) / np.asarray(field_shape, np.float32)))
+    return {
+        # the paper's normalised step: lr * (mean level size) / 2 in level voxels
+        "lr": np.float32(cfg.learning_rates[level] * n_mean / 2.0),
+        # diffusion of the level displacement in the paper's normalised units, (2/N)^2 |grad u|^2 per level
+        # voxel; the field is `spacing` times coarser
+        "lam": np.float32(cfg.smoothness[level] * cfg.smoothness_scale * (2.0 / n_mean) ** 2 / spacing ** 2),
+        "decay": np.float32(cfg.field_decay * (2.0 / n_mean) ** 2),
+        "iterations": np.int32(cfg.iterations[level]),
+        "shape": np.asarray(level_shape, np.int32),
+    }
+
+
+def _resize_to(x, level_shape, out_shape):
+    """Linear resize (no antialiasing) of the ``level_shape`` corner of a padded ``(*spatial)`` array to ``out_shape``.
+
+    Equals ``jax.image.resize(x[:level_shape], out_shape, "linear", antialias=False)`` for ``out_shape <=
+    level_shape`` (the samples never reach the padding), with ``level_shape`` traced.
+    """
+    scale = jnp.asarray(out_shape, jnp.float32) / level_shape.astype(jnp.float32)
+    return jax.image.scale_and_translate(x, out_shape, tuple(range(x.ndim)), scale, jnp.zeros_like(scale),
+                                         method="linear", antialias=False)
+
+
+@program(static_argnames=("cfg", "sampled"), donate_argnums=(0,))
+def _deformable_level(field, fixed_f, moving_f, mask, box, key, hyper, *, cfg, sampled):
+    """Adam on the control-grid velocity/displacement at one pyramid level; returns (field, losses).
 
     ``box`` is ``(2, D)`` int32 (low, high) of the foreground bounding box
-    where random similarity samples are drawn; ``n_mean`` (float32 scalar,
-    traced so padded grids share the program) the mean size in voxels of the
-    unpadded level grid, which sets the normalised step and regulariser.
+    where random similarity samples are drawn. ``hyper`` (:func:`_level_hyper`)
+    holds the level's step, regulariser weights, iteration count and grid
+    shape, all traced, so levels (and scans of one size class) whose arrays
+    have equal shapes share this program: on ``sampled`` levels
+    (:func:`_sampled_level`) the features and ``mask`` are padded to the
+    finest level's grid. ``losses`` is ``(max(cfg.iterations),)``; entries
+    from ``hyper["iterations"]`` on are 0.
     """
-    level_shape = fixed_f.shape[:-1]
-    d = len(level_shape)
-    lr = cfg.learning_rates[level] * n_mean / 2.0
-    # Diffusion of the level displacement in the paper's normalised units,
-    # (2/N)^2 |grad u|^2 per level voxel; the field is `spacing` times coarser.
-    spacing = float(np.mean(np.asarray(level_shape, np.float32) / np.asarray(field.shape[:-1], np.float32)))
-    lam = cfg.smoothness[level] * cfg.smoothness_scale * (2.0 / n_mean) ** 2 / spacing**2
-    decay = cfg.field_decay * (2.0 / n_mean) ** 2
+    d = field.ndim - 1
+    lr = hyper["lr"]
     sim = similarity_fn(cfg)
     if cfg.relative_eps > 0:  # Adam on the gradient divided by its global RMS, with eps in those units
         opt = optax.chain(_scale_by_global_rms(), optax.adam(lr, eps=cfg.relative_eps))
     else:
         opt = optax.adam(lr)
-    n_vox = int(np.prod(level_shape))
-    sampled = cfg.similarity in _SAMPLED and 0 < cfg.num_samples < n_vox
+    level_shape = hyper["shape"]
 
     def field_disp(field):
-        return _integrate_field(gaussian_blur(field, cfg.field_sigma), cfg)
+        v = gaussian_blur(field, cfg.field_sigma)
+        if cfg.transform == "svf" and cfg.integration_grad == "identity":
+            return v + jax.lax.stop_gradient(_integrate_field(v, cfg) - v)
+        return _integrate_field(v, cfg)
 
     def loss_fn(field, step_key):
         disp_field = field_disp(field)
@@ -749,25 +821,26 @@ def _deformable_level(field, fixed_f, moving_f, mask, box, key, n_mean, *, cfg, 
             w = None if mask is None else mask[idx][:, None]
             value = sim(f, m, w)
         else:
-            disp = resize_disp(disp_field, level_shape)
-            warped = sample(moving_f, identity_grid(level_shape) + disp, padding="border")
+            disp = resize_disp(disp_field, fixed_f.shape[:-1])
+            warped = sample(moving_f, identity_grid(fixed_f.shape[:-1]) + disp, padding="border")
             value = sim(fixed_f, warped, mask)
         # Regularise the control-grid field (velocity for svf): exact and cheap.
-        reg = lam * L.diffusion(field)
+        reg = hyper["lam"] * L.diffusion(field)
         if cfg.field_decay > 0:
-            reg = reg + decay * jnp.mean(jnp.sum(field**2, axis=-1))
+            reg = reg + hyper["decay"] * jnp.mean(jnp.sum(field**2, axis=-1))
         return value + reg
 
-    def step(carry, i):
-        field, state = carry
+    def step(i, carry):
+        field, state, curve = carry
         loss, g = jax.value_and_grad(loss_fn)(field, jax.random.fold_in(key, i))
         upd, state = opt.update(g, state, field)
-        return (optax.apply_updates(field, upd), state), loss
+        return optax.apply_updates(field, upd), state, curve.at[i].set(loss)
 
-    (field, _), curve = jax.lax.scan(step, (field, opt.init(field)), jnp.arange(cfg.iterations[level]))
+    curve = jnp.zeros((max(cfg.iterations),), jnp.float32)
+    field, _, curve = jax.lax.fori_loop(0, hyper["iterations"], step, (field, opt.init(field), curve))
     field = gaussian_blur(field, cfg.field_sigma)
     if cfg.field_extension > 0 and mask is not None:
-        weight = jax.image.resize(mask.reshape(level_shape).astype(jnp.float32), field.shape[:-1], method="linear")
+        weight = _resize_to(mask, level_shape, field.shape[:-1])
         field = harmonic_extension(field, jnp.clip(weight, 0.0, 1.0), iterations=cfg.field_extension)
     return field, curve
 
@@ -1190,11 +1263,11 @@ def register_instance(
     report = progress or (lambda _: None)
     curves = []
 
-    def level_mask(factor, full=mask_f):
+    def level_mask(factor, full=mask_f, pad_to=None):
         """``full`` (default: the user's mask) at a pyramid level, binarised; None for no mask."""
         if full is None:
             return None
-        return _binary_level_mask(full, factor=factor)
+        return _binary_level_mask(full, factor=factor, pad_to=pad_to)
 
     # -- affine stage
     run_affine = cfg.affine or cfg.transform in LINEAR_TRANSFORMS
@@ -1252,23 +1325,28 @@ def register_instance(
         report(f"descriptors: {fixed_desc.shape[-1]} channels")
     for lvl in range(cfg.levels):
         factor = factors[lvl]
+        level_shape = _level_shape(fine_shape, factor)
+        sampled = _sampled_level(cfg, level_shape)
+        pad_to = tuple(fine_shape) if sampled else None  # one program for the sampled levels (issue 18)
         if cfg.similarity == "dns":
-            fixed_f, moving_f = (_level_features(x, factor=1, cfg=cfg) for x in pyramid[factor])
+            fixed_f, moving_f = (_level_features(x, factor=1, cfg=cfg, pad_to=pad_to) for x in pyramid[factor])
         else:
-            fixed_f = _level_features(fixed, factor=factor, cfg=cfg)
-            moving_f = _level_features(moving_aff, factor=factor, cfg=cfg)
-        level_shape = fixed_f.shape[:-1]
+            fixed_f = _level_features(fixed, factor=factor, cfg=cfg, pad_to=pad_to)
+            moving_f = _level_features(moving_aff, factor=factor, cfg=cfg, pad_to=pad_to)
         spacing = max(1.0, cfg.control_spacing / factor)
         field_shape = tuple(max(2, int(np.ceil(s / spacing))) for s in level_shape)
         box = _level_box(box_fine, factor, level_shape)
         if field is None:
             field = jnp.zeros(field_shape + (d,), jnp.float32)
-        else:
+        elif field.shape[:-1] != field_shape:
             field = resize_disp(field, field_shape)
-        n_mean = np.float32(np.mean(_level_shape(true_shape, factor)))
-        field, curve = _deformable_level(field, fixed_f, moving_f, level_mask(factor, sim_mask), jnp.asarray(box),
-                                         jax.random.fold_in(key, lvl), n_mean, cfg=cfg, level=lvl)
-        curves.append(np.asarray(curve))
+        n_mean = float(np.mean(_level_shape(true_shape, factor)))
+        hyper = _level_hyper(cfg, lvl, level_shape, field_shape, n_mean)
+        field, curve = _deformable_level(field, fixed_f, moving_f, level_mask(factor, sim_mask, pad_to),
+                                         jnp.asarray(box), jax.random.fold_in(key, lvl), hyper, cfg=cfg,
+                                         sampled=sampled)
+        curve = np.asarray(curve)[:cfg.iterations[lvl]]
+        curves.append(curve)
         report(f"deformable level {lvl + 1}/{cfg.levels} {level_shape}: loss {float(curve[0]):.4g} -> {float(curve[-1]):.4g}")
 
     disp, total, inverse = _finish_deformable(field, jnp.asarray(matrix, jnp.float32),

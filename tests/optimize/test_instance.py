@@ -41,12 +41,13 @@ def test_affine_stage_recovers_translation():
     np.testing.assert_allclose(np.asarray(compose(res.inverse_disp, res.total_disp))[10:-10, 10:-10], 0, atol=1e-3)
 
 
-@pytest.mark.parametrize("transform", ["svf", "disp"])
-def test_deformable_recovers_known_deformation(transform):
+@pytest.mark.parametrize("transform,integration_grad", [("svf", "identity"), ("svf", "exact"), ("disp", "identity")])
+def test_deformable_recovers_known_deformation(transform, integration_grad):
     fixed = _phantom()
     disp_true, inv_true = random_deformation(jax.random.key(1), SHAPE, mean_magnitude=1.5, control_spacing=12)
     moving = warp(fixed, inv_true, padding="border")
-    cfg = InstanceConfig(similarity="mse", transform=transform, affine=False, **FAST)
+    cfg = InstanceConfig(similarity="mse", transform=transform, affine=False, integration_grad=integration_grad,
+                         **FAST)
     res = register_instance(fixed, moving, config=cfg)
     inner = (slice(8, -8), slice(8, -8))
     before = float(jnp.mean(jnp.linalg.norm(disp_true, axis=-1)[inner]))
@@ -151,6 +152,7 @@ def test_3d_runs_and_recovers_translation():
     (dict(affine_similarity="cc"), "affine_similarity"),
     (dict(affine_finest_factor=0), "affine_finest_factor"),
     (dict(affine_levels=0), "affine_levels"),
+    (dict(integration_grad="adjoint"), "integration_grad"),
 ])
 def test_config_errors(kw, match):
     with pytest.raises(ValueError, match=match):
