@@ -330,6 +330,9 @@ def resample_to_grid(
         if m.shape != (d + 1, d + 1):
             raise ValueError(f"resample_to_grid: matrix must be ({d + 1}, {d + 1}) for a {d}D grid, got {m.shape}")
         g = g @ m
+    if tuple(data.shape[:d]) == ref_shape and np.allclose(g, np.eye(d + 1), rtol=0, atol=1e-6):
+        # the same grid (e.g. a scan already on the working grid): sampling would return the data itself
+        return np.asarray(data if order == 0 else data.astype(jnp.float32))
     coords = _grid_points(ref_shape) @ g[:d, :d].T + g[:d, d]
     image = data if order == 0 else data.astype(jnp.float32)
     out = _sample(image, jnp.asarray(coords, jnp.float32), order=order, padding="zeros")
