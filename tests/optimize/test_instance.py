@@ -131,6 +131,36 @@ def test_grid_buckets_change_the_result_by_little():
     assert abs(err[0] - err[1]) < 0.05, err
 
 
+def test_sampled_levels_share_one_program():
+    """Levels evaluated at random samples run one compiled program (their arrays are padded to the finest
+    level's grid, the level is traced) and recover a known deformation as well as dense evaluation does."""
+    fixed = _phantom()
+    disp_true, inv_true = random_deformation(jax.random.key(1), SHAPE, mean_magnitude=1.5, control_spacing=12)
+    moving = warp(fixed, inv_true, padding="border")
+    inner = (slice(8, -8), slice(8, -8))
+    errors, programs = {}, {}
+    for n in (256, 10 ** 5):  # 256 < 24 x 22 voxels: both levels sampled; 10^5: both dense
+        cfg = InstanceConfig(similarity="mse", affine=False, num_samples=n, **FAST)
+        assert [inst._sampled_level(cfg, inst._level_shape(SHAPE, f)) for f in (2, 1)] == [n == 256] * 2
+        before = inst._deformable_level._cache_size()
+        res = register_instance(fixed, moving, config=cfg)
+        programs[n] = inst._deformable_level._cache_size() - before
+        errors[n] = float(jnp.mean(jnp.linalg.norm(res.total_disp - disp_true, axis=-1)[inner]))
+    assert programs[256] == 1
+    before = float(jnp.mean(jnp.linalg.norm(disp_true, axis=-1)[inner]))
+    assert errors[256] < 0.4 * before and errors[256] < errors[10 ** 5] + 0.05, (before, errors)
+
+
+def test_resize_to_reads_only_the_level_corner():
+    """_resize_to on a padded array (traced level shape) equals jax.image.resize of the unpadded one."""
+    x = jax.random.uniform(jax.random.key(0), (30, 22))
+    padded = jnp.pad(x, ((0, 34), (0, 42)), constant_values=7.0)
+    for out in ((15, 11), (8, 8), (30, 22)):
+        want = jax.image.resize(x, out, method="linear", antialias=False)
+        got = jax.jit(inst._resize_to, static_argnums=2)(padded, jnp.asarray(x.shape, jnp.int32), out)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)  # the padding (7) never leaks
+
+
 def test_3d_runs_and_recovers_translation():
     fixed = jnp.stack([_phantom((28, 28))[..., 0]] * 20, axis=-1)[..., None]
     fixed = fixed * jnp.hanning(20)[None, None, :, None]
