@@ -1,0 +1,23 @@
+"""The VXM baseline of the 3D cross-contrast comparison: ``configs/vxm_crossreg2d.py`` on whole volumes at 4 mm.
+
+Same network, data, lambda conditioning, steps and batch as
+``configs/contrareg_brain3d.py`` (T2 / FLAIR / T1c -> T1 volumes, 48x64x48 at
+4 mm, batch 1). Command (MI, the best 2D baseline; other similarities with
+``--config.model.similarity=``)::
+
+    PYTHONPATH=. JAXREG_DATA=../shared/data .venv/bin/python -m train.main \\
+        --config configs/vxm_crossreg3d.py --workdir runs/vxm_mi_3d
+"""
+import ml_collections
+
+from configs import contrareg_brain3d as c3
+from configs import vxm_crossreg2d as v2
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = v2.get_config()
+    c.model.ndim = 3
+    c.data = c3.get_config().data
+    c.batch_size = c3.get_config().batch_size
+    c.num_train_steps = c3.get_config().num_train_steps
+    return c
