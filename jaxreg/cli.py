@@ -94,7 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--fixed-labels", help="fixed label map (integer NIfTI) for Dice/HD95")
     r.add_argument("--moving-labels", nargs="+", help="moving label map, warped with the moving scan (one per "
                                                         "--moving scan)")
-    r.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    r.add_argument("--qc", action="store_true",
+                   help="also draw qc.png (overlays, deformed grid, Jacobian determinant; ~0.7 s on 2 cores)")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace existing outputs (the folder's own outputs of an earlier run that this run does "
+                        "not write, such as qc.png without --qc, are removed)")
     r.add_argument("--quiet", action="store_true", help="no progress output")
 
     a = sub.add_parser("apply", help="apply a saved warp (ITK/ANTs displacement, mm) to an image")
@@ -216,7 +220,8 @@ def run_register(args):
     pair that fails writes nothing and the others still run; the command then exits non-zero.
     """
     plan = _register_plan(args)
-    _preload_output_modules()
+    if args.qc:
+        _preload_output_modules()
     devices = _cohort_devices(getattr(args, "devices", "auto"), len(plan))
     fixed, fixed_labels = _load_scan("--fixed", args.fixed, args.fixed_labels)
     report = _progress(args.quiet)
@@ -330,7 +335,7 @@ def _register_pair(args, runner, config, feature_fn, fixed, fixed_labels, moving
                                             moving_labels_on_fixed, feature_fn=feature_fn)
     metrics["device"] = _current_device()
     write_registration(out, fixed=fixed, reg=reg, metrics=metrics, warped_labels=warped_labels, keypoints=keypoints,
-                       title=f"{args.method} ({getattr(runner, 'transform', config.transform)})")
+                       qc=args.qc, title=f"{args.method} ({getattr(runner, 'transform', config.transform)})")
     report(f"wrote {out}: runtime {metrics['runtime_s']:.1f} s, folding {metrics['folding_percent']:.3f} %"
            + (f", Dice {metrics['dice_mean']:.3f}" if "dice_mean" in metrics else ""))
     return metrics
@@ -733,5 +738,17 @@ def main(argv=None) -> int:
         return EXIT_INPUT
 
 
+def entry() -> None:
+    """The ``jaxreg`` console script: :func:`main`, then exit without the interpreter's teardown.
+
+    Every output is complete and closed when :func:`main` returns; the teardown only frees JAX's compiled
+    programs and buffers, which took 0.43 s of a warm 8.7 s ``jaxreg register`` on 2 cores (issue 18).
+    """
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -36,10 +36,15 @@ def check_out_dir(out, names, overwrite: bool) -> None:
 
 class atomic_dir:
     """``with atomic_dir(out) as tmp:`` write into ``tmp``; on success its files move into ``out``
-    (created if needed), on an exception nothing is moved and ``tmp`` is removed."""
+    (created if needed), on an exception nothing is moved and ``tmp`` is removed.
 
-    def __init__(self, out):
+    ``replaces``: file names of the same kind of output; those that ``out`` holds from an earlier run and this
+    run did not write are removed on success, so the folder never mixes two runs.
+    """
+
+    def __init__(self, out, replaces=()):
         self.out = pathlib.Path(out)
+        self.replaces = tuple(replaces)
 
     def __enter__(self) -> pathlib.Path:
         parent = self.out.resolve().parent
@@ -51,8 +56,11 @@ class atomic_dir:
         try:
             if exc_type is None:
                 self.out.mkdir(parents=True, exist_ok=True)
-                for f in sorted(self.tmp.iterdir()):
+                written = sorted(self.tmp.iterdir())
+                for f in written:
                     os.replace(f, self.out / f.name)
+                for name in set(self.replaces) - {f.name for f in written}:
+                    (self.out / name).unlink(missing_ok=True)
         finally:
             shutil.rmtree(self.tmp, ignore_errors=True)
         return False
@@ -78,10 +86,11 @@ def write_registration(out, *, fixed, reg, metrics: dict, warped_labels=None, ke
       warped_labels: optional moving labels on the fixed grid (int32 array).
       keypoints: optional KeyMorph keypoints (``fixed_keypoints``, ``moving_keypoints``: ``(N, 3)`` world mm).
       title: QC figure title.
-      qc: write ``qc.png``.
+      qc: draw ``qc.png`` (~0.7 s for a 2 mm brain on 2 cores).
 
     Files: ``warped.nii.gz``, ``warp.nii.gz`` (ITK displacement, LPS mm), ``inverse_warp.nii.gz`` (when the
-    registration has an inverse), ``warped_labels.nii.gz``, ``keypoints_*.csv``, ``metrics.json``, ``qc.png``.
+    registration has an inverse), ``warped_labels.nii.gz``, ``keypoints_*.csv``, ``metrics.json``, ``qc.png``. Outputs of an earlier run in ``out`` that this
+    call does not write are removed (the caller has checked that replacing them was asked for).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -89,7 +98,7 @@ def write_registration(out, *, fixed, reg, metrics: dict, warped_labels=None, ke
 
     # The NIfTI files are written by worker threads (gzip releases the GIL: at 1 mm the two warps took 5.3 s
     # of compression in one thread) while the QC figure is drawn here (pyplot stays on this thread).
-    with atomic_dir(out) as tmp, ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+    with atomic_dir(out, replaces=REGISTER_OUTPUTS + KEYPOINT_OUTPUTS) as tmp, ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
         jobs = [pool.submit(save_image, tmp / "warped.nii.gz", reg.warped, fixed.affine),
                 pool.submit(save_itk_warp, tmp / "warp.nii.gz", reg.warp_lps, fixed.affine)]
         if reg.inverse_warp_lps is not None:

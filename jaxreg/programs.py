@@ -146,6 +146,7 @@ def _load_or_compile(fn, static, treedef, keys, flat, key, store):
         args, kwargs = jax.tree_util.tree_unflatten(treedef, xs)
         return fn(*args, **kwargs, **static)
 
+    flat_fn.__name__ = flat_fn.__qualname__ = fn.__name__  # compile logs and profiles name the program
     try:
         with _fresh_compilation():
             compiled = jax.jit(flat_fn).lower(*flat).compile()

@@ -87,6 +87,21 @@ def test_register_refuses_to_overwrite(tmp_path, pair, capsys):
     assert _listing(out) == ["warped.nii.gz"]
 
 
+def test_register_overwrite_removes_outputs_of_the_earlier_run(tmp_path, pair):
+    """An earlier run's qc.png and warped_labels.nii.gz do not survive an --overwrite run that writes neither;
+    a file of the user's own stays."""
+    fixed, moving = pair
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("qc.png", "warped_labels.nii.gz", "notes.txt"):
+        (out / name).write_bytes(b"old")
+    code = _run(["register", "--fixed", fixed, "--moving", moving, "--out", str(out), "--overwrite"] + FAST)
+    assert code == 0
+    assert _listing(out) == sorted(["warped.nii.gz", "warp.nii.gz", "inverse_warp.nii.gz", "metrics.json",
+                                    "notes.txt"])
+    assert (out / "notes.txt").read_bytes() == b"old"
+
+
 def test_register_end_to_end_synthetic_and_ants_agrees(tmp_path):
     """Moving on a different grid (flipped axis, other spacing): outputs, metrics and ITK interop."""
     ants = pytest.importorskip("ants")
@@ -101,7 +116,7 @@ def test_register_end_to_end_synthetic_and_ants_agrees(tmp_path):
     out = tmp_path / "out"
     code = _run(["register", "--fixed", fixed, "--moving", moving, "--out", str(out), "--method", "io-mse",
                  "--fixed-labels", fixed_labels, "--moving-labels", moving_labels, "--levels", "2",
-                 "--iterations", "30,30", "--resolution", "0", "--quiet"])
+                 "--iterations", "30,30", "--resolution", "0", "--quiet", "--qc"])
     assert code == 0
     assert _listing(out) == sorted(["warped.nii.gz", "warp.nii.gz", "inverse_warp.nii.gz",
                                     "warped_labels.nii.gz", "metrics.json", "qc.png"])

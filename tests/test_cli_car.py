@@ -41,7 +41,7 @@ def test_register_car_writes_all_outputs(tiny_car, data_dir, tmp_path):
     case = data_dir / "ixi_t2" / "IXI002"
     out = tmp_path / "out"
     rc = main(["register", "--fixed", str(case / "t1.nii.gz"), "--moving", str(case / "t2.nii.gz"), "--out", str(out),
-               "--method", "car", "--checkpoint", str(run), "--resolution", "4", "--quiet"])
+               "--method", "car", "--checkpoint", str(run), "--resolution", "4", "--quiet", "--qc"])
     # 4 mm: at 8 mm the affine stage once gave a reflection (94 % folding; now rejected by its determinant
     # guard), and the 2-step network alone still folds 6.9 % of that coarse grid
     assert rc == 0

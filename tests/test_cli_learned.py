@@ -34,7 +34,7 @@ def test_register_vxm_writes_all_outputs(tiny_run, data_dir, tmp_path):
     (f, fl), (m, ml) = _ixi(data_dir, 1), _ixi(data_dir, 0)
     out = tmp_path / "out"
     rc = main(["register", "--fixed", str(f), "--moving", str(m), "--out", str(out), "--method", "vxm",
-               "--checkpoint", str(tiny_run), "--fixed-labels", str(fl), "--moving-labels", str(ml), "--quiet"])
+               "--checkpoint", str(tiny_run), "--fixed-labels", str(fl), "--moving-labels", str(ml), "--quiet", "--qc"])
     assert rc == 0
     for name in ("warped.nii.gz", "warp.nii.gz", "inverse_warp.nii.gz", "warped_labels.nii.gz", "metrics.json",
                  "qc.png"):
