@@ -331,11 +331,15 @@ def _register_pair(args, runner, config, feature_fn, fixed, fixed_labels, moving
         warped_labels = pipeline.warp_labels_to_fixed(moving_labels, fixed, reg)
         if fixed_labels is not None:
             moving_labels_on_fixed = pipeline.warp_labels_to_fixed(moving_labels, fixed, None)
-    metrics = pipeline.registration_metrics(args.method, config, reg, fixed, fixed_labels, warped_labels,
-                                            moving_labels_on_fixed, feature_fn=feature_fn)
-    metrics["device"] = _current_device()
-    write_registration(out, fixed=fixed, reg=reg, metrics=metrics, warped_labels=warped_labels, keypoints=keypoints,
-                       qc=args.qc, title=f"{args.method} ({getattr(runner, 'transform', config.transform)})")
+    device = _current_device()
+    transform = getattr(runner, "transform", config.transform)
+
+    def metrics_fn():  # computed while the NIfTI outputs compress (write_registration)
+        return {**pipeline.registration_metrics(args.method, config, reg, fixed, fixed_labels, warped_labels,
+                                                moving_labels_on_fixed, feature_fn=feature_fn), "device": device}
+
+    metrics = write_registration(out, fixed=fixed, reg=reg, metrics=metrics_fn, warped_labels=warped_labels,
+                                 keypoints=keypoints, qc=args.qc, title=f"{args.method} ({transform})")
     report(f"wrote {out}: runtime {metrics['runtime_s']:.1f} s, folding {metrics['folding_percent']:.3f} %"
            + (f", Dice {metrics['dice_mean']:.3f}" if "dice_mean" in metrics else ""))
     return metrics

@@ -24,7 +24,7 @@ from jaxreg import losses as L
 from jaxreg import metrics as M
 from jaxreg.io import Volume, grid_to_grid_matrix, resample_to_grid, voxel_disp_to_world
 from jaxreg.optimize import DNS_CONFIG, InstanceConfig, normalize_intensity, register_instance, similarity_fn
-from jaxreg.programs import program
+from jaxreg.programs import program, to_device
 from jaxreg.optimize.instance import LINEAR_TRANSFORMS, InstanceResult, _resample_affine, compose_affine_deformable
 from jaxreg.spatial import identity_grid, resize_disp, sample, voxel_spacing
 
@@ -194,7 +194,7 @@ def resample_smooth(vol: Volume, shape, affine, *, smooth: bool = True) -> jnp.n
     """Resample ``vol`` onto ``(shape, affine)`` (linear), with Gaussian anti-aliasing (:func:`antialias`) when
     downsampling unless ``smooth=False`` (``vol`` already smoothed)."""
     data = (antialias(vol, affine) if smooth else vol).data
-    return jnp.asarray(resample_to_grid(data, vol.affine, shape, affine, order=1), jnp.float32)[..., None]
+    return to_device(resample_to_grid(data, vol.affine, shape, affine, order=1)[..., None], np.float32)
 
 
 class Registration(NamedTuple):
@@ -266,12 +266,12 @@ def _working_images(fixed: Volume, moving: Volume, resolution: float | None, tra
             resample_smooth(moving, work_shape, work_affine))
 
 
-def field_of_view(vol: Volume, shape, affine) -> jnp.ndarray:
-    """``(*shape)`` float32 mask of the grid ``(shape, affine)`` inside ``vol``'s field of view (1 inside, 0 out)."""
+def field_of_view(vol: Volume, shape, affine) -> np.ndarray:
+    """``(*shape)`` float32 NumPy mask of the grid ``(shape, affine)`` inside ``vol``'s field of view (1 inside, 0 out)."""
     g = grid_to_grid_matrix(affine, vol.affine)
     x = np.stack(np.indices(tuple(shape), np.float64), -1) @ g[:3, :3].T + g[:3, 3]
     lo, hi = -0.5, np.asarray(vol.data.shape[:3], np.float64) - 0.5
-    return jnp.asarray(np.all((x >= lo) & (x <= hi), axis=-1), jnp.float32)
+    return np.all((x >= lo) & (x <= hi), axis=-1).astype(np.float32)
 
 
 def _geometry(fixed: Volume, moving: Volume, work_shape, work_affine) -> dict:
@@ -352,7 +352,7 @@ def register_volumes_learned(fixed: Volume, moving: Volume, *, module, model, la
         matrix = np.asarray(register_instance(fixed_w, moving_w, config=PREALIGN_CONFIG,
                                               **_geometry(fixed, moving, work_shape, work_affine)).matrix, np.float64)
         report("affine pre-alignment done")
-    moving_aff = _resample_affine(moving_w, jnp.asarray(matrix, jnp.float32), padding="zeros")
+    moving_aff = _resample_affine(moving_w, to_device(matrix, np.float32), padding="zeros")
     f, m = normalize_intensity(fixed_w), normalize_intensity(moving_aff)
     mult = 2 ** len(model.config.enc_features)
     padded = tuple(int(np.ceil(s / mult) * mult) for s in work_shape)
@@ -549,8 +549,8 @@ def register_volumes_keymorph(fixed: Volume, moving: Volume, *, model, transform
     zero = jnp.zeros(tuple(work_shape) + (3,), jnp.float32)
     if pts["fitted"][0] == "affine":
         matrix = w_inv @ pts["fitted"][1] @ w
-        total = affine_to_disp(jnp.asarray(matrix, jnp.float32), tuple(work_shape))
-        inverse = affine_to_disp(jnp.asarray(np.linalg.inv(matrix), jnp.float32), tuple(work_shape))
+        total = affine_to_disp(to_device(matrix, np.float32), tuple(work_shape))
+        inverse = affine_to_disp(to_device(np.linalg.inv(matrix), np.float32), tuple(work_shape))
     else:
         matrix = np.eye(4)
         grid = identity_grid(tuple(work_shape)).reshape(-1, 3)
@@ -566,7 +566,7 @@ def register_volumes_keymorph(fixed: Volume, moving: Volume, *, model, transform
     return _finish(fixed, moving, fixed_w, moving_w, work_shape, work_affine, res, runtime), pts
 
 
-_resize_disp = jax.jit(resize_disp, static_argnames=("shape",))
+_resize_disp = program(resize_disp, static_argnames=("shape",))
 
 
 @program(static_argnames=("shape_f",))
@@ -586,7 +586,7 @@ def _finish(fixed, moving, fixed_w, moving_w, work_shape, work_affine, res, runt
     shape_f = fixed.data.shape
     g = grid_to_grid_matrix(fixed.affine, moving.affine)
     disp_fixed, voxel_map, warped, moving_on_fixed, warped_w = _to_fixed_grid(
-        res.total_disp, jnp.asarray(g, jnp.float32), jnp.asarray(moving.data, jnp.float32), moving_w,
+        res.total_disp, to_device(g, np.float32), to_device(moving.data, np.float32), moving_w,
         shape_f=tuple(shape_f))
     warp_lps = voxel_disp_to_world(voxel_map, fixed.affine, moving.affine)
     inverse_fixed = inverse_lps = None
@@ -602,9 +602,9 @@ def _finish(fixed, moving, fixed_w, moving_w, work_shape, work_affine, res, runt
 
 def warp_labels_to_fixed(labels: Volume, fixed: Volume, reg: Registration | None) -> np.ndarray:
     """Moving labels resampled (nearest neighbour) onto the fixed grid by the registration (None: by the headers only)."""
-    g = jnp.asarray(grid_to_grid_matrix(fixed.affine, labels.affine), jnp.float32)
-    disp = None if reg is None else jnp.asarray(reg.disp_fixed)
-    return np.asarray(_warp_labels(jnp.asarray(labels.data, jnp.int32), g, disp, shape=tuple(fixed.data.shape)))
+    g = to_device(grid_to_grid_matrix(fixed.affine, labels.affine), np.float32)
+    disp = None if reg is None else to_device(reg.disp_fixed)
+    return np.asarray(_warp_labels(to_device(labels.data, np.int32), g, disp, shape=tuple(fixed.data.shape)))
 
 
 @program(static_argnames=("shape",))
@@ -646,20 +646,25 @@ def _similarity(f, ms, *, config):
     return tuple(similarity_fn(config)(fd, descriptors(m), None) for m in ms)
 
 
+@program
+def _field_regularity(disp):
+    """``(folding_percent, sdlogj)`` of a displacement field: one stored program for both."""
+    return M.folding_percent(disp), M.sdlogj(disp)
+
+
 def registration_metrics(method: str, config: InstanceConfig, reg: Registration, fixed: Volume,
                          fixed_labels: Volume | None = None, warped_labels: np.ndarray | None = None,
                          moving_labels_on_fixed: np.ndarray | None = None,
                          feature_fn: Callable | None = None) -> dict:
     """The ``metrics.json`` dictionary (see README) for a registration."""
-    disp = jnp.asarray(reg.disp_fixed)
+    disp = to_device(reg.disp_fixed)
     out = {
         "method": method,
         "transform": config.transform,
         "runtime_s": round(reg.runtime_s, 3),
         "similarity": f"{'deepsim' if method == 'io-deepsim' else config.similarity} loss (lower is better)",
         **_similarity_before_after(config, reg.work, feature_fn),
-        "folding_percent": float(M.folding_percent(disp)),
-        "sdlogj": float(M.sdlogj(disp)),
+        **{k: float(v) for k, v in zip(("folding_percent", "sdlogj"), _field_regularity(disp))},
         "working_grid": list(reg.work["shape"]),
     }
     if fixed_labels is not None and warped_labels is not None:

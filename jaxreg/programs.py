@@ -63,6 +63,21 @@ def plain_jit():
         _LOCAL.plain = saved
 
 
+def to_device(x, dtype=None) -> jax.Array:
+    """A host value (NumPy array, list, scalar) as a ``jax.Array`` of ``dtype``, by a plain transfer.
+
+    ``jnp.asarray`` of a NumPy array runs a one-operation program (``jit(stage)``, and
+    ``convert_element_type`` for a new dtype) that is compiled, or looked up in the persistent cache, once
+    per shape in every process: 20 such lookups in a warm ``jaxreg register`` (issue 18). A ``jax.Array``
+    is returned as it is (cast when ``dtype`` differs); a tracer goes to ``jnp.asarray``.
+    """
+    if isinstance(x, jax.core.Tracer):
+        return jax.numpy.asarray(x, dtype)
+    if isinstance(x, jax.Array):
+        return x if dtype is None or x.dtype == np.dtype(dtype) else x.astype(dtype)
+    return jax.device_put(np.asarray(x, dtype))
+
+
 def _is_key(x) -> bool:
     return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 

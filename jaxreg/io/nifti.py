@@ -26,13 +26,14 @@ import nibabel as nib
 import numpy as np
 from jaxtyping import Float, Num
 
+from jaxreg.programs import program, to_device
 from jaxreg.spatial.warp import sample
 
 _ArrayLike = np.ndarray | jax.Array
 
 # One compiled kernel per (shape, order, padding): much faster than eager
 # dispatch of the many small ops of the linear sampler.
-_sample = jax.jit(sample, static_argnames=("order", "padding"))
+_sample = program(sample, static_argnames=("order", "padding"))
 
 # Written as both sform and qform code. ITK writes NIFTI_XFORM_SCANNER_ANAT (1)
 # for both, and its reader prefers the sform when sform_code == 1 and the sform
@@ -311,7 +312,7 @@ def resample_to_grid(
     d = len(ref_shape)
     if d not in (2, 3) or min(ref_shape) < 1:
         raise ValueError(f"resample_to_grid: ref_shape must be 2 or 3 positive sizes, got {ref_shape}")
-    data = jnp.asarray(data)
+    data = data if isinstance(data, jax.Array) else np.asarray(data)  # no device program per shape (issue 18)
     if data.ndim not in (d, d + 1):
         raise ValueError(f"resample_to_grid: data must be (*spatial) or (*spatial, C) with {d} spatial axes "
                          f"like ref_shape {ref_shape}, got {data.shape}")
@@ -332,8 +333,8 @@ def resample_to_grid(
         g = g @ m
     if tuple(data.shape[:d]) == ref_shape and np.allclose(g, np.eye(d + 1), rtol=0, atol=1e-6):
         # the same grid (e.g. a scan already on the working grid): sampling would return the data itself
-        return np.asarray(data if order == 0 else data.astype(jnp.float32))
+        return np.asarray(data if order == 0 else np.asarray(data, np.float32))
     coords = _grid_points(ref_shape) @ g[:d, :d].T + g[:d, d]
-    image = data if order == 0 else data.astype(jnp.float32)
-    out = _sample(image, jnp.asarray(coords, jnp.float32), order=order, padding="zeros")
+    image = to_device(data, None if order == 0 else np.float32)
+    out = _sample(image, to_device(coords, np.float32), order=order, padding="zeros")
     return np.asarray(out)

@@ -41,7 +41,7 @@ import scipy.ndimage as ndi
 from jaxtyping import Array, Float
 
 from jaxreg import losses as L
-from jaxreg.programs import program
+from jaxreg.programs import program, to_device
 from jaxreg.spatial import (
     affine_to_disp,
     gaussian_blur,
@@ -517,7 +517,7 @@ def normalize_intensity(image: Float[Array, "*spatial C"], *, lower=0.5, upper=9
         lo, hi = np.percentile(host, [lower, upper], axis=axes, keepdims=True).astype(np.float32)
         span = hi - lo
         safe = np.where(span > 0, span, np.float32(1.0))
-        return jnp.asarray(np.where(span > 0, np.clip((host - lo) / safe, 0.0, 1.0), np.float32(0.0)))
+        return to_device(np.where(span > 0, np.clip((host - lo) / safe, 0.0, 1.0), np.float32(0.0)))
     span = hi - lo
     safe = jnp.where(span > 0, span, 1.0)
     return jnp.where(span > 0, jnp.clip((x - lo) / safe, 0.0, 1.0), 0.0)
@@ -541,7 +541,7 @@ def center_of_mass(image: Float[Array, "*spatial C"], *, threshold: float | None
             w = (w > threshold * np.max(w)).astype(np.float32)
         if not w.sum() > 0:
             return jnp.zeros(w.ndim, jnp.float32)
-        return jnp.asarray(ndi.center_of_mass(w), jnp.float32)
+        return to_device(ndi.center_of_mass(w), np.float32)
     w = jnp.sum(jnp.maximum(image, 0.0), axis=-1)
     if threshold is not None:
         w = (w > threshold * jnp.max(w)).astype(jnp.float32)
@@ -608,11 +608,11 @@ def _affine_geometry(fixed, spacing):
     f = np.asarray(fixed, np.float32)
     idx = np.nonzero(np.sum(np.maximum(f, 0.0), -1) > 0.05 * np.max(f))
     if len(idx[0]) == 0:
-        return jnp.zeros(f.ndim - 1, jnp.float32), jnp.float32(1.0)
+        return to_device(np.zeros(f.ndim - 1), np.float32), to_device(1.0, np.float32)
     x = np.stack(idx, -1).astype(np.float64) * np.asarray(spacing, np.float64)
     c = x.mean(0)
     r = np.sqrt(np.mean(np.sum((x - c) ** 2, -1)))
-    return jnp.asarray(c, jnp.float32), jnp.float32(max(r, 1.0))
+    return to_device(c, np.float32), to_device(max(r, 1.0), np.float32)
 
 
 def _affine_units(ndim: int, radius, rigid: bool):
@@ -624,11 +624,11 @@ def _affine_units(ndim: int, radius, rigid: bool):
     trainable = np.ones(sum(n.values()), np.float32)
     if rigid:
         trainable[n["translation"] + n["rotation"]:] = 0.0
-    return units, jnp.asarray(trainable)
+    return units, to_device(trainable)
 
 
-@functools.partial(jax.jit, static_argnames=("rigid",))
-def _raw_to_matrix(raw, spacing, center_mm, radius, rigid):
+@program(static_argnames=("rigid",))
+def _raw_to_matrix(raw, spacing, center_mm, radius, *, rigid):
     """Voxel-space matrix of raw affine parameters acting in mm about ``center_mm``: ``S^-1 A_mm S``."""
     d = spacing.shape[0]
     units, trainable = _affine_units(d, radius, rigid)
@@ -659,7 +659,7 @@ def _affine_points(level_shape, box, n_points, *, seed):
         flat = np.concatenate([np.arange(total), np.zeros(count - total, np.int64)])
         weights = (np.arange(count) < total).astype(np.float32)
     idx = np.stack(np.unravel_index(flat, sizes), -1) + lo
-    return jnp.asarray(idx, jnp.int32), jnp.asarray(weights)
+    return to_device(idx, np.int32), to_device(weights)
 
 
 @program(static_argnames=("cfg", "iterations", "rigid"))
@@ -691,7 +691,7 @@ def _affine_level(raw, init, fixed_f, moving_f, valid, points, weights, ratio, s
     opt = optax.chain(optax.scale_by_adam(), optax.scale_by_schedule(lambda i: -step0 * schedule(i)))
 
     def loss_fn(raw):
-        a = init @ _raw_to_matrix(raw, spacing, center_mm, radius, rigid)
+        a = init @ _raw_to_matrix(raw, spacing, center_mm, radius, rigid=rigid)
         y = ((x_fine @ a[:d, :d].T + a[:d, d]) + 0.5) / ratio - 0.5
         m = sample(moving_f, y, padding="zeros")
         # points leave or enter the moving field of view without a gradient (as ITK's metrics drop them)
@@ -767,6 +767,7 @@ def _level_hyper(cfg: InstanceConfig, level: int, level_shape, field_shape, n_me
         "decay": np.float32(cfg.field_decay * (2.0 / n_mean) ** 2),
         "iterations": np.int32(cfg.iterations[level]),
         "shape": np.asarray(level_shape, np.int32),
+        "level": np.int32(level),  # folded into the key inside the program (an eager fold_in compiles)
     }
 
 
@@ -792,10 +793,12 @@ def _deformable_level(field, fixed_f, moving_f, mask, box, key, hyper, *, cfg, s
     have equal shapes share this program: on ``sampled`` levels
     (:func:`_sampled_level`) the features and ``mask`` are padded to the
     finest level's grid. ``losses`` is ``(max(cfg.iterations),)``; entries
-    from ``hyper["iterations"]`` on are 0.
+    from ``hyper["iterations"]`` on are 0. The samples' key is ``key`` folded with
+    ``hyper["level"]`` and the step.
     """
     d = field.ndim - 1
     lr = hyper["lr"]
+    level_key = jax.random.fold_in(key, hyper["level"])
     sim = similarity_fn(cfg)
     if cfg.relative_eps > 0:  # Adam on the gradient divided by its global RMS, with eps in those units
         opt = optax.chain(_scale_by_global_rms(), optax.adam(lr, eps=cfg.relative_eps))
@@ -832,7 +835,7 @@ def _deformable_level(field, fixed_f, moving_f, mask, box, key, hyper, *, cfg, s
 
     def step(i, carry):
         field, state, curve = carry
-        loss, g = jax.value_and_grad(loss_fn)(field, jax.random.fold_in(key, i))
+        loss, g = jax.value_and_grad(loss_fn)(field, jax.random.fold_in(level_key, i))
         upd, state = opt.update(g, state, field)
         return optax.apply_updates(field, upd), state, curve.at[i].set(loss)
 
@@ -1026,9 +1029,9 @@ def _affine_stage(fixed, moving, candidates, cfg, spacing, moving_mask, level_ma
     d = len(fine_shape)
     rigid = cfg.rigid_affine
     acfg = dataclasses.replace(cfg, similarity=_affine_similarity(cfg))
-    spacing = jnp.ones(d, jnp.float32) if spacing is None else jnp.asarray(spacing, jnp.float32).reshape(d)
-    valid = (jnp.ones(fine_shape + (1,), jnp.float32) if moving_mask is None
-             else jnp.asarray(moving_mask, jnp.float32).reshape(fine_shape + (1,)))
+    spacing = to_device(np.ones(d) if spacing is None else np.reshape(np.asarray(spacing), d), np.float32)
+    valid = to_device(np.ones(fine_shape + (1,)) if moving_mask is None
+                      else np.reshape(np.asarray(moving_mask), fine_shape + (1,)), np.float32)
     center_mm, radius = _affine_geometry(fixed, spacing)
     factors = [2 ** (cfg.affine_levels - 1 - i) * cfg.affine_finest_factor for i in range(cfg.affine_levels)]
     n_points = cfg.affine_samples
@@ -1047,20 +1050,20 @@ def _affine_stage(fixed, moving, candidates, cfg, spacing, moving_mask, level_ma
         lm = level_mask(factors[i])
         if lm is not None:
             pts = np.asarray(points)
-            weights = jnp.asarray(np.asarray(weights) * np.asarray(lm)[tuple(pts[:, k] for k in range(d))])
+            weights = to_device(np.asarray(weights) * np.asarray(lm)[tuple(pts[:, k] for k in range(d))])
         step0 = cfg.affine_learning_rate * float(np.mean(np.asarray(spacing) * ratio))
         iters = cfg.affine_iterations[i % len(cfg.affine_iterations)]
         raw, curve, n = _affine_level(raw, init, fixed_f, moving_f, valid_levels[i], points, weights,
-                                      jnp.asarray(ratio), spacing, center_mm, radius, jnp.float32(step0), cfg=acfg,
+                                      to_device(ratio), spacing, center_mm, radius, to_device(step0, np.float32), cfg=acfg,
                                       iterations=iters, rigid=rigid)
         return raw, np.asarray(curve)[: max(int(n), 1)]
 
     def matrix_of(raw, cand):
-        return np.asarray(cand, np.float64) @ np.asarray(_raw_to_matrix(raw, spacing, center_mm, radius, rigid),
+        return np.asarray(cand, np.float64) @ np.asarray(_raw_to_matrix(raw, spacing, center_mm, radius, rigid=rigid),
                                                          np.float64)
 
     box_fine = _foreground_box(fixed, moving)
-    zero = jnp.zeros(n_raw, jnp.float32)
+    zero = to_device(np.zeros(n_raw), np.float32)
     results = {}
     for name, cand in candidates.items():
         raw, curve = run_level(0, zero, cand)
@@ -1125,7 +1128,7 @@ def _deformable_mask(fixed, moving_aff, mask, moving_mask, matrix, cfg):
     both foregrounds, dilated by ``cfg.foreground_dilation`` voxels."""
     out = mask
     if moving_mask is not None:
-        fov = _moving_fov(jnp.asarray(moving_mask, jnp.float32).reshape(fixed.shape[:-1] + (1,)), matrix)
+        fov = _moving_fov(to_device(np.reshape(np.asarray(moving_mask), fixed.shape[:-1] + (1,)), np.float32), matrix)
         out = fov if out is None else _multiply(out, fov)
     if cfg.foreground_mask:
         fg = _foreground(fixed, moving_aff, cfg.foreground_dilation)
@@ -1140,7 +1143,9 @@ def _moving_fov(moving_mask, matrix):
     return 1.0 - _dilate((fov <= 0.99).astype(jnp.float32), FOV_EROSION)  # erosion
 
 
-_multiply = jax.jit(jnp.multiply)
+@program
+def _multiply(a, b):
+    return a * b
 
 
 def _foreground(fixed, moving_aff, dilation):
@@ -1163,7 +1168,7 @@ def _foreground(fixed, moving_aff, dilation):
         out |= ndi.binary_fill_holes(m)
     if dilation > 0:
         out = ndi.maximum_filter(out, size=2 * dilation + 1)
-    return jnp.asarray(out, jnp.float32)
+    return to_device(out, np.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("radius",))
@@ -1249,15 +1254,15 @@ def register_instance(
     moving = normalize_intensity(moving)
     true_shape = fixed.shape[:-1]
     d = len(true_shape)
-    mask_f = None if mask is None else jnp.asarray(np.asarray(mask, np.float32).reshape(true_shape))
+    mask_f = None if mask is None else to_device(np.asarray(mask, np.float32).reshape(true_shape))
     if cfg.grid_buckets and bucket_shape(true_shape) != tuple(true_shape):
         # zero padding at the high end keeps every voxel index (so the matrix) and is outside both masks
         shape = bucket_shape(true_shape)
         fixed, moving = _pad_to(fixed, shape), _pad_to(moving, shape)
-        inside = _pad_to(np.ones(true_shape + (1,), np.float32), shape)[..., 0]
-        mask_f = inside if mask_f is None else _pad_to(mask_f[..., None], shape)[..., 0]
+        inside = _pad_to(np.ones(true_shape + (1,), np.float32), shape, channels=False)
+        mask_f = inside if mask_f is None else _pad_to(mask_f[..., None], shape, channels=False)
         moving_mask = inside if moving_mask is None else _pad_to(
-            np.asarray(moving_mask, np.float32).reshape(true_shape + (1,)), shape)[..., 0]
+            np.asarray(moving_mask, np.float32).reshape(true_shape + (1,)), shape, channels=False)
     fine_shape = fixed.shape[:-1]
     factors = [2 ** (cfg.levels - 1 - lvl) for lvl in range(cfg.levels)]
     report = progress or (lambda _: None)
@@ -1302,17 +1307,17 @@ def register_instance(
 
     matrix = np.asarray(matrix, np.float64)
     if cfg.transform in LINEAR_TRANSFORMS:
-        affine_disp = affine_to_disp(jnp.asarray(matrix, jnp.float32), true_shape)
+        affine_disp = affine_to_disp(to_device(matrix, np.float32), true_shape)
         inv = np.linalg.inv(matrix)
         return InstanceResult(matrix, jnp.zeros_like(affine_disp), affine_disp,
-                              affine_to_disp(jnp.asarray(inv, jnp.float32), true_shape), None, tuple(curves))
+                              affine_to_disp(to_device(inv, np.float32), true_shape), None, tuple(curves))
 
     # -- deformable stage on the affinely resampled moving image
-    moving_aff = _resample_affine(moving, jnp.asarray(matrix, jnp.float32), padding="zeros")
+    moving_aff = _resample_affine(moving, to_device(matrix, np.float32), padding="zeros")
     field = None
     box_fine = _foreground_box(fixed, moving_aff)
-    sim_mask = _deformable_mask(fixed, moving_aff, mask_f, moving_mask, jnp.asarray(matrix, jnp.float32), cfg)
-    key = jax.random.key(0)
+    sim_mask = _deformable_mask(fixed, moving_aff, mask_f, moving_mask, to_device(matrix, np.float32), cfg)
+    key = jax.random.wrap_key_data(np.zeros(2, np.uint32), impl="threefry2x32")  # key(0), made on the host
     if cfg.similarity == "dns":
         moving_desc = _features_in_box(feature_fn, moving_aff, feature_box)
         fixed_desc = fixed_desc_job.result()
@@ -1337,24 +1342,24 @@ def register_instance(
         field_shape = tuple(max(2, int(np.ceil(s / spacing))) for s in level_shape)
         box = _level_box(box_fine, factor, level_shape)
         if field is None:
-            field = jnp.zeros(field_shape + (d,), jnp.float32)
+            field = to_device(np.zeros(field_shape + (d,)), np.float32)
         elif field.shape[:-1] != field_shape:
             field = resize_disp(field, field_shape)
         n_mean = float(np.mean(_level_shape(true_shape, factor)))
         hyper = _level_hyper(cfg, lvl, level_shape, field_shape, n_mean)
         field, curve = _deformable_level(field, fixed_f, moving_f, level_mask(factor, sim_mask, pad_to),
-                                         jnp.asarray(box), jax.random.fold_in(key, lvl), hyper, cfg=cfg,
+                                         to_device(box), key, hyper, cfg=cfg,
                                          sampled=sampled)
         curve = np.asarray(curve)[:cfg.iterations[lvl]]
         curves.append(curve)
         report(f"deformable level {lvl + 1}/{cfg.levels} {level_shape}: loss {float(curve[0]):.4g} -> {float(curve[-1]):.4g}")
 
-    disp, total, inverse = _finish_deformable(field, jnp.asarray(matrix, jnp.float32),
-                                              jnp.asarray(np.linalg.inv(matrix), jnp.float32),
+    disp, total, inverse = _finish_deformable(field, to_device(matrix, np.float32),
+                                              to_device(np.linalg.inv(matrix), np.float32),
                                               cfg=cfg, fine_shape=fine_shape)
     if fine_shape != tuple(true_shape):  # crop the padding on the host (an eager slice compiles per shape)
         crop = tuple(slice(0, n) for n in true_shape)
-        disp, total, inverse = (jnp.asarray(np.asarray(x)[crop]) for x in (disp, total, inverse))
+        disp, total, inverse = (to_device(np.asarray(x)[crop]) for x in (disp, total, inverse))
     velocity = field if cfg.transform == "svf" else None
     return InstanceResult(matrix, disp, total, inverse, velocity, tuple(curves))
 
@@ -1375,9 +1380,11 @@ def _finish_deformable(field, matrix, inv_matrix, *, cfg, fine_shape):
     return disp, total, inverse
 
 
-def _pad_to(x, shape):
-    """Zero-pad ``(*spatial, C)`` at the high end of each axis to ``shape`` (on the host)."""
-    return jnp.asarray(np.pad(np.asarray(x, np.float32), [(0, n - s) for n, s in zip(shape, x.shape[:-1])] + [(0, 0)]))
+def _pad_to(x, shape, *, channels=True):
+    """Zero-pad ``(*spatial, C)`` at the high end of each axis to ``shape`` (on the host); ``channels=False``
+    returns ``(*shape)`` (the single channel dropped on the host: an eager squeeze compiles per shape)."""
+    out = np.pad(np.asarray(x, np.float32), [(0, n - s) for n, s in zip(shape, x.shape[:-1])] + [(0, 0)])
+    return to_device(out if channels else out[..., 0])
 
 
 def compose_affine_deformable(matrix, disp: Float[Array, "*spatial D"], inverse_disp: Float[Array, "*spatial D"]):
@@ -1397,8 +1404,8 @@ def compose_affine_deformable(matrix, disp: Float[Array, "*spatial D"], inverse_
       displacements (``y - x``) on that grid; ``inverse_disp`` is sampled
       with border padding where ``A^-1`` leaves the grid.
     """
-    return _compose(jnp.asarray(matrix, jnp.float32),
-                    jnp.asarray(np.linalg.inv(np.asarray(matrix, np.float64)), jnp.float32), disp, inverse_disp)
+    return _compose(to_device(matrix, np.float32),
+                    to_device(np.linalg.inv(np.asarray(matrix, np.float64)), np.float32), disp, inverse_disp)
 
 
 @jax.jit
