@@ -318,7 +318,31 @@ def _current_device() -> str:
     return f"{dev.platform}:{dev.id}"
 
 
+def _job_tag(args, fixed, moving_path) -> str:
+    """What decides the programs of one pair (options, grids): the key of its :func:`programs.manifest`."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(moving_path))  # the header only
+        moving = (tuple(img.shape), np.round(img.affine, 3).tolist())
+    except Exception:  # noqa: BLE001 - _load_scan reports it
+        moving = None
+    options = {k: v for k, v in sorted(vars(args).items())
+               if k not in ("fixed", "moving", "out", "fixed_labels", "moving_labels", "overwrite", "quiet")}
+    return repr(("register", options, fixed.data.shape, np.round(fixed.affine, 3).tolist(), moving,
+                 args.fixed_labels is not None, args.moving_labels is not None))
+
+
 def _register_pair(args, runner, config, feature_fn, fixed, fixed_labels, moving_path, labels_path, out, report):
+    from jaxreg import programs
+
+    with programs.manifest(_job_tag(args, fixed, moving_path)):
+        return _register_pair_body(args, runner, config, feature_fn, fixed, fixed_labels, moving_path, labels_path,
+                                   out, report)
+
+
+def _register_pair_body(args, runner, config, feature_fn, fixed, fixed_labels, moving_path, labels_path, out,
+                        report):
     from jaxreg import pipeline
 
     moving, moving_labels = _load_scan("--moving", moving_path, labels_path)

@@ -77,3 +77,48 @@ def test_a_program_whose_executable_is_in_xlas_cache_is_stored_runnable(tmp_path
     assert n == 1 and again == first
     n, third = _run(tmp_path)
     assert n == 0 and third == first
+
+
+MANIFEST_SCRIPT = textwrap.dedent("""
+    import sys, threading, time, jax, jax.numpy as jnp, numpy as np
+    jax.config.update("jax_compilation_cache_dir", sys.argv[1])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    from jax.experimental import serialize_executable as se
+    from jaxreg import programs
+    loads = []  # the thread of every executable loaded from the store
+    original = se.deserialize_and_load
+    def spy(*a, **k):
+        loads.append(threading.current_thread() is threading.main_thread())
+        return original(*a, **k)
+    se.deserialize_and_load = spy
+
+    @programs.program
+    def f(x):
+        return jnp.cumsum(x) * 2.0
+
+    @programs.program
+    def g(x):
+        return jnp.sin(x)
+
+    with programs.manifest(sys.argv[2]):
+        time.sleep(1.0)  # let the loader finish (a program it has not started yet is loaded by the caller)
+        out = f(jnp.arange(5.0)) + g(jnp.arange(5.0))
+    print(" ".join("main" if m else "thread" for m in loads) or "none", float(out.sum()))
+""")
+
+
+def test_manifest_loads_the_jobs_programs_in_a_thread(tmp_path):
+    """The first process lists the stored programs of its job; a second with the same tag gets them from the
+    background loader (none loaded on the main thread), with the same result; another tag prefetches nothing."""
+    def run(tag):
+        return subprocess.run([sys.executable, "-c", MANIFEST_SCRIPT, str(tmp_path), tag], capture_output=True,
+                              text=True, check=True).stdout.split()
+
+    first = run("job")
+    assert first[0] == "none"  # compiled, nothing loaded
+    manifests = list((tmp_path / "jaxreg-programs" / "manifests").glob("*.json"))
+    assert len(manifests) == 1
+    second = run("job")
+    assert second[:-1] == ["thread", "thread"] and second[-1] == first[-1]
+    other = run("another job")
+    assert other[:-1] == ["main", "main"] and other[-1] == first[-1]
