@@ -665,9 +665,9 @@ def _affine_points(level_shape, box, n_points, *, seed):
     return to_device(idx, np.int32), to_device(weights)
 
 
-@program(static_argnames=("cfg", "iterations", "rigid"))
-def _affine_level(raw, init, fixed_f, moving_f, valid, points, weights, ratio, spacing, center_mm, radius, step0, *,
-                  cfg, iterations, rigid):
+@program(static_argnames=("cfg", "max_iterations", "rigid"))
+def _affine_level(raw, init, fixed_f, moving_f, valid, points, weights, ratio, spacing, center_mm, radius, step0,
+                  iterations, *, cfg, max_iterations, rigid):
     """Adam on the raw affine parameters at one pyramid level, with a stopping rule; returns (raw, losses).
 
     The similarity is evaluated at the fixed level-voxel ``points`` (fixed
@@ -678,7 +678,10 @@ def _affine_level(raw, init, fixed_f, moving_f, valid, points, weights, ratio, s
     at ``step0`` mm and decays by a cosine to 1 % of it; the loop stops early
     when an exponential average of the largest parameter change per step
     (mm at the foreground radius) falls below ``cfg.affine_tolerance *
-    step0``. Unused entries of the returned curve repeat the last loss.
+    step0``. ``iterations`` (at most ``max_iterations``) is traced, and
+    the level's grid enters only through the arrays' shapes and ``ratio``, so
+    levels with equally shaped (padded) arrays share the program. The curve
+    has ``max_iterations`` entries; unused ones repeat the last loss.
     """
     d = points.shape[-1]
     sim = similarity_fn(cfg)
@@ -690,7 +693,10 @@ def _affine_level(raw, init, fixed_f, moving_f, valid, points, weights, ratio, s
     fast_mi = cfg.similarity in ("mi", "nmi") and fixed_f.shape[-1] == 1
     if fast_mi:
         a_f = L.parzen_weights(f[:, 0, 0], bins=cfg.mi_bins, kernel=cfg.mi_kernel)
-    schedule = optax.cosine_decay_schedule(1.0, iterations, alpha=0.01)
+    def schedule(i):  # optax.cosine_decay_schedule(1, iterations, alpha=0.01), with a traced length
+        t = jnp.minimum(i, iterations).astype(jnp.float32) / iterations.astype(jnp.float32)
+        return 0.01 + 0.99 * 0.5 * (1.0 + jnp.cos(jnp.pi * t))
+
     opt = optax.chain(optax.scale_by_adam(), optax.scale_by_schedule(lambda i: -step0 * schedule(i)))
 
     def loss_fn(raw):
@@ -712,9 +718,10 @@ def _affine_level(raw, init, fixed_f, moving_f, valid, points, weights, ratio, s
         loss, g = jax.value_and_grad(loss_fn)(raw)
         upd, state = opt.update(g, state, raw)
         change = 0.8 * change + 0.2 * jnp.max(jnp.abs(upd))
-        return optax.apply_updates(raw, upd), state, i + 1, change, jnp.where(jnp.arange(iterations) >= i, loss, curve)
+        return (optax.apply_updates(raw, upd), state, i + 1, change,
+                jnp.where(jnp.arange(max_iterations) >= i, loss, curve))
 
-    start = (raw, opt.init(raw), jnp.int32(0), jnp.float32(step0), jnp.zeros(iterations, jnp.float32))
+    start = (raw, opt.init(raw), jnp.int32(0), jnp.float32(step0), jnp.zeros(max_iterations, jnp.float32))
     raw, _, n, _, curve = jax.lax.while_loop(cond, body, start)
     return raw, curve, n
 
@@ -1000,9 +1007,17 @@ def _in_background(fn, device) -> concurrent.futures.Future:
 
 @program(static_argnames=("factors", "cfg"))
 def _affine_pyramid(fixed, moving, valid, *, factors, cfg):
-    """Fixed, moving and field-of-view images at every affine level (one compiled program)."""
-    return tuple(tuple(_level_features(x, factor=f, cfg=cfg) if k < 2 else _downsample(x, f) for f in factors)
-                 for k, x in enumerate((fixed, moving, valid)))
+    """Fixed, moving and field-of-view images at every affine level (one compiled program).
+
+    Every level after the first is zero-padded at its high end to the last level's grid, so those levels
+    share one :func:`_affine_level` program (issue 18). The padding is exact: the fixed image is read only
+    inside the foreground box, and the moving image and field of view are sampled with zero padding.
+    """
+    out = tuple(tuple(_level_features(x, factor=f, cfg=cfg) if k < 2 else _downsample(x, f) for f in factors)
+                for k, x in enumerate((fixed, moving, valid)))
+    last = out[0][-1].shape[:-1]
+    return tuple(tuple(y if i == 0 else _pad_high(y, last, mode="constant") for i, y in enumerate(levels))
+                 for levels in out)
 
 
 def _affine_similarity(cfg) -> str:
@@ -1047,7 +1062,7 @@ def _affine_stage(fixed, moving, candidates, cfg, spacing, moving_mask, level_ma
 
     def run_level(i, raw, init):
         fixed_f, moving_f = fixed_levels[i], moving_levels[i]
-        level_shape = fixed_f.shape[:-1]
+        level_shape = _level_shape(fine_shape, factors[i]) if factors[i] > 1 else fine_shape
         ratio = np.asarray(fine_shape, np.float32) / np.asarray(level_shape, np.float32)
         points, weights = _affine_points(level_shape, _level_box(box_fine, ratio, level_shape), n_points, seed=i)
         lm = level_mask(factors[i])
@@ -1055,10 +1070,10 @@ def _affine_stage(fixed, moving, candidates, cfg, spacing, moving_mask, level_ma
             pts = np.asarray(points)
             weights = to_device(np.asarray(weights) * np.asarray(lm)[tuple(pts[:, k] for k in range(d))])
         step0 = cfg.affine_learning_rate * float(np.mean(np.asarray(spacing) * ratio))
-        iters = cfg.affine_iterations[i % len(cfg.affine_iterations)]
+        iters = np.int32(cfg.affine_iterations[i % len(cfg.affine_iterations)])
         raw, curve, n = _affine_level(raw, init, fixed_f, moving_f, valid_levels[i], points, weights,
-                                      to_device(ratio), spacing, center_mm, radius, to_device(step0, np.float32), cfg=acfg,
-                                      iterations=iters, rigid=rigid)
+                                      to_device(ratio), spacing, center_mm, radius, to_device(step0, np.float32),
+                                      iters, cfg=acfg, max_iterations=max(cfg.affine_iterations), rigid=rigid)
         return raw, np.asarray(curve)[: max(int(n), 1)]
 
     def matrix_of(raw, cand):

@@ -220,13 +220,13 @@ def test_rigid_parameters_are_exactly_rigid_in_mm(spacing):
     """Rigid raw parameters give S A_vox S^-1 orthonormal with det 1 on anisotropic grids: no scale or shear leaks in."""
     sp = jnp.asarray(spacing, jnp.float32)
     raw = jax.random.normal(jax.random.key(0), (12,)) * 20.0  # scales/shears too: they must be ignored
-    a_vox = np.asarray(inst._raw_to_matrix(raw, sp, jnp.asarray([30.0, 40.0, 50.0]), jnp.float32(60.0), True))
+    a_vox = np.asarray(inst._raw_to_matrix(raw, sp, jnp.asarray([30.0, 40.0, 50.0]), jnp.float32(60.0), rigid=True))
     s = np.diag(np.concatenate([np.asarray(spacing), [1.0]]))
     a_mm = s @ a_vox @ np.linalg.inv(s)
     np.testing.assert_allclose(a_mm[:3, :3] @ a_mm[:3, :3].T, np.eye(3), atol=1e-5)
     assert abs(np.linalg.det(a_mm[:3, :3]) - 1.0) < 1e-5
     # the affine model does let them in
-    a_aff = np.asarray(inst._raw_to_matrix(raw, sp, jnp.zeros(3), jnp.float32(60.0), False))
+    a_aff = np.asarray(inst._raw_to_matrix(raw, sp, jnp.zeros(3), jnp.float32(60.0), rigid=False))
     lin = (s @ a_aff @ np.linalg.inv(s))[:3, :3]
     assert np.abs(lin @ lin.T - np.eye(3)).max() > 1e-2
 
