@@ -62,17 +62,19 @@ def _linear_sample(image, coords, padding):
 
 def _linear_sample_fwd(image, coords, padding):
     # symbolic_zeros: skip the image cotangent (a scatter) when the image is a
-    # constant of the differentiated function, e.g. precomputed features.
-    need_image = image.perturbed
+    # constant of the differentiated function, e.g. precomputed features, and
+    # the coordinates' cotangent (gathers) when they are constants, e.g. the
+    # fixed sample points of a differentiated control-grid field.
+    need_image, need_coords = image.perturbed, coords.perturbed
     image, coords = image.value, coords.value
-    return _linear_sample(image, coords, padding), (image, coords, need_image)
+    return _linear_sample(image, coords, padding), (image, coords, need_image, need_coords)
 
 
 def _linear_sample_bwd(padding, res, g):
     # Hand-written adjoint: one in-bounds scatter-add per corner for the image
     # (indices are clipped, so promise_in_bounds holds) and gathers for the
     # coordinates. About 3x faster than autodiff of map_coordinates on CPU.
-    image, coords, need_image = res
+    image, coords, need_image, need_coords = res
     shape, c = image.shape[:-1], image.shape[-1]
     d = len(shape)
     flat = image.reshape(-1, c)
@@ -83,6 +85,8 @@ def _linear_sample_bwd(padding, res, g):
     for o, lin, w, valid in cs:
         if need_image:
             g_image = g_image.at[lin.reshape(-1)].add(w.reshape(-1, 1) * gflat, mode="promise_in_bounds")
+        if not need_coords:
+            continue
         s = jnp.sum(flat[lin] * g, axis=-1)
         if valid is not None:
             s = jnp.where(valid, s, 0.0)
@@ -91,7 +95,7 @@ def _linear_sample_bwd(padding, res, g):
                 jnp.multiply, [jnp.where(o[j], frac[..., j], 1.0 - frac[..., j]) for j in range(d) if j != k])
             g_coords[k] = g_coords[k] + (s * dw if o[k] else -s * dw)
     g_image = g_image.reshape(image.shape) if need_image else None
-    return g_image, jnp.stack(g_coords, axis=-1).astype(coords.dtype)
+    return g_image, jnp.stack(g_coords, axis=-1).astype(coords.dtype) if need_coords else None
 
 
 _linear_sample.defvjp(_linear_sample_fwd, _linear_sample_bwd, symbolic_zeros=True)

@@ -115,6 +115,28 @@ def test_linear_sample_vjp_matches_map_coordinates_autodiff(d, padding):
     assert float(jnp.abs(ours[0]).max()) > 0.1 and float(jnp.abs(ours[1]).max()) > 0.1  # not trivially 0
 
 
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+def test_one_sided_gradients_match_the_full_vjp(padding):
+    """With only the image (constant points of a field) or only the coordinates (constant features)
+    differentiated, the VJP skips the other side's work and still equals the map_coordinates reference."""
+    rng = np.random.default_rng(5)
+    shape = SHAPES[3]
+    image = jnp.asarray(rng.standard_normal(shape + (2,)).astype(np.float32))
+    coords = jnp.asarray(_non_integer_coords(rng, shape, OUT_SHAPES[3]))
+    weights = rng.standard_normal(OUT_SHAPES[3] + (2,)).astype(np.float32)
+
+    def loss(fn, im, c):
+        return jnp.sum(weights * jnp.sin(fn(im, c)))
+
+    ours = lambda i, x: sample(i, x, padding=padding)  # noqa: E731
+    ref = lambda i, x: _map_coordinates_ref(i, x, padding)  # noqa: E731
+    for argnum in (0, 1):
+        got = jax.jit(jax.grad(lambda im, c: loss(ours, im, c), argnums=argnum))(image, coords)
+        want = jax.jit(jax.grad(lambda im, c: loss(ref, im, c), argnums=argnum))(image, coords)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+        assert float(jnp.abs(got).max()) > 0.1
+
+
 @pytest.mark.parametrize("d", DIMS_3D_SLOW)
 @pytest.mark.parametrize("padding", ["zeros", "border"])
 def test_sample_check_grads(d, padding):
