@@ -322,8 +322,8 @@ def _job_tag(args, fixed, moving_path) -> str:
     """What decides the programs of one pair (options, grids): the key of its :func:`programs.manifest`."""
     import nibabel as nib
 
-    try:
-        img = nib.load(str(moving_path))  # the header only
+    try:  # the header only, so the executables load while _load_scan reads the data
+        img = nib.load(str(moving_path))
         moving = (tuple(img.shape), np.round(img.affine, 3).tolist())
     except Exception:  # noqa: BLE001 - _load_scan reports it
         moving = None

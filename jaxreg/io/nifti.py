@@ -27,7 +27,7 @@ import numpy as np
 from jaxtyping import Float, Num
 
 from jaxreg.programs import program, to_device
-from jaxreg.spatial.grid import identity_grid
+from jaxreg.spatial.grid import identity_grid, voxel_to_world
 from jaxreg.spatial.warp import sample
 
 _ArrayLike = np.ndarray | jax.Array
@@ -41,9 +41,7 @@ _sample = program(sample, static_argnames=("order", "padding"))
 def _resample(image, g, *, shape, order):
     """``image`` sampled (zero padding) at ``g @ x`` for every voxel ``x`` of a ``shape`` grid; the coordinates
     are made in the program (on the host they took 0.15 s for a 2 mm brain)."""
-    d = len(shape)
-    coords = identity_grid(shape) @ g[:d, :d].T + g[:d, d]
-    return sample(image, coords, order=order, padding="zeros")
+    return sample(image, voxel_to_world(identity_grid(shape), g), order=order, padding="zeros")
 
 # Written as both sform and qform code. ITK writes NIFTI_XFORM_SCANNER_ANAT (1)
 # for both, and its reader prefers the sform when sform_code == 1 and the sform
@@ -343,7 +341,7 @@ def resample_to_grid(
         g = g @ m
     if tuple(data.shape[:d]) == ref_shape and np.allclose(g, np.eye(d + 1), rtol=0, atol=1e-6):
         # the same grid (e.g. a scan already on the working grid): sampling would return the data itself
-        return np.asarray(data if order == 0 else np.asarray(data, np.float32))
+        return np.asarray(data, None if order == 0 else np.float32)
     image = to_device(data, None if order == 0 else np.float32)
     out = _resample(image, to_device(g, np.float32), shape=ref_shape, order=order)
     return np.asarray(out)

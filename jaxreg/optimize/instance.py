@@ -435,6 +435,9 @@ def bucket_shape(shape: Sequence[int]) -> tuple:
 
 
 def _level_shape(shape, factor):
+    """The grid of pyramid level ``factor`` (:func:`_downsample`'s output): the grid itself at factor 1."""
+    if factor == 1:
+        return tuple(shape)
     return tuple(max(4, int(round(s / factor))) for s in shape)
 
 
@@ -1062,7 +1065,7 @@ def _affine_stage(fixed, moving, candidates, cfg, spacing, moving_mask, level_ma
 
     def run_level(i, raw, init):
         fixed_f, moving_f = fixed_levels[i], moving_levels[i]
-        level_shape = _level_shape(fine_shape, factors[i]) if factors[i] > 1 else fine_shape
+        level_shape = _level_shape(fine_shape, factors[i])
         ratio = np.asarray(fine_shape, np.float32) / np.asarray(level_shape, np.float32)
         points, weights = _affine_points(level_shape, _level_box(box_fine, ratio, level_shape), n_points, seed=i)
         lm = level_mask(factors[i])
