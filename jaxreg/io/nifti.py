@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import nibabel as nib
 import numpy as np
+from isal import igzip
 from jaxtyping import Float, Num
 
 from jaxreg.programs import program, to_device
@@ -172,10 +173,15 @@ def _atomic_write(img, path: pathlib.Path, overwrite: bool) -> None:
     """Write ``img`` to a temp file next to ``path`` and move it into place."""
     name = path.name
     suffix = ".nii.gz" if name.endswith(".nii.gz") else ".nii"
-    # The temp name keeps the extension: nibabel picks gzip from it.
     tmp = path.parent / f".{name[:-len(suffix)]}.{uuid.uuid4().hex}.tmp{suffix}"
     try:
-        nib.save(img, tmp)
+        if suffix == ".nii.gz":
+            # ISA-L's gzip at level 1: a standard gzip stream, ~12x faster than zlib's level 1 (nibabel's
+            # default) at a size within 2 % (0.03 s against 0.35 s for a 2 mm warp; issue 18).
+            with igzip.open(tmp, "wb", compresslevel=1) as f:
+                f.write(img.to_bytes())
+        else:
+            nib.save(img, tmp)
         if overwrite:
             os.replace(tmp, path)
         else:

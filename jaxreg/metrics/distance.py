@@ -3,12 +3,9 @@ from collections.abc import Sequence
 
 import numpy as np
 from jaxtyping import Array, Float, Int
-from scipy import ndimage
+from scipy.spatial import cKDTree
 
 from jaxreg.metrics._validate import _check_label_maps, _check_spacing, _resolve_labels
-
-# Beyond this label value, find_objects would allocate one slot per value.
-_FIND_OBJECTS_MAX_LABEL = 1 << 16
 
 
 def hd95(pred: Int[Array, "*spatial"], target: Int[Array, "*spatial"], *,
@@ -22,15 +19,17 @@ def hd95(pred: Int[Array, "*spatial"], target: Int[Array, "*spatial"], *,
     structuring element, voxels on the image border included. The result is
     the 95th percentile (numpy's linear interpolation) of the union of both
     directed sets ``{d(s, S_T) : s in S_P}`` and ``{d(s, S_P) : s in S_T}``,
-    with ``d`` the Euclidean distance in mm (exact, from
-    ``scipy.ndimage.distance_transform_edt`` with ``sampling=spacing``). This
-    is medpy's ``hd95``; MONAI's ``compute_hausdorff_distance(percentile=95)``
-    instead takes the max of the two directed percentiles, which is >= this.
+    with ``d`` the Euclidean distance in mm to the nearest surface voxel
+    (exact: a k-d tree, ``scipy.spatial.cKDTree``, of the surface voxels'
+    mm positions). This is medpy's ``hd95`` (which takes the same distances
+    from ``scipy.ndimage.distance_transform_edt``; the results agree to
+    rounding); MONAI's ``compute_hausdorff_distance(percentile=95)`` instead
+    takes the max of the two directed percentiles, which is >= this.
 
-    Each label is cropped to the bounding box of both masks plus one voxel
-    before the erosion and distance transforms; the result is unchanged
-    (every surface voxel lies in the box) and 148 labels of a 120x120x90 map
-    take a few seconds.
+    The surfaces of all labels come from one pass over each map (a voxel is on
+    its label's surface when a face neighbour holds another value or lies
+    outside the image). 148 labels of a 120x120x90 map take ~0.2 s on one
+    core; distance transforms of each label's box took 0.32 s.
 
     Args:
       pred: ``(*spatial)`` integer (or bool) label map, D = 2 or 3; numpy or
@@ -61,44 +60,39 @@ def hd95(pred: Int[Array, "*spatial"], target: Int[Array, "*spatial"], *,
     pred, target = _check_label_maps(pred, target, "hd95")
     sp = _check_spacing(spacing, pred.ndim, "hd95")
     lab = _resolve_labels(pred, target, labels, "hd95")
-    boxes_p = _bounding_boxes(pred, lab)
-    boxes_t = _bounding_boxes(target, lab)
-    structure = ndimage.generate_binary_structure(pred.ndim, 1)
+    surf_p = _surface_points(pred, lab, sp)
+    surf_t = _surface_points(target, lab, sp)
     out = np.full(lab.shape, np.nan, np.float64)
-    for i, value in enumerate(lab):
-        bp, bt = boxes_p[i], boxes_t[i]
-        if bp is None or bt is None:
+    for i, (a, b) in enumerate(zip(surf_p, surf_t)):
+        if len(a) == 0 or len(b) == 0:
             continue
-        # One voxel of margin so the erosion at the crop edge matches the full image.
-        crop = tuple(slice(max(min(p.start, t.start) - 1, 0), min(max(p.stop, t.stop) + 1, n))
-                     for p, t, n in zip(bp, bt, pred.shape))
-        a, b = pred[crop] == value, target[crop] == value
-        out[i] = 0.0 if np.array_equal(a, b) else _surface_percentile(a, b, sp, structure, 95.0)
+        to_b, _ = cKDTree(b).query(a)
+        to_a, _ = cKDTree(a).query(b)
+        out[i] = np.percentile(np.concatenate([to_b, to_a]), 95.0)
     return out
 
 
-def _surface_percentile(a: np.ndarray, b: np.ndarray, spacing: np.ndarray,
-                        structure: np.ndarray, q: float) -> float:
-    """Percentile ``q`` of both directed surface-to-surface distance sets (mm)."""
-    surf_a = a & ~ndimage.binary_erosion(a, structure=structure)
-    surf_b = b & ~ndimage.binary_erosion(b, structure=structure)
-    to_b = ndimage.distance_transform_edt(~surf_b, sampling=spacing)
-    to_a = ndimage.distance_transform_edt(~surf_a, sampling=spacing)
-    return float(np.percentile(np.concatenate([to_b[surf_a], to_a[surf_b]]), q))
-
-
-def _bounding_boxes(labels_map: np.ndarray, values: np.ndarray) -> list[tuple[slice, ...] | None]:
-    """Bounding box (tuple of slices) of each value in the map; None if absent."""
-    if values.size == 0:
-        return []
-    if values.min() >= 1 and values.max() <= _FIND_OBJECTS_MAX_LABEL:
-        m = labels_map.astype(np.int64) if labels_map.dtype == np.bool_ else labels_map
-        if m.min() < 0:  # find_objects needs non-negative labels
-            m = np.where(m < 0, 0, m)
-        found = ndimage.find_objects(m, max_label=int(values.max()))
-        return [found[v - 1] for v in values]
-    boxes = []
-    for v in values:
-        idx = np.nonzero(labels_map == v)
-        boxes.append(tuple(slice(int(i.min()), int(i.max()) + 1) for i in idx) if idx[0].size else None)
-    return boxes
+def _surface_points(labels_map: np.ndarray, values: np.ndarray, spacing: np.ndarray) -> list[np.ndarray]:
+    """Per value, the ``(n, D)`` mm positions (index times spacing) of its surface voxels: voxels of that value
+    with a face neighbour of another value or on the image border (what one binary erosion with the
+    face-connected element, border counted as background, removes from the value's mask)."""
+    m = np.asarray(labels_map)
+    surface = np.zeros(m.shape, bool)
+    for ax in range(m.ndim):
+        differs = np.diff(m, axis=ax) != 0
+        lo = [slice(None)] * m.ndim
+        hi = [slice(None)] * m.ndim
+        lo[ax], hi[ax] = slice(0, -1), slice(1, None)
+        surface[tuple(lo)] |= differs
+        surface[tuple(hi)] |= differs
+        for edge in (0, -1):
+            sl = [slice(None)] * m.ndim
+            sl[ax] = edge
+            surface[tuple(sl)] = True
+    idx = np.flatnonzero(surface & np.isin(m, values))
+    vals = m.reshape(-1)[idx]
+    order = np.argsort(vals, kind="stable")
+    idx, vals = idx[order], vals[order]
+    pts = np.stack(np.unravel_index(idx, m.shape), axis=-1) * spacing
+    starts, stops = np.searchsorted(vals, values), np.searchsorted(vals, values, side="right")
+    return [pts[a:b] for a, b in zip(starts, stops)]

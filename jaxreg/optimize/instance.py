@@ -746,6 +746,23 @@ def _field_disp_at(disp_field, points, level_shape):
     return sample(disp_field, coords, padding="border") / ratio
 
 
+def _box_points(key, box, n):
+    """``(n, D)`` int32 voxels drawn uniformly from the box ``box[0] <= x <= box[1]`` (``(2, D)`` int32).
+
+    One 32-bit draw per point, taken modulo the box's voxel count and unravelled (the modulo's bias is below
+    ``voxels / 2**32``, < 0.5 % for a 256^3 box): ``jax.random.randint`` per axis drew six times the bits
+    and took 1.4 ms of an 11.8 ms deformable step on 2 CPU cores, this 0.3 ms (issue 18).
+    """
+    ext = (box[1] - box[0] + 1).astype(jnp.uint32)
+    r = jax.random.bits(key, (n,), jnp.uint32) % jnp.prod(ext)
+    coords = []
+    for i in range(box.shape[-1] - 1, 0, -1):
+        coords.append(r % ext[i])
+        r = r // ext[i]
+    coords.append(r)
+    return box[0] + jnp.stack(coords[::-1], axis=-1).astype(jnp.int32)
+
+
 def _pad_high(x, shape, mode="edge"):
     """Pad ``(*spatial, ...)`` at the high end of its first ``len(shape)`` axes to ``shape`` (traceable)."""
     if shape is None or tuple(x.shape[:len(shape)]) == tuple(shape):
@@ -828,13 +845,15 @@ def _deformable_level(field, fixed_f, moving_f, mask, box, key, hyper, *, cfg, s
     def loss_fn(field, step_key):
         disp_field = field_disp(field)
         if sampled:
-            pts = jax.random.randint(step_key, (cfg.num_samples, d), box[0], box[1] + 1)
+            pts = _box_points(step_key, box, cfg.num_samples)
             ptsf = pts.astype(jnp.float32)
             u = _field_disp_at(disp_field, ptsf, level_shape)
-            idx = tuple(pts[:, i] for i in range(d))
-            f = fixed_f[idx][:, None, :]
+            # gathers by linear index into (voxels, C) rows: ~1 ms of the 11 ms step cheaper than by 3 indices
+            strides = np.cumprod((fixed_f.shape[1:d] + (1,))[::-1])[::-1].astype(np.int32)
+            lin = pts @ strides
+            f = fixed_f.reshape(-1, fixed_f.shape[-1])[lin][:, None, :]
             m = sample(moving_f, ptsf + u, padding="border")[:, None, :]
-            w = None if mask is None else mask[idx][:, None]
+            w = None if mask is None else mask.reshape(-1)[lin][:, None]
             value = sim(f, m, w)
         else:
             disp = resize_disp(disp_field, fixed_f.shape[:-1])

@@ -88,7 +88,11 @@ def test_failed_write_leaves_no_temp_and_keeps_old_file(tmp_path, monkeypatch):
             f.write(b"partial")
         raise OSError("disk full")
 
+    def broken_gzip_open(filename, mode, **kwargs):  # .nii.gz is compressed by ISA-L's igzip
+        broken_save(None, filename)
+
     monkeypatch.setattr(nifti_mod.nib, "save", broken_save)
+    monkeypatch.setattr(nifti_mod.igzip, "open", broken_gzip_open)
     with pytest.raises(OSError, match="disk full"):
         save_image(path, np.zeros((2, 3, 4)), np.eye(4), overwrite=True)
     with pytest.raises(OSError, match="disk full"):
