@@ -269,9 +269,14 @@ def _working_images(fixed: Volume, moving: Volume, resolution: float | None, tra
 def field_of_view(vol: Volume, shape, affine) -> np.ndarray:
     """``(*shape)`` float32 NumPy mask of the grid ``(shape, affine)`` inside ``vol``'s field of view (1 inside, 0 out)."""
     g = grid_to_grid_matrix(affine, vol.affine)
-    x = np.stack(np.indices(tuple(shape), np.float64), -1) @ g[:3, :3].T + g[:3, 3]
-    lo, hi = -0.5, np.asarray(vol.data.shape[:3], np.float64) - 0.5
-    return np.all((x >= lo) & (x <= hi), axis=-1).astype(np.float32)
+    inside = np.ones(tuple(shape), bool)
+    axes = [np.arange(n, dtype=np.float64) for n in shape]
+    for k, n in enumerate(vol.data.shape[:3]):  # moving voxel coordinate k: separable over the grid's axes
+        terms = [(g[k, a] * axes[a]).reshape([-1 if b == a else 1 for b in range(len(shape))])
+                 for a in range(len(shape))]
+        xk = functools.reduce(np.add, terms) + g[k, 3]
+        inside &= (xk >= -0.5) & (xk <= n - 0.5)
+    return inside.astype(np.float32)
 
 
 def _geometry(fixed: Volume, moving: Volume, work_shape, work_affine) -> dict:
