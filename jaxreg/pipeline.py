@@ -571,7 +571,7 @@ def register_volumes_keymorph(fixed: Volume, moving: Volume, *, model, transform
     return _finish(fixed, moving, fixed_w, moving_w, work_shape, work_affine, res, runtime), pts
 
 
-_resize_disp = program(resize_disp, static_argnames=("shape",))
+_resize_disp = program(resize_disp, static_argnames=("shape",), quick=True)
 
 
 @program(static_argnames=("shape_f",))
@@ -612,7 +612,7 @@ def warp_labels_to_fixed(labels: Volume, fixed: Volume, reg: Registration | None
     return np.asarray(_warp_labels(to_device(labels.data, np.int32), g, disp, shape=tuple(fixed.data.shape)))
 
 
-@program(static_argnames=("shape",))
+@program(static_argnames=("shape",), quick=True)
 def _warp_labels(labels, g, disp, *, shape):
     return sample(labels, _map_coords(g, shape, disp), order=0)
 
@@ -651,7 +651,7 @@ def _similarity(f, ms, *, config):
     return tuple(similarity_fn(config)(fd, descriptors(m), None) for m in ms)
 
 
-@program
+@program(quick=True)
 def _field_regularity(disp):
     """``(folding_percent, sdlogj)`` of a displacement field: one stored program for both."""
     return M.folding_percent(disp), M.sdlogj(disp)

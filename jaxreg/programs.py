@@ -147,14 +147,16 @@ def _is_key(x) -> bool:
     return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
-def program(fn=None, *, static_argnames=(), donate_argnums=()):
+def program(fn=None, *, static_argnames=(), donate_argnums=(), quick=False):
     """``jax.jit(fn, static_argnames=..., donate_argnums=...)`` whose programs persist across processes.
 
     Static arguments must be passed by keyword. Typed PRNG keys among the arguments are fine (they
-    travel as their key data). Donation applies to the in-process ``jax.jit`` path only.
+    travel as their key data). Donation applies to the in-process ``jax.jit`` path only. ``quick``: a
+    small program run once or twice per registration, stored with :func:`compiler_options` ``(quick=True)``.
     """
     if fn is None:
-        return functools.partial(program, static_argnames=static_argnames, donate_argnums=donate_argnums)
+        return functools.partial(program, static_argnames=static_argnames, donate_argnums=donate_argnums,
+                                 quick=quick)
     jitted = jax.jit(fn, static_argnames=static_argnames, donate_argnums=donate_argnums)
     runners = {}
 
@@ -174,7 +176,7 @@ def program(fn=None, *, static_argnames=(), donate_argnums=()):
         key = (repr(sorted(static.items())), str(treedef), sig, keys)
         runner = runners.get(key)
         if runner is None:
-            runner, path = _load_or_compile(fn, static, treedef, keys, flat, key, store)
+            runner, path = _load_or_compile(fn, static, treedef, keys, flat, key, store, quick)
             if path is not None:  # loaded from the store: its first run is checked before it is trusted
                 try:
                     out = jax.block_until_ready(runner(*flat))
@@ -208,19 +210,27 @@ def _machine_tag() -> str:
 
 
 @functools.cache
-def compiler_options() -> dict:
-    """XLA options of the stored programs: on the CPU backend, LLVM at optimisation level 1 instead of XLA's
-    default. Measured on the IXI 2 mm pair (2 cores): the 25 programs of a cold ``jaxreg register`` compiled in
-    8.9 s instead of 10.2 s, and a warm call took the same time (5.2 s; the programs' run time 3.70 vs 3.68 s).
-    Level 0 compiled in 7.0 s but ran 3.8x slower (issue 18)."""
-    return {"xla_backend_optimization_level": 1} if jax.default_backend() == "cpu" else {}
+def compiler_options(quick: bool = False) -> dict:
+    """XLA options of the stored programs.
+
+    On the CPU backend, LLVM at optimisation level 1 instead of XLA's default. Measured on the IXI 2 mm pair
+    (2 cores): the 25 programs of a cold ``jaxreg register`` compiled in 8.9 s instead of 10.2 s, and a warm
+    call took the same time (5.2 s; the programs' run time 3.70 vs 3.68 s). Level 0 compiled in 7.0 s but ran
+    3.8x slower. ``quick`` programs (small, run once or twice per registration) also skip XLA:CPU's fusion
+    emitters, which compiled their HLO ~35 % faster; on the optimiser's loops that cost 0.6 s of run time
+    (issue 18).
+    """
+    if jax.default_backend() != "cpu":
+        return {}
+    return {"xla_backend_optimization_level": 1, **({"xla_cpu_use_fusion_emitters": False} if quick else {})}
 
 
-def _load_or_compile(fn, static, treedef, keys, flat, key, store):
+def _load_or_compile(fn, static, treedef, keys, flat, key, store, quick=False):
     from jax.experimental import serialize_executable as se
 
+    options = compiler_options(quick)
     digest = hashlib.sha256(repr((fn.__module__, fn.__qualname__, key, jax.__version__, _machine_tag(),
-                                  _sources_hash(), compiler_options())).encode()).hexdigest()[:32]
+                                  _sources_hash(), options)).encode()).hexdigest()[:32]
     path = store / f"{fn.__qualname__.strip('_')}-{digest}.pkl"
     with _MANIFEST_LOCK:
         if _USED is not None and path.name not in _USED:
@@ -249,7 +259,7 @@ def _load_or_compile(fn, static, treedef, keys, flat, key, store):
     flat_fn.__name__ = flat_fn.__qualname__ = fn.__name__  # compile logs and profiles name the program
     try:
         with _fresh_compilation():
-            compiled = jax.jit(flat_fn).lower(*flat).compile(compiler_options())
+            compiled = jax.jit(flat_fn).lower(*flat).compile(options)
     except Exception:  # noqa: BLE001 - e.g. an argument jit handles but lower() does not: plain jit
         return _FAILED, None
     try:

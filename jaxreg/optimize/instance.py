@@ -455,14 +455,14 @@ def _downsample(image, factor):
 _downsample_jit = jax.jit(_downsample, static_argnames=("factor",))
 
 
-@program(static_argnames=("factor", "pad_to"))
+@program(static_argnames=("factor", "pad_to"), quick=True)
 def _binary_level_mask(mask, *, factor, pad_to=None):
     """A ``(*spatial)`` mask downsampled to pyramid level ``factor`` and binarised at 0.5 (zero-padded at the
     high end to ``pad_to``, if given)."""
     return _pad_high((_downsample(mask[..., None], factor)[..., 0] > 0.5).astype(jnp.float32), pad_to, "constant")
 
 
-@program(static_argnames=("factor", "cfg", "pad_to"))
+@program(static_argnames=("factor", "cfg", "pad_to"), quick=True)
 def _level_features(image, *, factor, cfg: InstanceConfig, pad_to=None):
     """Features of ``image`` at pyramid level ``factor`` (MIND-SSC, the image itself, or smoothed learned
     descriptors: for ``"dns"`` ``image`` is already the full-resolution descriptor stack, which is
@@ -633,7 +633,7 @@ def _affine_units(ndim: int, radius, rigid: bool):
     return units, to_device(trainable)
 
 
-@program(static_argnames=("rigid",))
+@program(static_argnames=("rigid",), quick=True)
 def _raw_to_matrix(raw, spacing, center_mm, radius, *, rigid):
     """Voxel-space matrix of raw affine parameters acting in mm about ``center_mm``: ``S^-1 A_mm S``."""
     d = spacing.shape[0]
@@ -1183,7 +1183,7 @@ def _moving_fov(moving_mask, matrix):
     return 1.0 - _dilate((fov <= 0.99).astype(jnp.float32), FOV_EROSION)  # erosion
 
 
-@program
+@program(quick=True)
 def _multiply(a, b):
     return a * b
 
