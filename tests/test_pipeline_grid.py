@@ -59,3 +59,20 @@ def test_register_volumes_auto_grid_follows_transform(transform, expected):
                      affine_levels=1)
     reg = register_volumes(vol, vol, config=cfg, resolution="auto")
     assert reg.work["fixed"].shape[:3] == expected
+
+
+def test_field_of_view_matches_mapping_every_voxel():
+    from jaxreg.io import Volume, grid_to_grid_matrix
+    from jaxreg.pipeline import field_of_view
+
+    c, s = np.cos(0.3), np.sin(0.3)  # an oblique moving grid, smaller than the working grid
+    moving_affine = np.array([[1.2 * c, -s, 0.0, -4.0], [1.2 * s, c, 0.1, 3.0], [0.0, 0.0, 2.5, -7.0], [0, 0, 0, 1]])
+    vol = Volume(np.zeros((9, 11, 5), np.float32), moving_affine)
+    shape, affine = (14, 12, 10), np.diag([1.5, 1.5, 1.5, 1.0])
+    affine[:3, 3] = [-8.0, -6.0, -9.0]
+    g = grid_to_grid_matrix(affine, moving_affine)
+    x = np.stack(np.indices(shape, np.float64), -1) @ g[:3, :3].T + g[:3, 3]
+    ref = np.all((x >= -0.5) & (x <= np.asarray(vol.data.shape) - 0.5), axis=-1)
+    fov = field_of_view(vol, shape, affine)
+    assert fov.dtype == np.float32 and 0 < fov.sum() < fov.size
+    np.testing.assert_array_equal(fov, ref.astype(np.float32))

@@ -204,3 +204,15 @@ def test_load_labels_rejects_nan_and_4d(tmp_path):
         load_labels(_nan_image(tmp_path / "a.nii.gz"))
     with pytest.raises(ValueError, match="4D"):
         load_labels(_four_d(tmp_path / "b.nii.gz"))
+
+
+def test_gzip_output_is_a_standard_gzip_stream(tmp_path):
+    import gzip
+
+    data = np.arange(60, dtype=np.float32).reshape(3, 4, 5)
+    path = save_image(tmp_path / "img.nii.gz", data, _affine())
+    with gzip.open(path, "rb") as f:  # the standard library reads what ISA-L wrote
+        raw = f.read()
+    img = nib.Nifti1Image.from_bytes(raw)
+    np.testing.assert_array_equal(np.asarray(img.dataobj), data)
+    np.testing.assert_array_equal(np.asarray(nib.load(path).dataobj), data)

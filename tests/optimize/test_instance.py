@@ -490,3 +490,17 @@ def test_auto_init_recovers_a_rotation_of_160_degrees_the_header_start_does_not(
     np.testing.assert_allclose(np.asarray(res.matrix)[:2, :2], rot, atol=0.03)
     header = register_instance(fixed, moving, config=dataclasses.replace(cfg, affine_init="header"))
     assert np.abs(np.asarray(header.matrix)[:2, :2] - rot).max() > 0.5
+
+
+def test_box_points_cover_the_box_uniformly_and_stay_inside():
+    box = jnp.array([[2, 5, 1], [4, 6, 3]], jnp.int32)  # 3 x 2 x 3 = 18 voxels
+    pts = np.asarray(inst._box_points(jax.random.key(0), box, 18000))
+    assert pts.shape == (18000, 3) and pts.dtype == np.int32
+    assert np.all(pts >= np.asarray(box[0])) and np.all(pts <= np.asarray(box[1]))
+    _, counts = np.unique(pts, axis=0, return_counts=True)
+    assert len(counts) == 18  # every voxel is drawn, each ~1000 times (binomial sd ~31)
+    assert counts.min() > 850 and counts.max() < 1150
+    # a one-voxel box and a 2D box
+    np.testing.assert_array_equal(inst._box_points(jax.random.key(1), jnp.array([[3, 4], [3, 4]]), 5),
+                                  np.tile([3, 4], (5, 1)))
+    assert not np.array_equal(pts[:100], np.asarray(inst._box_points(jax.random.key(1), box, 18000))[:100])
