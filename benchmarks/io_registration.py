@@ -234,7 +234,8 @@ def label_scores(pred, target, labels, spacing, *, hd=True) -> dict:
 # ----------------------------------------------------------------------------- methods
 
 def parse_overrides(items) -> dict:
-    """``["relative_eps=1.0", "learning_rates=(0.02, 0.01, 0.006)"]`` -> dict (values as Python literals)."""
+    """``["relative_eps=1.0", "learning_rates=(0.02, 0.01, 0.006)", "similarity=ngf"]`` -> dict (values as Python
+    literals; a value that is not one, such as ``ngf``, is taken as a string)."""
     import ast
 
     out = {}
@@ -242,7 +243,10 @@ def parse_overrides(items) -> dict:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"--set needs KEY=VALUE, got {item!r}")
-        out[key.strip()] = ast.literal_eval(value.strip())
+        try:
+            out[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value.strip()
     return out
 
 

@@ -1168,7 +1168,7 @@ def _deformable_mask(fixed, moving_aff, mask, moving_mask, matrix, cfg):
     both foregrounds, dilated by ``cfg.foreground_dilation`` voxels."""
     out = mask
     if moving_mask is not None:
-        fov = _moving_fov(to_device(np.reshape(np.asarray(moving_mask), fixed.shape[:-1] + (1,)), np.float32), matrix)
+        fov = _moving_fov(np.reshape(np.asarray(moving_mask), fixed.shape[:-1] + (1,)), matrix)
         out = fov if out is None else _multiply(out, fov)
     if cfg.foreground_mask:
         fg = _foreground(fixed, moving_aff, cfg.foreground_dilation)
@@ -1176,11 +1176,16 @@ def _deformable_mask(fixed, moving_aff, mask, moving_mask, matrix, cfg):
     return out
 
 
-@program
 def _moving_fov(moving_mask, matrix):
-    """The moving field of view ``(*spatial, 1)`` after the affine ``matrix``, eroded by ``FOV_EROSION``."""
-    fov = _resample_affine(moving_mask, matrix, padding="zeros")[..., 0]
-    return 1.0 - _dilate((fov <= 0.99).astype(jnp.float32), FOV_EROSION)  # erosion
+    """The moving field of view ``(*spatial)`` after the affine ``matrix``, eroded by ``FOV_EROSION``.
+
+    The resampling is the moving image's own stored program (same shape); the erosion, a box maximum of the
+    outside with the grid's border counted as inside, runs on the host: one program less to compile
+    (0.24 s of a cold call; issue 18).
+    """
+    fov = np.asarray(_resample_affine(to_device(moving_mask, np.float32), matrix, padding="zeros"))[..., 0]
+    outside = ndi.maximum_filter((fov <= 0.99).astype(np.float32), size=2 * FOV_EROSION + 1, mode="constant")
+    return to_device(1.0 - outside)
 
 
 @program(quick=True)
@@ -1209,15 +1214,6 @@ def _foreground(fixed, moving_aff, dilation):
     if dilation > 0:
         out = ndi.maximum_filter(out, size=2 * dilation + 1)
     return to_device(out, np.float32)
-
-
-@functools.partial(jax.jit, static_argnames=("radius",))
-def _dilate(mask, radius):
-    """Binary ``(*spatial)`` float mask dilated by a separable box of ``radius`` voxels."""
-    for ax in range(mask.ndim):
-        win = tuple(2 * radius + 1 if a == ax else 1 for a in range(mask.ndim))
-        mask = jax.lax.reduce_window(mask, 0.0, jax.lax.max, win, (1,) * mask.ndim, "SAME")
-    return mask
 
 
 def _check_pair(fixed, moving, mask):
