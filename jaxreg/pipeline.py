@@ -25,7 +25,8 @@ from jaxreg import metrics as M
 from jaxreg.io import Volume, grid_to_grid_matrix, resample_to_grid, voxel_disp_to_world
 from jaxreg.optimize import DNS_CONFIG, InstanceConfig, normalize_intensity, register_instance, similarity_fn
 from jaxreg.programs import program, to_device
-from jaxreg.optimize.instance import LINEAR_TRANSFORMS, InstanceResult, _resample_affine, compose_affine_deformable
+from jaxreg.optimize.instance import (LINEAR_TRANSFORMS, InstanceResult, _resample_affine, apply_intensity_range,
+                                      compose_affine_deformable, intensity_range)
 from jaxreg.spatial import identity_grid, resize_disp, sample, voxel_spacing
 
 # Affine-only MI registration used to pre-align training subjects (jaxreg.data.load_subjects) and the
@@ -630,11 +631,16 @@ def similarity_value(config: InstanceConfig, fixed_w, moving_w, feature_fn: Call
 def _similarity_before_after(config: InstanceConfig, work: dict, feature_fn) -> dict:
     """``similarity_before`` / ``similarity_after`` on the working grid; the descriptors of the fixed
     image (MIND-SSC or learned) are computed once for both."""
-    f, m, w = (normalize_intensity(work[k]) for k in ("fixed", "moving", "warped"))
     if config.similarity != "dns":
-        before, after = (float(v) for v in _similarity(f, (m, w), config=config))
+        # only the percentiles on the host; the images are mapped to [0, 1] inside the program (the host mapping
+        # took ~0.2 s of the IXI pair's metrics thread; issue 18)
+        images = tuple(work[k] for k in ("fixed", "moving", "warped"))
+        ranges = tuple(tuple(to_device(v) for v in intensity_range(x)) for x in images)
+        before, after = (float(v) for v in _similarity(images[0], images[1:], config=config, ranges=ranges))
         return {"similarity_before": before, "similarity_after": after}
     from jaxreg.optimize.instance import _box_features
+
+    f, m, w = (normalize_intensity(work[k]) for k in ("fixed", "moving", "warped"))
 
     fd, md, wd = _box_features(feature_fn, f, m, w)
     return {"similarity_before": float(L.cosine_similarity_loss(fd, md)),
@@ -642,8 +648,11 @@ def _similarity_before_after(config: InstanceConfig, work: dict, feature_fn) -> 
 
 
 @program(static_argnames=("config",))
-def _similarity(f, ms, *, config):
-    """The similarity loss of ``f`` against each image of the tuple ``ms`` (MIND-SSC of ``f`` computed once)."""
+def _similarity(f, ms, *, config, ranges=None):
+    """The similarity loss of ``f`` against each image of the tuple ``ms`` (MIND-SSC of ``f`` computed once);
+    ``ranges``: ``(lo, hi)`` of each image, ``f`` first (:func:`intensity_range`), to normalise them here."""
+    if ranges is not None:
+        f, *ms = (apply_intensity_range(x, lo, hi) for x, (lo, hi) in zip((f,) + tuple(ms), ranges))
     descriptors = lambda x: x  # noqa: E731
     if config.similarity == "mind":
         descriptors = functools.partial(L.mind_ssc, radius=config.mind_radius, dilation=config.mind_dilation)

@@ -518,15 +518,25 @@ def normalize_intensity(image: Float[Array, "*spatial C"], *, lower=0.5, upper=9
         x = jnp.asarray(image, jnp.float32)
         lo = jnp.percentile(x, lower, axis=axes, keepdims=True)
         hi = jnp.percentile(x, upper, axis=axes, keepdims=True)
-    else:  # all on the host: no program to compile per image shape
-        host = np.asarray(image, np.float32)
-        lo, hi = np.percentile(host, [lower, upper], axis=axes, keepdims=True).astype(np.float32)
-        span = hi - lo
-        safe = np.where(span > 0, span, np.float32(1.0))
-        return to_device(np.where(span > 0, np.clip((host - lo) / safe, 0.0, 1.0), np.float32(0.0)))
+        return apply_intensity_range(x, lo, hi)
+    # all on the host: no program to compile per image shape
+    host = np.asarray(image, np.float32)
+    return to_device(apply_intensity_range(host, *intensity_range(host, lower=lower, upper=upper), xp=np))
+
+
+def intensity_range(image, *, lower=0.5, upper=99.5) -> tuple[np.ndarray, np.ndarray]:
+    """``(lo, hi)``: the ``lower`` and ``upper`` percentiles of each channel of a ``(*spatial, C)`` image, on the
+    host (float32 ``(1, ..., 1, C)`` NumPy arrays; :func:`normalize_intensity` maps them to 0 and 1)."""
+    host = np.asarray(image, np.float32)
+    lo, hi = np.percentile(host, [lower, upper], axis=tuple(range(host.ndim - 1)), keepdims=True).astype(np.float32)
+    return lo, hi
+
+
+def apply_intensity_range(x, lo, hi, *, xp=jnp):
+    """``clip((x - lo) / (hi - lo), 0, 1)`` per channel, 0 where ``hi == lo`` (``xp``: ``jnp`` or ``np``)."""
     span = hi - lo
-    safe = jnp.where(span > 0, span, 1.0)
-    return jnp.where(span > 0, jnp.clip((x - lo) / safe, 0.0, 1.0), 0.0)
+    safe = xp.where(span > 0, span, xp.float32(1.0))
+    return xp.where(span > 0, xp.clip((x - lo) / safe, xp.float32(0.0), xp.float32(1.0)), xp.float32(0.0))
 
 
 def center_of_mass(image: Float[Array, "*spatial C"], *, threshold: float | None = 0.05) -> Float[Array, "D"]:
