@@ -76,3 +76,19 @@ def test_field_of_view_matches_mapping_every_voxel():
     fov = field_of_view(vol, shape, affine)
     assert fov.dtype == np.float32 and 0 < fov.sum() < fov.size
     np.testing.assert_array_equal(fov, ref.astype(np.float32))
+
+
+def test_metrics_similarity_normalises_in_its_program_as_on_the_host():
+    import jax.numpy as jnp
+
+    from jaxreg import pipeline
+    from jaxreg.optimize import InstanceConfig, normalize_intensity
+
+    rng = np.random.default_rng(0)
+    images = [jnp.asarray(rng.gamma(2.0, 100.0, (20, 22, 18, 1)).astype(np.float32)) for _ in range(3)]
+    cfg = InstanceConfig()
+    got = pipeline._similarity_before_after(cfg, dict(zip(("fixed", "moving", "warped"), images)), None)
+    f, m, w = (normalize_intensity(x) for x in images)
+    want = [float(v) for v in pipeline._similarity(f, (m, w), config=cfg)]
+    np.testing.assert_allclose([got["similarity_before"], got["similarity_after"]], want, rtol=1e-5)
+    assert got["similarity_before"] != got["similarity_after"]
