@@ -620,39 +620,34 @@ def _warp_labels(labels, g, disp, *, shape):
 
 def similarity_value(config: InstanceConfig, fixed_w, moving_w, feature_fn: Callable | None = None) -> float:
     """The method's similarity loss (lower is better) on the working grid (MIND and DNS descriptors unsmoothed)."""
-    f, m = normalize_intensity(fixed_w), normalize_intensity(moving_w)
-    if config.similarity == "dns":
-        from jaxreg.optimize.instance import _box_features
-
-        return float(L.cosine_similarity_loss(*_box_features(feature_fn, f, m)))
-    return float(_similarity(f, (m,), config=config)[0])
+    return _similarities(config, fixed_w, (moving_w,), feature_fn)[0]
 
 
 def _similarity_before_after(config: InstanceConfig, work: dict, feature_fn) -> dict:
-    """``similarity_before`` / ``similarity_after`` on the working grid; the descriptors of the fixed
-    image (MIND-SSC or learned) are computed once for both."""
-    if config.similarity != "dns":
-        # only the percentiles on the host; the images are mapped to [0, 1] inside the program (the host mapping
-        # took ~0.2 s of the IXI pair's metrics thread; issue 18)
-        images = tuple(work[k] for k in ("fixed", "moving", "warped"))
-        ranges = tuple(tuple(to_device(v) for v in intensity_range(x)) for x in images)
-        before, after = (float(v) for v in _similarity(images[0], images[1:], config=config, ranges=ranges))
-        return {"similarity_before": before, "similarity_after": after}
-    from jaxreg.optimize.instance import _box_features
+    """``similarity_before`` / ``similarity_after`` on the working grid."""
+    before, after = _similarities(config, work["fixed"], (work["moving"], work["warped"]), feature_fn)
+    return {"similarity_before": before, "similarity_after": after}
 
-    f, m, w = (normalize_intensity(work[k]) for k in ("fixed", "moving", "warped"))
 
-    fd, md, wd = _box_features(feature_fn, f, m, w)
-    return {"similarity_before": float(L.cosine_similarity_loss(fd, md)),
-            "similarity_after": float(L.cosine_similarity_loss(fd, wd))}
+def _similarities(config: InstanceConfig, fixed_w, others, feature_fn) -> list[float]:
+    """The similarity loss of ``fixed_w`` against each image of ``others``, all normalised as
+    :func:`normalize_intensity` does; the fixed image's descriptors (MIND-SSC or learned) are computed once."""
+    if config.similarity == "dns":
+        from jaxreg.optimize.instance import _box_features
+
+        fd, *descs = _box_features(feature_fn, *(normalize_intensity(x) for x in (fixed_w, *others)))
+        return [float(L.cosine_similarity_loss(fd, x)) for x in descs]
+    # only the percentiles on the host; the images are mapped to [0, 1] inside the program (the host mapping took
+    # ~0.2 s of the IXI pair's metrics thread; issue 18)
+    ranges = tuple(tuple(to_device(v) for v in intensity_range(x)) for x in (fixed_w, *others))
+    return [float(v) for v in _similarity(fixed_w, tuple(others), ranges, config=config)]
 
 
 @program(static_argnames=("config",))
-def _similarity(f, ms, *, config, ranges=None):
-    """The similarity loss of ``f`` against each image of the tuple ``ms`` (MIND-SSC of ``f`` computed once);
-    ``ranges``: ``(lo, hi)`` of each image, ``f`` first (:func:`intensity_range`), to normalise them here."""
-    if ranges is not None:
-        f, *ms = (apply_intensity_range(x, lo, hi) for x, (lo, hi) in zip((f,) + tuple(ms), ranges))
+def _similarity(f, ms, ranges, *, config):
+    """The similarity loss of ``f`` against each image of the tuple ``ms`` (MIND-SSC of ``f`` computed once),
+    each image first mapped to [0, 1] by its ``(lo, hi)`` in ``ranges`` (``f`` first; :func:`intensity_range`)."""
+    f, *ms = (apply_intensity_range(x, lo, hi) for x, (lo, hi) in zip((f, *ms), ranges))
     descriptors = lambda x: x  # noqa: E731
     if config.similarity == "mind":
         descriptors = functools.partial(L.mind_ssc, radius=config.mind_radius, dilation=config.mind_dilation)

@@ -81,14 +81,16 @@ def test_field_of_view_matches_mapping_every_voxel():
 def test_metrics_similarity_normalises_in_its_program_as_on_the_host():
     import jax.numpy as jnp
 
+    from jaxreg import losses as L
     from jaxreg import pipeline
-    from jaxreg.optimize import InstanceConfig, normalize_intensity
+    from jaxreg.optimize import InstanceConfig, normalize_intensity, similarity_fn
 
     rng = np.random.default_rng(0)
     images = [jnp.asarray(rng.gamma(2.0, 100.0, (20, 22, 18, 1)).astype(np.float32)) for _ in range(3)]
     cfg = InstanceConfig()
     got = pipeline._similarity_before_after(cfg, dict(zip(("fixed", "moving", "warped"), images)), None)
-    f, m, w = (normalize_intensity(x) for x in images)
-    want = [float(v) for v in pipeline._similarity(f, (m, w), config=cfg)]
+    f, m, w = (L.mind_ssc(normalize_intensity(x), radius=cfg.mind_radius, dilation=cfg.mind_dilation)
+               for x in images)
+    want = [float(similarity_fn(cfg)(f, x, None)) for x in (m, w)]
     np.testing.assert_allclose([got["similarity_before"], got["similarity_after"]], want, rtol=1e-5)
     assert got["similarity_before"] != got["similarity_after"]

@@ -859,8 +859,7 @@ def _deformable_level(field, fixed_f, moving_f, mask, box, key, hyper, *, cfg, s
             ptsf = pts.astype(jnp.float32)
             u = _field_disp_at(disp_field, ptsf, level_shape)
             # gathers by linear index into (voxels, C) rows: ~1 ms of the 11 ms step cheaper than by 3 indices
-            strides = np.cumprod((fixed_f.shape[1:d] + (1,))[::-1])[::-1].astype(np.int32)
-            lin = pts @ strides
+            lin = jnp.ravel_multi_index(tuple(pts.T), fixed_f.shape[:-1], mode="clip")
             f = fixed_f.reshape(-1, fixed_f.shape[-1])[lin][:, None, :]
             m = sample(moving_f, ptsf + u, padding="border")[:, None, :]
             w = None if mask is None else mask.reshape(-1)[lin][:, None]
