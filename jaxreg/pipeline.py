@@ -24,10 +24,10 @@ from jaxreg import losses as L
 from jaxreg import metrics as M
 from jaxreg.io import Volume, grid_to_grid_matrix, resample_to_grid, voxel_disp_to_world
 from jaxreg.optimize import DNS_CONFIG, InstanceConfig, normalize_intensity, register_instance, similarity_fn
-from jaxreg.programs import program, to_device
+from jaxreg.programs import bucket_shape, crop_high, pad_high, program, to_device
 from jaxreg.optimize.instance import (LINEAR_TRANSFORMS, InstanceResult, _resample_affine, apply_intensity_range,
                                       compose_affine_deformable, intensity_range)
-from jaxreg.spatial import identity_grid, resize_disp, sample, voxel_spacing
+from jaxreg.spatial import identity_grid, sample, voxel_spacing
 
 # Affine-only MI registration used to pre-align training subjects (jaxreg.data.load_subjects) and the
 # inputs of learned methods (register_volumes_learned), so both see the same kind of alignment.
@@ -572,14 +572,32 @@ def register_volumes_keymorph(fixed: Volume, moving: Volume, *, model, transform
     return _finish(fixed, moving, fixed_w, moving_w, work_shape, work_affine, res, runtime), pts
 
 
-_resize_disp = program(resize_disp, static_argnames=("shape",), quick=True)
+@program(static_argnames=("shape",), quick=True)
+def _upsample_disp(disp, ratio, *, shape):
+    """A working-grid displacement (voxels) on a finer grid of the same field of view (voxels).
+
+    ``ratio``: ``(D,)`` float32, true fine / true working shape (>= 1 but on axes of fewer than 8 voxels); the
+    fine grid's voxel ``x`` lies at working voxel ``(x + 0.5) / ratio - 0.5`` (:func:`working_grid`), read
+    by linear interpolation with border values held, and the vectors scale by ``ratio``. This is
+    :func:`jaxreg.spatial.resize_disp` with the ratio as an argument, so both grids may be padded to their size
+    classes (``disp`` edge-padded, ``shape`` the padded fine grid): one program per class (issue 18).
+    """
+    coords = (identity_grid(shape) + 0.5) / ratio - 0.5
+    return sample(disp, coords, padding="border") * ratio
 
 
-@program(static_argnames=("shape_f",))
-def _to_fixed_grid(total_disp, g, moving_data, moving_w, *, shape_f):
+@program(static_argnames=("shape_f", "same_grid"))
+def _to_fixed_grid(total_disp, ratio, g, moving_data, moving_w, *, shape_f, same_grid):
     """Working-grid map -> fixed grid: (disp_fixed, voxel map to moving voxels, warped, moving by the
-    grid matrix only, warped on the working grid), one compiled call (eager ops took ~8 s at 1 mm)."""
-    disp_fixed = resize_disp(total_disp, shape_f)
+    grid matrix only, warped on the working grid), one compiled call (eager ops took ~8 s at 1 mm).
+
+    Every array is padded at its high end to its size class and ``shape_f`` is the fixed grid's class (the
+    caller crops the outputs): ``total_disp`` edge-padded (``ratio`` as :func:`_upsample_disp`), the images
+    zero-padded, which sampling reads outside them anyway. Exact on the true grids; a new scan of a known
+    class compiles nothing (issue 18). ``same_grid``: the working grid is the fixed grid (``ratio`` 1), whose
+    map needs no resampling (0.1 s of a 2 mm brain's call).
+    """
+    disp_fixed = total_disp if same_grid else _upsample_disp(total_disp, ratio, shape=shape_f)
     coords = _map_coords(g, shape_f, disp_fixed)
     warped = sample(moving_data[..., None], coords)[..., 0]
     moving_on_fixed = sample(moving_data[..., None], _map_coords(g, shape_f))[..., 0]
@@ -589,32 +607,51 @@ def _to_fixed_grid(total_disp, g, moving_data, moving_w, *, shape_f):
 
 def _finish(fixed, moving, fixed_w, moving_w, work_shape, work_affine, res, runtime) -> Registration:
     """Bring a working-grid result to the fixed grid (warped image, maps, ITK warps)."""
-    shape_f = fixed.data.shape
+    shape_f, shape_w = tuple(fixed.data.shape), tuple(work_shape)
+    class_f, class_w = bucket_shape(shape_f), bucket_shape(shape_w)
+    ratio = to_device(np.asarray(shape_f, np.float32) / np.asarray(shape_w, np.float32))
     g = grid_to_grid_matrix(fixed.affine, moving.affine)
-    disp_fixed, voxel_map, warped, moving_on_fixed, warped_w = _to_fixed_grid(
-        res.total_disp, to_device(g, np.float32), to_device(moving.data, np.float32), moving_w,
-        shape_f=tuple(shape_f))
+    outs = _to_fixed_grid(
+        to_device(pad_high(res.total_disp, class_w, "edge")), ratio, to_device(g, np.float32),
+        to_device(pad_high(moving.data, bucket_shape(moving.data.shape)), np.float32),
+        to_device(pad_high(moving_w, class_w)), shape_f=class_f, same_grid=shape_f == shape_w)
+    disp_class = outs[0]  # kept on the device, padded, for the labels and the field's regularity
+    disp_fixed, voxel_map, warped, moving_on_fixed = (crop_high(x, shape_f) for x in outs[:4])
+    warped_w = crop_high(outs[4], shape_w)
     warp_lps = voxel_disp_to_world(voxel_map, fixed.affine, moving.affine)
     inverse_fixed = inverse_lps = None
     if res.inverse_disp is not None:
-        inverse_fixed = _resize_disp(res.inverse_disp, shape=tuple(shape_f))
+        inverse_fixed = np.asarray(res.inverse_disp) if shape_f == shape_w else crop_high(
+            _upsample_disp(to_device(pad_high(res.inverse_disp, class_w, "edge")), ratio, shape=class_f), shape_f)
         inverse_lps = voxel_disp_to_world(inverse_fixed, fixed.affine, fixed.affine)
     work = {"fixed": fixed_w, "moving": moving_w, "warped": warped_w, "total_disp": res.total_disp,
-            "shape": work_shape, "affine": work_affine}
-    return Registration(np.asarray(warped), np.asarray(disp_fixed), np.asarray(voxel_map),
-                        None if inverse_fixed is None else np.asarray(inverse_fixed), warp_lps, inverse_lps,
-                        np.asarray(moving_on_fixed), work, res.losses, runtime, res.matrix)
+            "shape": work_shape, "affine": work_affine, "disp_fixed_class": disp_class}
+    return Registration(warped, disp_fixed, voxel_map, inverse_fixed, warp_lps, inverse_lps, moving_on_fixed, work,
+                        res.losses, runtime, res.matrix)
+
+
+def _disp_fixed_class(reg: "Registration", class_f) -> jax.Array:
+    """The registration's fixed-grid displacement padded to the fixed grid's size class, on the device."""
+    disp = reg.work.get("disp_fixed_class") if isinstance(reg.work, dict) else None
+    if disp is None or tuple(disp.shape[:-1]) != tuple(class_f):
+        disp = to_device(pad_high(reg.disp_fixed, class_f, "edge"), np.float32)
+    return disp
 
 
 def warp_labels_to_fixed(labels: Volume, fixed: Volume, reg: Registration | None) -> np.ndarray:
     """Moving labels resampled (nearest neighbour) onto the fixed grid by the registration (None: by the headers only)."""
+    shape_f = tuple(fixed.data.shape)
+    class_f = bucket_shape(shape_f)
     g = to_device(grid_to_grid_matrix(fixed.affine, labels.affine), np.float32)
-    disp = None if reg is None else to_device(reg.disp_fixed)
-    return np.asarray(_warp_labels(to_device(labels.data, np.int32), g, disp, shape=tuple(fixed.data.shape)))
+    disp = None if reg is None else _disp_fixed_class(reg, class_f)
+    data = to_device(pad_high(labels.data, bucket_shape(labels.data.shape)), np.int32)
+    return np.ascontiguousarray(crop_high(_warp_labels(data, g, disp, shape=class_f), shape_f))
 
 
 @program(static_argnames=("shape",), quick=True)
 def _warp_labels(labels, g, disp, *, shape):
+    """Nearest-neighbour labels on the grid ``shape``; the labels, the grid and ``disp`` may be padded to their
+    size classes (zeros outside the labels either way; the caller crops)."""
     return sample(labels, _map_coords(g, shape, disp), order=0)
 
 
@@ -640,25 +677,53 @@ def _similarities(config: InstanceConfig, fixed_w, others, feature_fn) -> list[f
     # only the percentiles on the host; the images are mapped to [0, 1] inside the program (the host mapping took
     # ~0.2 s of the IXI pair's metrics thread; issue 18)
     ranges = tuple(tuple(to_device(v) for v in intensity_range(x)) for x in (fixed_w, *others))
-    return [float(v) for v in _similarity(fixed_w, tuple(others), ranges, config=config)]
+    shape = tuple(np.shape(fixed_w)[:-1])
+    padded = [to_device(pad_high(x, bucket_shape(shape), "edge"), np.float32) for x in (fixed_w, *others)]
+    return [float(v) for v in _similarity(padded[0], tuple(padded[1:]), ranges, to_device(np.asarray(shape, np.int32)),
+                                          config=config)]
+
+
+def _inside(shape, true_shape):
+    """``(*shape)`` bool: the voxels of the leading ``true_shape`` (traced ``(D,)`` int32) of a padded grid."""
+    return functools.reduce(jnp.logical_and, [jax.lax.broadcasted_iota(jnp.int32, shape, k) < true_shape[k]
+                                              for k in range(len(shape))])
 
 
 @program(static_argnames=("config",))
-def _similarity(f, ms, ranges, *, config):
+def _similarity(f, ms, ranges, true_shape, *, config):
     """The similarity loss of ``f`` against each image of the tuple ``ms`` (MIND-SSC of ``f`` computed once),
-    each image first mapped to [0, 1] by its ``(lo, hi)`` in ``ranges`` (``f`` first; :func:`intensity_range`)."""
+    each image first mapped to [0, 1] by its ``(lo, hi)`` in ``ranges`` (``f`` first; :func:`intensity_range`).
+
+    The images are edge-padded at their high end to the grid's size class and only the leading ``true_shape``
+    voxels count (also in MIND-SSC's variance normalisation), so one program serves a size class (issue 18).
+    The value equals the unpadded one but for voxels within the descriptor's reach of the high-end faces.
+    """
+    inside = _inside(f.shape[:-1], true_shape)
     f, *ms = (apply_intensity_range(x, lo, hi) for x, (lo, hi) in zip((f, *ms), ranges))
     descriptors = lambda x: x  # noqa: E731
     if config.similarity == "mind":
-        descriptors = functools.partial(L.mind_ssc, radius=config.mind_radius, dilation=config.mind_dilation)
+        descriptors = functools.partial(L.mind_ssc, radius=config.mind_radius, dilation=config.mind_dilation,
+                                        mask=inside)
     fd = descriptors(f)
-    return tuple(similarity_fn(config)(fd, descriptors(m), None) for m in ms)
+    return tuple(similarity_fn(config)(fd, descriptors(m), inside) for m in ms)
 
 
 @program(quick=True)
-def _field_regularity(disp):
-    """``(folding_percent, sdlogj)`` of a displacement field: one stored program for both."""
-    return M.folding_percent(disp), M.sdlogj(disp)
+def _field_regularity(disp, true_shape):
+    """``(folding_percent, sdlogj)`` of the leading ``true_shape`` (``(D,)`` int32) voxels of a displacement
+    field that may be padded at its high end (to its size class: one program per class, issue 18).
+
+    The value just past each high-end border is replaced by the linear extrapolation ``2 u[n-1] - u[n-2]``, so
+    the Jacobian's central difference at the last voxel equals the one-sided difference of the unpadded field:
+    the result is that of the unpadded field (to rounding).
+    """
+    for k in range(disp.ndim - 1):
+        n = true_shape[k]
+        last = jax.lax.dynamic_index_in_dim(disp, n - 1, axis=k, keepdims=True)
+        prev = jax.lax.dynamic_index_in_dim(disp, n - 2, axis=k, keepdims=True)
+        disp = jnp.where(jax.lax.broadcasted_iota(jnp.int32, disp.shape, k) == n, 2.0 * last - prev, disp)
+    inside = _inside(disp.shape[:-1], true_shape)
+    return M.folding_percent(disp, mask=inside), M.sdlogj(disp, mask=inside)
 
 
 def registration_metrics(method: str, config: InstanceConfig, reg: Registration, fixed: Volume,
@@ -668,7 +733,8 @@ def registration_metrics(method: str, config: InstanceConfig, reg: Registration,
     """The ``metrics.json`` dictionary (see README) for a registration."""
     from jaxreg.optimize.instance import _in_background
 
-    disp = to_device(reg.disp_fixed)
+    shape_f = tuple(np.shape(reg.disp_fixed)[:-1])
+    disp = _disp_fixed_class(reg, bucket_shape(shape_f))
     # the similarity's descriptors run on the device (a thread waits for them) while the host scores the labels:
     # 0.3 s of the IXI pair's ~0.6 s of metrics overlap on 2 CPU cores (issue 18)
     similarity = _in_background(lambda: _similarity_before_after(config, reg.work, feature_fn),
@@ -679,7 +745,8 @@ def registration_metrics(method: str, config: InstanceConfig, reg: Registration,
         "runtime_s": round(reg.runtime_s, 3),
         "similarity": f"{'deepsim' if method == 'io-deepsim' else config.similarity} loss (lower is better)",
         "similarity_before": None, "similarity_after": None,
-        **{k: float(v) for k, v in zip(("folding_percent", "sdlogj"), _field_regularity(disp))},
+        **{k: float(v) for k, v in zip(("folding_percent", "sdlogj"),
+                                        _field_regularity(disp, to_device(np.asarray(shape_f, np.int32))))},
         "working_grid": list(reg.work["shape"]),
     }
     try:

@@ -295,3 +295,42 @@ class _fresh_compilation:
         if self.saved is not None:
             self.cc._cache_used = self.saved
         return False
+
+
+# ----------------------------------------------------------------------------- size classes
+
+
+def bucket_size(n: int) -> int:
+    """The size class of an axis of ``n`` voxels: the smallest ``m * 2**k >= n`` with ``m`` in 4..7.
+
+    So 8, 10, 12, 14, 16, 20, ..., 64, 80, 96, 112, 128, 160, ...: four sizes
+    per octave, at most 25 % (usually ~10 %) larger than ``n``. Sizes of 64
+    and more are multiples of 16, so the 3-level pyramid divides them exactly.
+    Programs whose arrays are padded to their size class compile once for every
+    grid of that class (issue 18).
+    """
+    n = int(n)
+    if n <= 8:
+        return max(n, 1)
+    step = 2 ** (int(np.floor(np.log2(n))) - 2)
+    return int(np.ceil(n / step) * step)
+
+
+def bucket_shape(shape) -> tuple:
+    """:func:`bucket_size` of every axis: the grid the instance optimiser and the output programs run on."""
+    return tuple(bucket_size(n) for n in shape)
+
+
+def pad_high(x, shape, mode: str = "constant") -> np.ndarray:
+    """A host array padded at the high end of its leading axes to ``shape`` (NumPy ``np.pad`` ``mode``; trailing
+    axes, e.g. channels, untouched). ``x`` is returned as a NumPy array, unpadded when it has that shape."""
+    x = np.asarray(x)
+    widths = [(0, int(n) - s) for n, s in zip(shape, x.shape)]
+    if not any(w for _, w in widths):
+        return x
+    return np.pad(x, widths + [(0, 0)] * (x.ndim - len(widths)), mode=mode)
+
+
+def crop_high(x, shape) -> np.ndarray:
+    """The leading ``shape`` of a (padded) array's leading axes, as a NumPy array (a view when ``x`` is one)."""
+    return np.asarray(x)[tuple(slice(0, int(n)) for n in shape)]

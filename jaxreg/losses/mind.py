@@ -46,7 +46,7 @@ _PAIRS_2D = _ssc_pairs(_NEIGHBOURS_2D)
 
 
 def mind_ssc(
-    image: Image, *, radius: int = 2, dilation: int = 2
+    image: Image, *, radius: int = 2, dilation: int = 2, mask: Mask = None
 ) -> Float[Array, "*spatial K"]:
     """MIND-SSC descriptor: self-similarity context of every voxel.
 
@@ -80,6 +80,9 @@ def mind_ssc(
       image: ``[*spatial, C]`` float image, 2 or 3 spatial axes.
       radius: half-width of the patch box filter in voxels (Python int >= 0).
       dilation: neighbour distance in voxels (Python int >= 1).
+      mask: optional ``[*spatial]`` (or ``[*spatial, 1]``) bool or float weights of the voxels whose mean
+        sets the clamp of ``V`` (default: every voxel). For a grid padded beyond the region that counts,
+        e.g. to a size class; the descriptor is still computed everywhere.
 
     Returns:
       ``[*spatial, K]`` descriptor in (0, 1], ``K = 12`` in 3D, 4 in 2D.
@@ -117,7 +120,11 @@ def mind_ssc(
 
     dist = ssd - jnp.min(ssd, axis=-1, keepdims=True)
     var = jnp.mean(dist, axis=-1, keepdims=True)
-    mean_var = jnp.mean(var)
+    if mask is None:
+        mean_var = jnp.mean(var)
+    else:
+        w = _mask_weights(mask, spatial, var.dtype)[..., None]
+        mean_var = _safe_div(jnp.sum(var * w), jnp.sum(w))
     var = jnp.clip(var, 1e-3 * mean_var, 1e3 * mean_var)
     # var is 0 only if every distance is 0 (constant image): mind = exp(0).
     return jnp.exp(-_safe_div(dist, var))

@@ -41,7 +41,7 @@ import scipy.ndimage as ndi
 from jaxtyping import Array, Float
 
 from jaxreg import losses as L
-from jaxreg.programs import program, to_device
+from jaxreg.programs import bucket_shape, bucket_size, program, to_device  # noqa: F401 - re-exported
 from jaxreg.spatial import (
     affine_to_disp,
     gaussian_blur,
@@ -413,25 +413,6 @@ class InstanceResult(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- pyramid and features
-
-
-def bucket_size(n: int) -> int:
-    """The size class of an axis of ``n`` voxels: the smallest ``m * 2**k >= n`` with ``m`` in 4..7.
-
-    So 8, 10, 12, 14, 16, 20, ..., 64, 80, 96, 112, 128, 160, ...: four sizes
-    per octave, at most 25 % (usually ~10 %) larger than ``n``. Sizes of 64
-    and more are multiples of 16, so the 3-level pyramid divides them exactly.
-    """
-    n = int(n)
-    if n <= 8:
-        return max(n, 1)
-    step = 2 ** (int(np.floor(np.log2(n))) - 2)
-    return int(np.ceil(n / step) * step)
-
-
-def bucket_shape(shape: Sequence[int]) -> tuple:
-    """:func:`bucket_size` of every axis: the grid :func:`register_instance` optimises on (``grid_buckets``)."""
-    return tuple(bucket_size(n) for n in shape)
 
 
 def _level_shape(shape, factor):
