@@ -15,7 +15,7 @@ from jaxreg.losses.deepsim import deepsim
 from jaxreg.losses.infonce import infonce, patchnce, resize_mask, sample_in_mask
 from jaxreg.losses.lncc import lncc
 from jaxreg.losses.local_mi import local_mi
-from jaxreg.losses.mi import mi_of_samples, mutual_information, nmi, parzen_weights
+from jaxreg.losses.mi import mi_of_sample_groups, mi_of_samples, mutual_information, nmi, parzen_weights
 from jaxreg.losses.mind import descriptor_mse, mind_loss, mind_ssc
 from jaxreg.losses.mse import mse
 from jaxreg.losses.ngf import ngf
@@ -49,6 +49,7 @@ __all__ = [
     "mutual_information",
     "ngf",
     "nmi",
+    "mi_of_sample_groups",
     "mi_of_samples",
     "parzen_weights",
     "patchnce",

@@ -1,7 +1,7 @@
 """Global mutual information (Parzen-window joint histogram) and NMI."""
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
 from jaxreg.losses._utils import (
     Image,
@@ -267,6 +267,44 @@ def mi_of_samples(
     a_m = parzen_weights(moving, bins=bins, kernel=kernel, sigma_ratio=sigma_ratio)
     joint = _joint_histogram(fixed_weights[:, None, :], a_m[:, None, :], weights)
     return _loss_from_joint(joint, normalized)
+
+
+def mi_of_sample_groups(
+    fixed_weights: Float[Array, "G N bins"],
+    moving: Float[Array, "G N"],
+    weights: Float[Array, "G N"],
+    owner: Int[Array, "G"],
+    num_owners: int,
+    *,
+    kernel: str = "bspline",
+    normalized: bool = False,
+    sigma_ratio: float = 0.5,
+) -> Float[Array, "num_owners"]:
+    """:func:`mi_of_samples` of several registrations at once: ``G`` groups of ``N`` samples, each group owned
+    by one of ``num_owners`` owners, whose loss pools the samples of every group it owns.
+
+    For an affine stage that refines several candidate starts in one program (one group per candidate), or
+    one candidate whose samples fill every group. An owner with no groups (or only zero weights) gets 0.
+
+    Args:
+      fixed_weights: ``(G, N, bins)`` :func:`parzen_weights` of the fixed samples.
+      moving: ``(G, N)`` moving samples in [0, 1] (clipped).
+      weights: ``(G, N)`` non-negative sample weights.
+      owner: ``(G,)`` int32 owner of each group, in ``[0, num_owners)``.
+      num_owners: number of losses returned (static).
+      kernel, sigma_ratio, normalized: as :func:`mi_of_samples`.
+
+    Returns:
+      ``(num_owners,)`` losses; owner ``k``'s equals :func:`mi_of_samples` of its groups' samples concatenated.
+    """
+    bins = fixed_weights.shape[-1]
+    a_m = parzen_weights(moving, bins=bins, kernel=kernel, sigma_ratio=sigma_ratio)
+    joint = jnp.einsum("gni,gnj->gij", fixed_weights * weights[..., None], a_m, precision=jax.lax.Precision.HIGHEST)
+    onehot = jax.nn.one_hot(owner, num_owners, dtype=joint.dtype)  # (G, owners)
+    pooled = jnp.einsum("go,gij->oij", onehot, joint, precision=jax.lax.Precision.HIGHEST)
+    total = onehot.T @ jnp.sum(weights, -1)
+    pooled = _safe_div(pooled, total[:, None, None])
+    return jnp.where(total > 0, jax.vmap(lambda j: _loss_from_joint(j[None], normalized))(pooled), 0.0)
 
 
 def parzen_weights(x: Float[Array, "*shape"], *, bins: int = 32, kernel: str = "bspline",

@@ -635,17 +635,19 @@ def _raw_to_matrix(raw, spacing, center_mm, radius, *, rigid):
     return s_inv @ a_mm @ s
 
 
-def _affine_points(level_shape, box, n_points, *, seed):
-    """``(points, weights)``: level-voxel points where the affine similarity is evaluated.
+AFFINE_SLOTS = 8  # candidate starts one affine-level program refines at once (3D "auto": 6)
 
-    The number of points is ``min(n_points, prod(level_shape))`` (it depends
-    only on the grid, so one compiled program serves every scan of that
-    size). They are a random subset of the foreground ``box`` drawn once per
-    level on the host (NumPy, seeded: the same points at every step, so the
+
+def _affine_points(level_shape, box, n_points, *, seed):
+    """``(points, weights)``: ``n_points`` level-voxel points where the affine similarity is evaluated.
+
+    They are a random subset of the foreground ``box`` drawn once per level
+    on the host (NumPy, seeded: the same points at every step, so the
     objective is deterministic), or, when the box holds fewer voxels, all of
-    them, padded with zero-weight repeats.
+    them, padded with zero-weight repeats: the count depends only on the
+    caller, so one compiled program serves every level and scan.
     """
-    count = int(min(n_points, np.prod(level_shape))) if n_points > 0 else int(np.prod(level_shape))
+    count = int(n_points)
     lo, hi = np.asarray(box[0]), np.asarray(box[1])
     sizes = tuple(int(s) for s in hi - lo + 1)
     total = int(np.prod(sizes))
@@ -656,68 +658,84 @@ def _affine_points(level_shape, box, n_points, *, seed):
         flat = np.concatenate([np.arange(total), np.zeros(count - total, np.int64)])
         weights = (np.arange(count) < total).astype(np.float32)
     idx = np.stack(np.unravel_index(flat, sizes), -1) + lo
-    return to_device(idx, np.int32), to_device(weights)
+    return idx.astype(np.int32), weights
 
 
 @program(static_argnames=("cfg", "max_iterations", "rigid"))
-def _affine_level(raw, init, fixed_f, moving_f, valid, points, weights, ratio, spacing, center_mm, radius, step0,
-                  iterations, *, cfg, max_iterations, rigid):
-    """Adam on the raw affine parameters at one pyramid level, with a stopping rule; returns (raw, losses).
+def _affine_level(raw, init, owner, fixed_f, moving_f, valid, points, weights, ratio, spacing, center_mm, radius,
+                  step0, iterations, *, cfg, max_iterations, rigid):
+    """Adam on the raw affine parameters of ``S`` candidate slots at one pyramid level, with a stopping rule.
 
-    The similarity is evaluated at the fixed level-voxel ``points`` (fixed
-    values exact, moving sampled at the mapped points), weighted by the
-    moving scan's field-of-view mask ``valid`` sampled at the same points, so
-    points that map outside the moving scan do not count. The map is
-    ``init @ A(raw)`` (``init``: the initial voxel matrix). The step starts
-    at ``step0`` mm and decays by a cosine to 1 % of it; the loop stops early
-    when an exponential average of the largest parameter change per step
-    (mm at the foreground radius) falls below ``cfg.affine_tolerance *
-    step0``. ``iterations`` (at most ``max_iterations``) is traced, and
-    the level's grid enters only through the arrays' shapes and ``ratio``, so
-    levels with equally shaped (padded) arrays share the program. The curve
-    has ``max_iterations`` entries; unused ones repeat the last loss.
+    ``raw`` ``(S, P)``, ``init`` ``(S, D+1, D+1)``: each slot's parameters and initial voxel matrix; its map
+    is ``init @ A(raw)``. The fixed level-voxel ``points`` ``(S, N, D)`` (``weights`` ``(S, N)``) come in
+    ``S`` groups, group ``g`` mapped by slot ``owner[g]``: at the coarsest level each candidate start owns
+    one group (the same points), at the finer levels one candidate owns them all. A slot's loss is the
+    similarity over its groups' points (fixed values exact, moving sampled at the mapped points), weighted
+    by the moving scan's field-of-view mask ``valid`` sampled at the same points, so points that map outside
+    the moving scan do not count. The step starts at ``step0`` mm and decays by a cosine to 1 % of it; a
+    slot stops when an exponential average of its largest parameter change per step (mm at the foreground
+    radius) falls below ``cfg.affine_tolerance * step0`` (a slot that owns no group does not move), and
+    the loop when every slot has. ``iterations`` (at most ``max_iterations``) is traced, and the level's
+    grid enters only through the arrays' shapes and ``ratio``, so every level, padded to one grid, shares
+    the program (issue 18). Returns ``(raw, curves (S, max_iterations), steps (S,))``; unused curve entries
+    repeat the last loss. Each slot's result equals a separate run of it alone (the steps of the others
+    are masked out).
     """
-    d = points.shape[-1]
+    n_slots, n, d = points.shape
     sim = similarity_fn(cfg)
-    ptsf = points.astype(jnp.float32)
-    x_fine = (ptsf + 0.5) * ratio - 0.5  # working-grid voxels of the level points
-    f = fixed_f[tuple(points[:, i] for i in range(d))][:, None, :]
+    onehot = jax.nn.one_hot(owner, n_slots, dtype=jnp.float32)  # (groups, slots)
+    owned = jnp.sum(onehot, 0) > 0
+    x_fine = (points.astype(jnp.float32) + 0.5) * ratio - 0.5  # working-grid voxels of the level points
+    f = fixed_f[tuple(points[..., i] for i in range(d))]  # (groups, N, C)
     # MI/NMI: the fixed points' bin weights are computed once (the images are normalised to [0, 1], so the
     # bins stay put), which halves the cost of a step
     fast_mi = cfg.similarity in ("mi", "nmi") and fixed_f.shape[-1] == 1
     if fast_mi:
-        a_f = L.parzen_weights(f[:, 0, 0], bins=cfg.mi_bins, kernel=cfg.mi_kernel)
+        a_f = L.parzen_weights(f[..., 0], bins=cfg.mi_bins, kernel=cfg.mi_kernel)
+
     def schedule(i):  # optax.cosine_decay_schedule(1, iterations, alpha=0.01), with a traced length
         t = jnp.minimum(i, iterations).astype(jnp.float32) / iterations.astype(jnp.float32)
         return 0.01 + 0.99 * 0.5 * (1.0 + jnp.cos(jnp.pi * t))
 
     opt = optax.chain(optax.scale_by_adam(), optax.scale_by_schedule(lambda i: -step0 * schedule(i)))
 
-    def loss_fn(raw):
-        a = init @ _raw_to_matrix(raw, spacing, center_mm, radius, rigid=rigid)
-        y = ((x_fine @ a[:d, :d].T + a[:d, d]) + 0.5) / ratio - 0.5
-        m = sample(moving_f, y, padding="zeros")
+    def losses(raw):
+        mats = jax.vmap(lambda r, m: m @ _raw_to_matrix(r, spacing, center_mm, radius, rigid=rigid))(raw, init)
+        a = mats[owner]  # (groups, D+1, D+1)
+        y = ((jnp.einsum("gni,gji->gnj", x_fine, a[:, :d, :d]) + a[:, None, :d, d]) + 0.5) / ratio - 0.5
+        m = sample(moving_f, y.reshape(-1, d), padding="zeros").reshape(n_slots, n, -1)
         # points leave or enter the moving field of view without a gradient (as ITK's metrics drop them)
-        w = jax.lax.stop_gradient(sample(valid, y, padding="zeros")[:, 0]) * weights
+        w = jax.lax.stop_gradient(sample(valid, y.reshape(-1, d), padding="zeros")[:, 0]).reshape(n_slots, n)
+        w = w * weights
         if fast_mi:
-            return L.mi_of_samples(a_f, m[:, 0], w, kernel=cfg.mi_kernel, normalized=cfg.similarity == "nmi")
-        return sim(f, m[:, None, :], w[:, None])
+            out = L.mi_of_sample_groups(a_f, m[..., 0], w, owner, n_slots, kernel=cfg.mi_kernel,
+                                        normalized=cfg.similarity == "nmi")
+        else:
+            fc, mc = f.reshape(-1, 1, f.shape[-1]), m.reshape(-1, 1, m.shape[-1])
+            out = jax.vmap(lambda k: sim(fc, mc, (w * onehot[:, k, None]).reshape(-1, 1)))(jnp.arange(n_slots))
+        return jnp.where(owned, out, 0.0)
 
     def cond(carry):
-        _, _, i, change, _ = carry
-        return (i < iterations) & ((i < 10) | (change > cfg.affine_tolerance * step0))
+        return jnp.any(carry[-1])
 
     def body(carry):
-        raw, state, i, change, curve = carry
-        loss, g = jax.value_and_grad(loss_fn)(raw)
-        upd, state = opt.update(g, state, raw)
-        change = 0.8 * change + 0.2 * jnp.max(jnp.abs(upd))
-        return (optax.apply_updates(raw, upd), state, i + 1, change,
-                jnp.where(jnp.arange(max_iterations) >= i, loss, curve))
+        raw, state, i, change, curve, steps, active = carry
+        vals, vjp = jax.vjp(losses, raw)  # the slots' losses are independent: one pullback of ones
+        grad = vjp(jnp.ones_like(vals))[0]
+        upd, state = opt.update(grad, state, raw)
+        upd = jnp.where(active[:, None], upd, 0.0)
+        change = jnp.where(active, 0.8 * change + 0.2 * jnp.max(jnp.abs(upd), axis=-1), change)
+        curve = jnp.where(active[:, None] & (jnp.arange(max_iterations) >= i), vals[:, None], curve)
+        steps = steps + active.astype(jnp.int32)
+        i = i + 1
+        active = active & (i < iterations) & ((i < 10) | (change > cfg.affine_tolerance * step0))
+        return optax.apply_updates(raw, upd), state, i, change, curve, steps, active
 
-    start = (raw, opt.init(raw), jnp.int32(0), jnp.float32(step0), jnp.zeros(max_iterations, jnp.float32))
-    raw, _, n, _, curve = jax.lax.while_loop(cond, body, start)
-    return raw, curve, n
+    start = (raw, opt.init(raw), jnp.int32(0), jnp.full(n_slots, step0, jnp.float32),
+             jnp.zeros((n_slots, max_iterations), jnp.float32), jnp.zeros(n_slots, jnp.int32),
+             owned & (iterations > 0))
+    raw, _, _, _, curve, steps, _ = jax.lax.while_loop(cond, body, start)
+    return raw, curve, steps
 
 
 # ----------------------------------------------------------------------------- deformable stage
@@ -1021,15 +1039,14 @@ def _in_background(fn, device) -> concurrent.futures.Future:
 def _affine_pyramid(fixed, moving, valid, *, factors, cfg):
     """Fixed, moving and field-of-view images at every affine level (one compiled program).
 
-    Every level after the first is zero-padded at its high end to the last level's grid, so those levels
-    share one :func:`_affine_level` program (issue 18). The padding is exact: the fixed image is read only
-    inside the foreground box, and the moving image and field of view are sampled with zero padding.
+    Every level is zero-padded at its high end to the last level's grid, so all levels share one
+    :func:`_affine_level` program (issue 18). The padding is exact: the fixed image is read only inside the
+    foreground box, and the moving image and field of view are sampled with zero padding.
     """
     out = tuple(tuple(_level_features(x, factor=f, cfg=cfg) if k < 2 else _downsample(x, f) for f in factors)
                 for k, x in enumerate((fixed, moving, valid)))
     last = out[0][-1].shape[:-1]
-    return tuple(tuple(y if i == 0 else _pad_high(y, last, mode="constant") for i, y in enumerate(levels))
-                 for levels in out)
+    return tuple(tuple(_pad_high(y, last, mode="constant") for y in levels) for levels in out)
 
 
 def _affine_similarity(cfg) -> str:
@@ -1071,36 +1088,58 @@ def _affine_stage(fixed, moving, candidates, cfg, spacing, moving_mask, level_ma
     fixed_levels, moving_levels, valid_levels = _affine_pyramid(fixed, moving, valid, factors=tuple(factors),
                                                                 cfg=acfg)
     n_raw = sum(num_params(d).values())
+    slots = AFFINE_SLOTS
+    # every level evaluates slots x group points: at the coarsest level one group per candidate start, at the
+    # finer levels all groups belong to the chosen start (n_points in all, as before)
+    n_last = n_points if n_points > 0 else int(np.prod(_level_shape(fine_shape, factors[-1])))
+    group = max(1, -(-n_last // slots))
 
-    def run_level(i, raw, init):
+    def run_level(i, raws, inits, owner):
+        """Refine ``len(raws)`` starts (<= ``slots``) at level ``i``; returns their raws and loss curves."""
         fixed_f, moving_f = fixed_levels[i], moving_levels[i]
         level_shape = _level_shape(fine_shape, factors[i])
         ratio = np.asarray(fine_shape, np.float32) / np.asarray(level_shape, np.float32)
-        points, weights = _affine_points(level_shape, _level_box(box_fine, ratio, level_shape), n_points, seed=i)
+        box = _level_box(box_fine, ratio, level_shape)
+        if i == 0:  # each start's group: the same points (groups of unused slots weigh nothing)
+            pts, wts = _affine_points(level_shape, box, group, seed=i)
+            pts = np.broadcast_to(pts, (slots,) + pts.shape)
+            wts = wts[None] * (np.arange(slots) < len(raws))[:, None].astype(np.float32)
+        else:
+            pts, wts = _affine_points(level_shape, box, slots * group, seed=i)
+            pts, wts = pts.reshape(slots, group, d), wts.reshape(slots, group)
         lm = level_mask(factors[i])
         if lm is not None:
-            pts = np.asarray(points)
-            weights = to_device(np.asarray(weights) * np.asarray(lm)[tuple(pts[:, k] for k in range(d))])
+            wts = wts * np.asarray(lm)[tuple(pts[..., k] for k in range(d))]
         step0 = cfg.affine_learning_rate * float(np.mean(np.asarray(spacing) * ratio))
         iters = np.int32(cfg.affine_iterations[i % len(cfg.affine_iterations)])
-        raw, curve, n = _affine_level(raw, init, fixed_f, moving_f, valid_levels[i], points, weights,
-                                      to_device(ratio), spacing, center_mm, radius, to_device(step0, np.float32),
-                                      iters, cfg=acfg, max_iterations=max(cfg.affine_iterations), rigid=rigid)
-        return raw, np.asarray(curve)[: max(int(n), 1)]
+        raw0 = np.zeros((slots, n_raw), np.float32)
+        raw0[: len(raws)] = np.asarray(raws, np.float32).reshape(len(raws), n_raw)
+        init0 = np.broadcast_to(np.eye(d + 1, dtype=np.float32), (slots, d + 1, d + 1)).copy()
+        init0[: len(inits)] = np.asarray(inits, np.float32)
+        raw, curve, n = _affine_level(to_device(raw0), to_device(init0), to_device(np.asarray(owner, np.int32)),
+                                      fixed_f, moving_f, valid_levels[i], to_device(pts, np.int32),
+                                      to_device(wts, np.float32), to_device(ratio), spacing, center_mm, radius,
+                                      to_device(step0, np.float32), iters, cfg=acfg,
+                                      max_iterations=max(cfg.affine_iterations), rigid=rigid)
+        raw, curve, n = np.asarray(raw), np.asarray(curve), np.asarray(n)
+        return [(raw[k], curve[k][: max(int(n[k]), 1)]) for k in range(len(raws))]
 
     def matrix_of(raw, cand):
-        return np.asarray(cand, np.float64) @ np.asarray(_raw_to_matrix(raw, spacing, center_mm, radius, rigid=rigid),
-                                                         np.float64)
+        return np.asarray(cand, np.float64) @ np.asarray(_raw_to_matrix(to_device(raw), spacing, center_mm, radius,
+                                                                        rigid=rigid), np.float64)
 
     box_fine = _foreground_box(fixed, moving)
-    zero = to_device(np.zeros(n_raw), np.float32)
     results = {}
-    for name, cand in candidates.items():
-        raw, curve = run_level(0, zero, cand)
-        ok = plausible_affine(matrix_of(raw, cand))
-        results[name] = (float(curve[-1]) if ok else np.inf, raw, curve)
-        report(f"affine level 1/{len(factors)} from {name}: loss {float(curve[0]):.4g} -> {float(curve[-1]):.4g} "
-               f"({len(curve)} steps)" + ("" if ok else "; rejected (determinant out of range)"))
+    names = list(candidates)
+    for first in range(0, len(names), slots):  # all starts in one call (up to `slots` of them)
+        batch = names[first: first + slots]
+        owner = [k if k < len(batch) else 0 for k in range(slots)]
+        outs = run_level(0, [np.zeros(n_raw)] * len(batch), [candidates[k] for k in batch], owner)
+        for name, (raw, curve) in zip(batch, outs):
+            ok = plausible_affine(matrix_of(raw, candidates[name]))
+            results[name] = (float(curve[-1]) if ok else np.inf, raw, curve)
+            report(f"affine level 1/{len(factors)} from {name}: loss {float(curve[0]):.4g} -> {float(curve[-1]):.4g} "
+                   f"({len(curve)} steps)" + ("" if ok else "; rejected (determinant out of range)"))
     plausible = {k: v for k, v in results.items() if np.isfinite(v[0])}
     if not plausible:  # every refinement degenerated: keep the best unrefined, plausible initialisation
         starts = {k: v for k, v in results.items() if plausible_affine(candidates[k])} or results
@@ -1112,7 +1151,7 @@ def _affine_stage(fixed, moving, candidates, cfg, spacing, moving_mask, level_ma
     _, raw, curve = plausible[chosen]
     curves = [curve]
     for i in range(1, len(factors)):
-        new_raw, curve = run_level(i, raw, candidates[chosen])
+        ((new_raw, curve),) = run_level(i, [raw], [candidates[chosen]], [0] * slots)
         curves.append(curve)
         ok = plausible_affine(matrix_of(new_raw, candidates[chosen]))
         report(f"affine level {i + 1}/{len(factors)}: loss {float(curve[0]):.4g} -> {float(curve[-1]):.4g} "

@@ -163,3 +163,22 @@ def test_mi_of_samples_equals_mutual_information_on_unit_range_samples():
         ref = mutual_information(jnp.asarray(f)[:, None, None], jnp.asarray(m)[:, None, None], kernel=kernel,
                                  normalized=normalized)
         np.testing.assert_allclose(float(got), float(ref), rtol=1e-5)
+
+
+def test_mi_of_sample_groups_pools_each_owners_groups():
+    from jaxreg.losses import mi_of_sample_groups, mi_of_samples, parzen_weights
+
+    rng = np.random.default_rng(2)
+    f, m = rng.random((4, 300)).astype(np.float32), rng.random((4, 300)).astype(np.float32)
+    m[1] = 0.7 * f[1] + 0.3 * m[1]  # groups that differ in dependence
+    w = (rng.random((4, 300)) > 0.2).astype(np.float32)
+    owner = np.array([0, 2, 0, 1])
+    for kernel, normalized in (("bspline", False), ("gaussian", True)):
+        a_f = parzen_weights(jnp.asarray(f), bins=16, kernel=kernel)
+        got = mi_of_sample_groups(a_f, jnp.asarray(m), jnp.asarray(w), jnp.asarray(owner), 4, kernel=kernel,
+                                  normalized=normalized)
+        for k, groups in enumerate(([0, 2], [3], [1])):
+            want = mi_of_samples(a_f[np.asarray(groups)].reshape(-1, 16), jnp.asarray(m[groups]).ravel(),
+                                 jnp.asarray(w[groups]).ravel(), kernel=kernel, normalized=normalized)
+            np.testing.assert_allclose(float(got[k]), float(want), rtol=1e-5)
+        assert float(got[3]) == 0.0  # an owner without groups

@@ -231,7 +231,7 @@ def test_rigid_parameters_are_exactly_rigid_in_mm(spacing):
     assert np.abs(lin @ lin.T - np.eye(3)).max() > 1e-2
 
 
-def test_affine_points_are_fixed_inside_the_box_and_sized_by_the_grid():
+def test_affine_points_are_fixed_inside_the_box_and_as_many_as_asked():
     box = np.array([[3, 5], [20, 30]])
     p1, w1 = inst._affine_points((40, 40), box, 100, seed=0)
     p2, _ = inst._affine_points((40, 40), box, 100, seed=0)
@@ -504,3 +504,39 @@ def test_box_points_cover_the_box_uniformly_and_stay_inside():
     np.testing.assert_array_equal(inst._box_points(jax.random.key(1), jnp.array([[3, 4], [3, 4]]), 5),
                                   np.tile([3, 4], (5, 1)))
     assert not np.array_equal(pts[:100], np.asarray(inst._box_points(jax.random.key(1), box, 18000))[:100])
+
+
+@pytest.mark.parametrize("similarity", ["mi", "mse"])
+def test_affine_level_slots_are_independent(similarity):
+    """Candidates refined together in one call end exactly where each ends alone (the others' steps and the
+    stopping rule are per slot), also when they stop after different numbers of steps."""
+    fixed = _phantom()
+    moving = warp(fixed, jnp.full(SHAPE + (2,), 1.5))
+    cfg = InstanceConfig(similarity=similarity, affine_tolerance=0.05, **FAST)
+    slots, d = inst.AFFINE_SLOTS, 2
+    n_raw = sum(inst.num_params(d).values())
+    pts, wts = inst._affine_points(SHAPE, np.array([[2, 2], [45, 41]]), 256, seed=0)
+    starts = [np.eye(3, dtype=np.float32), np.array([[1, 0, 1.0], [0, 1, -2.0], [0, 0, 1]], np.float32),
+              np.array([[0.98, 0.1, 0], [-0.1, 0.98, 0], [0, 0, 1]], np.float32)]
+
+    def run(k_starts):
+        init = np.broadcast_to(np.eye(3, dtype=np.float32), (slots, 3, 3)).copy()
+        init[: len(k_starts)] = k_starts
+        owner = np.array([k if k < len(k_starts) else 0 for k in range(slots)], np.int32)
+        w = np.broadcast_to(wts, (slots, len(wts))) * (np.arange(slots) < len(k_starts))[:, None]
+        valid = jnp.ones(SHAPE + (1,))
+        raw, curve, n = inst._affine_level(
+            jnp.zeros((slots, n_raw)), jnp.asarray(init), jnp.asarray(owner), fixed, moving, valid,
+            jnp.asarray(np.broadcast_to(pts, (slots,) + pts.shape)), jnp.asarray(w, jnp.float32),
+            jnp.ones(d), jnp.ones(d), jnp.zeros(d), jnp.float32(20.0), jnp.float32(0.5), np.int32(60),
+            cfg=cfg, max_iterations=60, rigid=False)
+        return np.asarray(raw), np.asarray(curve), np.asarray(n)
+
+    together = run(starts)
+    assert len(set(together[2][:3].tolist())) > 1  # the slots stopped at different steps
+    assert (together[2][3:] == 0).all() and (together[0][3:] == 0).all()  # unused slots do not move
+    for k, start in enumerate(starts):
+        alone = run([start])
+        np.testing.assert_allclose(together[0][k], alone[0][0], rtol=1e-5, atol=1e-6)
+        assert together[2][k] == alone[2][0]
+        np.testing.assert_allclose(together[1][k], alone[1][0], rtol=1e-5, atol=1e-7)
