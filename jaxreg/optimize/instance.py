@@ -436,11 +436,13 @@ def _downsample(image, factor):
 _downsample_jit = jax.jit(_downsample, static_argnames=("factor",))
 
 
-@program(static_argnames=("factor", "pad_to"), quick=True)
-def _binary_level_mask(mask, *, factor, pad_to=None):
-    """A ``(*spatial)`` mask downsampled to pyramid level ``factor`` and binarised at 0.5 (zero-padded at the
-    high end to ``pad_to``, if given)."""
-    return _pad_high((_downsample(mask[..., None], factor)[..., 0] > 0.5).astype(jnp.float32), pad_to, "constant")
+@program(static_argnames=("levels",), quick=True)
+def _binary_level_masks(mask, *, levels):
+    """A ``(*spatial)`` mask at each ``(factor, pad_to)`` of ``levels``: downsampled to pyramid level ``factor``,
+    binarised at 0.5 and zero-padded at the high end to ``pad_to`` (if not None). One program for a stage's
+    levels (one compilation instead of one per level: issue 18)."""
+    return tuple(_pad_high((_downsample(mask[..., None], f)[..., 0] > 0.5).astype(jnp.float32), p, "constant")
+                 for f, p in levels)
 
 
 @program(static_argnames=("factor", "cfg", "pad_to"), quick=True)
@@ -677,8 +679,8 @@ def _affine_level(raw, init, owner, fixed_f, moving_f, valid, points, weights, r
     radius) falls below ``cfg.affine_tolerance * step0`` (a slot that owns no group does not move), and
     the loop when every slot has. ``iterations`` (at most ``max_iterations``) is traced, and the level's
     grid enters only through the arrays' shapes and ``ratio``, so every level, padded to one grid, shares
-    the program (issue 18). Returns ``(raw, curves (S, max_iterations), steps (S,))``; unused curve entries
-    repeat the last loss. Each slot's result equals a separate run of it alone (the steps of the others
+    the program (issue 18). Returns ``(raw, curves (S, max_iterations), steps (S,), A(raw) (S, D+1, D+1))``
+    (the voxel matrices of the raw parameters, without ``init``); unused curve entries repeat the last loss. Each slot's result equals a separate run of it alone (the steps of the others
     are masked out).
     """
     n_slots, n, d = points.shape
@@ -735,7 +737,7 @@ def _affine_level(raw, init, owner, fixed_f, moving_f, valid, points, weights, r
              jnp.zeros((n_slots, max_iterations), jnp.float32), jnp.zeros(n_slots, jnp.int32),
              owned & (iterations > 0))
     raw, _, _, _, curve, steps, _ = jax.lax.while_loop(cond, body, start)
-    return raw, curve, steps
+    return raw, curve, steps, jax.vmap(lambda r: _raw_to_matrix(r, spacing, center_mm, radius, rigid=rigid))(raw)
 
 
 # ----------------------------------------------------------------------------- deformable stage
@@ -1055,15 +1057,15 @@ def _affine_similarity(cfg) -> str:
     return cfg.affine_similarity or cfg.similarity
 
 
-def _affine_stage(fixed, moving, candidates, cfg, spacing, moving_mask, level_mask, report):
+def _affine_stage(fixed, moving, candidates, cfg, spacing, moving_mask, level_masks, report):
     """Coarse-to-fine affine (or rigid) stage; returns ``(matrix, curves, chosen initialisation)``.
 
     Each candidate initial matrix (headers, centre of mass, a given one) is
     refined at the coarsest level; the one with the lowest final similarity
     goes on to the finer levels. Parameters act in mm about the fixed
     foreground's centre (``spacing``: mm per grid voxel), so ``"rigid"`` is
-    exactly rigid in world space on anisotropic grids. ``level_mask(factor)``
-    is the user's fixed mask at a level (or None).
+    exactly rigid in world space on anisotropic grids. ``level_masks(plan)``
+    is the user's fixed mask at each ``(factor, None)`` of ``plan`` (or Nones).
 
     Guard: a level whose result has a linear part with determinant outside
     ``AFFINE_DET_RANGE`` (a reflection, det <= 0, or a collapse) is rejected:
@@ -1107,7 +1109,7 @@ def _affine_stage(fixed, moving, candidates, cfg, spacing, moving_mask, level_ma
         else:
             pts, wts = _affine_points(level_shape, box, slots * group, seed=i)
             pts, wts = pts.reshape(slots, group, d), wts.reshape(slots, group)
-        lm = level_mask(factors[i])
+        lm = masks[i]
         if lm is not None:
             wts = wts * np.asarray(lm)[tuple(pts[..., k] for k in range(d))]
         step0 = cfg.affine_learning_rate * float(np.mean(np.asarray(spacing) * ratio))
@@ -1116,28 +1118,25 @@ def _affine_stage(fixed, moving, candidates, cfg, spacing, moving_mask, level_ma
         raw0[: len(raws)] = np.asarray(raws, np.float32).reshape(len(raws), n_raw)
         init0 = np.broadcast_to(np.eye(d + 1, dtype=np.float32), (slots, d + 1, d + 1)).copy()
         init0[: len(inits)] = np.asarray(inits, np.float32)
-        raw, curve, n = _affine_level(to_device(raw0), to_device(init0), to_device(np.asarray(owner, np.int32)),
+        raw, curve, n, amat = _affine_level(to_device(raw0), to_device(init0), to_device(np.asarray(owner, np.int32)),
                                       fixed_f, moving_f, valid_levels[i], to_device(pts, np.int32),
                                       to_device(wts, np.float32), to_device(ratio), spacing, center_mm, radius,
                                       to_device(step0, np.float32), iters, cfg=acfg,
                                       max_iterations=max(cfg.affine_iterations), rigid=rigid)
-        raw, curve, n = np.asarray(raw), np.asarray(curve), np.asarray(n)
-        return [(raw[k], curve[k][: max(int(n[k]), 1)]) for k in range(len(raws))]
-
-    def matrix_of(raw, cand):
-        return np.asarray(cand, np.float64) @ np.asarray(_raw_to_matrix(to_device(raw), spacing, center_mm, radius,
-                                                                        rigid=rigid), np.float64)
+        raw, curve, n, amat = np.asarray(raw), np.asarray(curve), np.asarray(n), np.asarray(amat, np.float64)
+        return [(raw[k], curve[k][: max(int(n[k]), 1)], amat[k]) for k in range(len(raws))]
 
     box_fine = _foreground_box(fixed, moving)
+    masks = level_masks([(f, None) for f in factors])
     results = {}
     names = list(candidates)
     for first in range(0, len(names), slots):  # all starts in one call (up to `slots` of them)
         batch = names[first: first + slots]
         owner = [k if k < len(batch) else 0 for k in range(slots)]
         outs = run_level(0, [np.zeros(n_raw)] * len(batch), [candidates[k] for k in batch], owner)
-        for name, (raw, curve) in zip(batch, outs):
-            ok = plausible_affine(matrix_of(raw, candidates[name]))
-            results[name] = (float(curve[-1]) if ok else np.inf, raw, curve)
+        for name, (raw, curve, amat) in zip(batch, outs):
+            ok = plausible_affine(np.asarray(candidates[name], np.float64) @ amat)
+            results[name] = (float(curve[-1]) if ok else np.inf, raw, curve, amat)
             report(f"affine level 1/{len(factors)} from {name}: loss {float(curve[0]):.4g} -> {float(curve[-1]):.4g} "
                    f"({len(curve)} steps)" + ("" if ok else "; rejected (determinant out of range)"))
     plausible = {k: v for k, v in results.items() if np.isfinite(v[0])}
@@ -1148,19 +1147,20 @@ def _affine_stage(fixed, moving, candidates, cfg, spacing, moving_mask, level_ma
                f"keeping the {chosen} initialisation")
         return np.asarray(candidates[chosen]), [results[chosen][2][:1]], chosen
     chosen = min(plausible, key=lambda k: plausible[k][0])
-    _, raw, curve = plausible[chosen]
+    _, raw, curve, amat = plausible[chosen]
+    start = np.asarray(candidates[chosen], np.float64)
     curves = [curve]
     for i in range(1, len(factors)):
-        ((new_raw, curve),) = run_level(i, [raw], [candidates[chosen]], [0] * slots)
+        ((new_raw, curve, new_amat),) = run_level(i, [raw], [candidates[chosen]], [0] * slots)
         curves.append(curve)
-        ok = plausible_affine(matrix_of(new_raw, candidates[chosen]))
+        ok = plausible_affine(start @ new_amat)
         report(f"affine level {i + 1}/{len(factors)}: loss {float(curve[0]):.4g} -> {float(curve[-1]):.4g} "
                f"({len(curve)} steps)" + ("" if ok else "; rejected (determinant out of range), keeping level "
                                           f"{i}"))
         if not ok:
             break
-        raw = new_raw
-    return matrix_of(raw, candidates[chosen]), curves, chosen
+        raw, amat = new_raw, new_amat
+    return start @ amat, curves, chosen
 
 
 AFFINE_DET_RANGE = (0.125, 8.0)
@@ -1333,11 +1333,12 @@ def register_instance(
     report = progress or (lambda _: None)
     curves = []
 
-    def level_mask(factor, full=mask_f, pad_to=None):
-        """``full`` (default: the user's mask) at a pyramid level, binarised; None for no mask."""
+    def level_masks(plan, full=mask_f):
+        """``full`` (default: the user's mask) at each ``(factor, pad_to)`` of ``plan``, binarised; Nones for no
+        mask."""
         if full is None:
-            return None
-        return _binary_level_mask(full, factor=factor, pad_to=pad_to)
+            return [None] * len(plan)
+        return list(_binary_level_masks(full, levels=tuple(plan)))
 
     # -- affine stage
     run_affine = cfg.affine or cfg.transform in LINEAR_TRANSFORMS
@@ -1365,7 +1366,7 @@ def register_instance(
         device = next(iter(fixed.devices())) if hasattr(fixed, "devices") else jax.devices()[0]
         fixed_desc_job = _in_background(lambda: _features_in_box(feature_fn, fixed, feature_box), device)
     if run_affine:
-        matrix, aff_curves, chosen = _affine_stage(fixed, moving, candidates, cfg, spacing, moving_mask, level_mask,
+        matrix, aff_curves, chosen = _affine_stage(fixed, moving, candidates, cfg, spacing, moving_mask, level_masks,
                                                    report)
         curves.extend(aff_curves)
         report(f"affine initialisation: {chosen}")
@@ -1393,11 +1394,13 @@ def register_instance(
             prev = pyramid[f // 2]
             pyramid[f] = tuple(_downsample_jit(x, factor=2) for x in prev)
         report(f"descriptors: {fixed_desc.shape[-1]} channels")
+    # one program for the sampled levels: their arrays are padded to the finest grid (issue 18)
+    plan = [(f, tuple(fine_shape) if _sampled_level(cfg, _level_shape(fine_shape, f)) else None) for f in factors]
+    sim_masks = level_masks(plan, sim_mask)
     for lvl in range(cfg.levels):
-        factor = factors[lvl]
+        factor, pad_to = plan[lvl]
         level_shape = _level_shape(fine_shape, factor)
-        sampled = _sampled_level(cfg, level_shape)
-        pad_to = tuple(fine_shape) if sampled else None  # one program for the sampled levels (issue 18)
+        sampled = pad_to is not None
         if cfg.similarity == "dns":
             fixed_f, moving_f = (_level_features(x, factor=1, cfg=cfg, pad_to=pad_to) for x in pyramid[factor])
         else:
@@ -1412,7 +1415,7 @@ def register_instance(
             field = resize_disp(field, field_shape)
         n_mean = float(np.mean(_level_shape(true_shape, factor)))
         hyper = _level_hyper(cfg, lvl, level_shape, field_shape, n_mean)
-        field, curve = _deformable_level(field, fixed_f, moving_f, level_mask(factor, sim_mask, pad_to),
+        field, curve = _deformable_level(field, fixed_f, moving_f, sim_masks[lvl],
                                          to_device(box), key, hyper, cfg=cfg,
                                          sampled=sampled)
         curve = np.asarray(curve)[:cfg.iterations[lvl]]

@@ -525,7 +525,7 @@ def test_affine_level_slots_are_independent(similarity):
         owner = np.array([k if k < len(k_starts) else 0 for k in range(slots)], np.int32)
         w = np.broadcast_to(wts, (slots, len(wts))) * (np.arange(slots) < len(k_starts))[:, None]
         valid = jnp.ones(SHAPE + (1,))
-        raw, curve, n = inst._affine_level(
+        raw, curve, n, _ = inst._affine_level(
             jnp.zeros((slots, n_raw)), jnp.asarray(init), jnp.asarray(owner), fixed, moving, valid,
             jnp.asarray(np.broadcast_to(pts, (slots,) + pts.shape)), jnp.asarray(w, jnp.float32),
             jnp.ones(d), jnp.ones(d), jnp.zeros(d), jnp.float32(20.0), jnp.float32(0.5), np.int32(60),
