@@ -21,6 +21,7 @@ Usage::
 
     .venv/bin/python benchmarks/cli_speed.py                  # ~15 min on 2 cores
     .venv/bin/python benchmarks/cli_speed.py --pairs ixi,brats --out /tmp/speed
+    .venv/bin/python benchmarks/cli_speed.py --pairs ixi --repeat 5       # medians of 5 interleaved runs
 
 Writes ``<out>/cli_speed.json`` and ``<out>/cli_speed.md`` (ratios jaxreg / ANTs, same run).
 """
@@ -30,6 +31,7 @@ import os
 import pathlib
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -115,13 +117,20 @@ def _write(out, rows, extra, meta):
              "Seconds from launch to exit of each process; ratio = jaxreg / ANTs on the same pair in this run. "
              "cold = empty `JAXREG_CACHE_DIR`; warm = the same command again with that cache. ANTs registers at "
              "each scan's own resolution (1 mm for brats, ixi002, ms_mni), jaxreg on its 2 mm working grid: only "
-             "the ixi pair (2 mm scans) is the same job at the same resolution.", "",
+             "the ixi pair (2 mm scans) is the same job at the same resolution. With `--repeat N`: medians of N "
+             "interleaved runs (range in brackets), ratios of the medians.", "",
              "| pair | working grid | size class | jaxreg cold (s) | jaxreg warm (s) | ANTs (s) | cold ratio | "
              "warm ratio |", "|---|---|---|---|---|---|---|---|"]
+    def cell(r, key):
+        runs = r.get(key.replace("_s", "_runs")) or []
+        spread = f" ({min(runs):.2f}-{max(runs):.2f})" if len(runs) > 1 else ""
+        return f"{r[key]:.{2 if spread else 1}f}{spread}"
+
     for r in rows:
         lines.append(f"| {r['pair']} | {'x'.join(map(str, r['working_grid']))} | {'x'.join(map(str, r['bucket']))} "
-                     f"| {r['cold_s']:.1f} | {r['warm_s']:.1f} | {r['ants_s']:.1f} | {r['cold_s'] / r['ants_s']:.2f} | "
-                     f"{r['warm_s'] / r['ants_s']:.2f} |")
+                     f"| {cell(r, 'cold_s')} | {cell(r, 'warm_s')} | {cell(r, 'ants_s')} | "
+                     f"{r['cold_s'] / r['ants_s']:.{3 if len(r.get('warm_runs', [])) > 1 else 2}f} | "
+                     f"{r['warm_s'] / r['ants_s']:.{3 if len(r.get('warm_runs', [])) > 1 else 2}f} |")
     if rows:
         c, w, a = (sum(r[k] for r in rows) for k in ("cold_s", "warm_s", "ants_s"))
         lines.append(f"| **all** | | | {c:.1f} | {w:.1f} | {a:.1f} | **{c / a:.2f}** | **{w / a:.2f}** |")
@@ -137,6 +146,9 @@ def main():
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--no-ants", action="store_true", help="jaxreg only (ratios are then not computed)")
     ap.add_argument("--cohort", action="store_true", help="also time one --moving a b c call")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs of each timing per pair (cold with a new empty cache each time, warm, ANTs), "
+                         "interleaved; the table gives medians and the ranges (default 1)")
     args = ap.parse_args()
     data, out = pathlib.Path(args.data), pathlib.Path(args.out)
     names = [p for p in args.pairs.split(",") if p]
@@ -156,21 +168,29 @@ def main():
             if "fixed_labels" in p:
                 labels = ["--fixed-labels", str(data / p["fixed_labels"]), "--moving-labels",
                           str(data / p["moving_labels"])]
+            colds, warms, antss = [], [], []
+            for k in range(max(1, args.repeat)):  # interleaved, so drifts of the machine hit all three alike
+                cache = tmp / f"cache_{name}" if k == 0 else tmp / f"cache_{name}_{k}"
+                env = {**base_env, "JAXREG_CACHE_DIR": str(cache)}
+                cmd = _jaxreg_cmd(fixed, [moving], tmp / f"out_{name}", labels)
+                colds.append(_timed(cmd, env))
+                if k == 0:
+                    n_cold = _cache_entries(cache)
+                warms.append(_timed(cmd, env))
+                if not args.no_ants:
+                    ants_cmd = [sys.executable, str(ROOT / "benchmarks" / "_ants_register.py"), str(fixed),
+                                str(moving), str(tmp / f"ants_{name}")] + (
+                        [str(data / p["moving_labels"])] if labels else [])
+                    antss.append(_timed(ants_cmd, base_env))
             cache = tmp / f"cache_{name}"
             env = {**base_env, "JAXREG_CACHE_DIR": str(cache)}
-            cmd = _jaxreg_cmd(fixed, [moving], tmp / f"out_{name}", labels)
-            cold = _timed(cmd, env)
-            n_cold = _cache_entries(cache)
-            warm = _timed(cmd, env)
-            ants_s = float("nan")
-            if not args.no_ants:
-                ants_cmd = [sys.executable, str(ROOT / "benchmarks" / "_ants_register.py"), str(fixed), str(moving),
-                            str(tmp / f"ants_{name}")] + ([str(data / p["moving_labels"])] if labels else [])
-                ants_s = _timed(ants_cmd, base_env)
+            cold, warm = statistics.median(colds), statistics.median(warms)
+            ants_s = statistics.median(antss) if antss else float("nan")
             metrics = json.loads((tmp / f"out_{name}" / "metrics.json").read_text())
             work, bucket = _grids(fixed)
             rows.append({"pair": name, "what": p["what"], "working_grid": work, "bucket": bucket, "cold_s": cold,
-                         "warm_s": warm, "ants_s": ants_s, "programs_cached_cold": n_cold,
+                         "warm_s": warm, "ants_s": ants_s, "cold_runs": colds, "warm_runs": warms,
+                         "ants_runs": antss, "programs_cached_cold": n_cold,
                          "dice_mean": metrics.get("dice_mean"), "folding_percent": metrics["folding_percent"]})
             print(f"{name}: grid {work} -> {bucket}: cold {cold:.1f} s ({n_cold} programs), warm {warm:.1f} s, "
                   f"ANTs {ants_s:.1f} s", flush=True)

@@ -578,12 +578,16 @@ def _upsample_disp(disp, ratio, *, shape):
 
     ``ratio``: ``(D,)`` float32, true fine / true working shape (>= 1 but on axes of fewer than 8 voxels); the
     fine grid's voxel ``x`` lies at working voxel ``(x + 0.5) / ratio - 0.5`` (:func:`working_grid`), read
-    by linear interpolation with border values held, and the vectors scale by ``ratio``. This is
+    by linear interpolation (``jax.image.scale_and_translate``) and the vectors scale by ``ratio``. This is
     :func:`jaxreg.spatial.resize_disp` with the ratio as an argument, so both grids may be padded to their size
-    classes (``disp`` edge-padded, ``shape`` the padded fine grid): one program per class (issue 18).
+    classes (``disp`` edge-padded, so the border values are held as without padding; ``shape`` the padded fine
+    grid): one program per class (issue 18).
     """
-    coords = (identity_grid(shape) + 0.5) / ratio - 0.5
-    return sample(disp, coords, padding="border") * ratio
+    d = disp.shape[-1]
+    # separable weights per axis, as jax.image.resize (3x faster at 1 mm than a trilinear gather per voxel)
+    out = jax.image.scale_and_translate(disp, tuple(shape) + (d,), tuple(range(d)), ratio, jnp.zeros_like(ratio),
+                                        method="linear", antialias=True)
+    return out * ratio
 
 
 @program(static_argnames=("shape_f", "same_grid"))
@@ -618,12 +622,14 @@ def _finish(fixed, moving, fixed_w, moving_w, work_shape, work_affine, res, runt
     disp_class = outs[0]  # kept on the device, padded, for the labels and the field's regularity
     disp_fixed, voxel_map, warped, moving_on_fixed = (crop_high(x, shape_f) for x in outs[:4])
     warped_w = crop_high(outs[4], shape_w)
-    warp_lps = voxel_disp_to_world(voxel_map, fixed.affine, moving.affine)
+    # world warps of the padded (contiguous) maps, then cropped: a crop's reshape copied 0.1 s per 1 mm field
+    warp_lps = crop_high(voxel_disp_to_world(np.asarray(outs[1]), fixed.affine, moving.affine), shape_f)
     inverse_fixed = inverse_lps = None
     if res.inverse_disp is not None:
-        inverse_fixed = np.asarray(res.inverse_disp) if shape_f == shape_w else crop_high(
-            _upsample_disp(to_device(pad_high(res.inverse_disp, class_w, "edge")), ratio, shape=class_f), shape_f)
-        inverse_lps = voxel_disp_to_world(inverse_fixed, fixed.affine, fixed.affine)
+        inverse_class = res.inverse_disp if shape_f == shape_w else _upsample_disp(
+            to_device(pad_high(res.inverse_disp, class_w, "edge")), ratio, shape=class_f)
+        inverse_fixed = crop_high(inverse_class, shape_f)
+        inverse_lps = crop_high(voxel_disp_to_world(np.asarray(inverse_class), fixed.affine, fixed.affine), shape_f)
     work = {"fixed": fixed_w, "moving": moving_w, "warped": warped_w, "total_disp": res.total_disp,
             "shape": work_shape, "affine": work_affine, "disp_fixed_class": disp_class}
     return Registration(warped, disp_fixed, voxel_map, inverse_fixed, warp_lps, inverse_lps, moving_on_fixed, work,
