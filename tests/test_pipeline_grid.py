@@ -78,23 +78,29 @@ def test_field_of_view_matches_mapping_every_voxel():
     np.testing.assert_array_equal(fov, ref.astype(np.float32))
 
 
-def test_metrics_similarity_normalises_in_its_program_as_on_the_host():
-    import jax.numpy as jnp
-
+def _metrics_similarity_and_reference(images):
+    """The metrics' (before, after) similarity of three images, and the same computed directly on each whole
+    image (MIND-SSC of the host-normalised images)."""
     from jaxreg import losses as L
     from jaxreg import pipeline
     from jaxreg.optimize import InstanceConfig, normalize_intensity, similarity_fn
 
-    rng = np.random.default_rng(0)
-    # a grid that is its own size class (no padding): equal to rounding
-    images = [jnp.asarray(rng.gamma(2.0, 100.0, (20, 24, 20, 1)).astype(np.float32)) for _ in range(3)]
     cfg = InstanceConfig()
     got = pipeline._similarity_before_after(cfg, dict(zip(("fixed", "moving", "warped"), images)), None)
     f, m, w = (L.mind_ssc(normalize_intensity(x), radius=cfg.mind_radius, dilation=cfg.mind_dilation)
                for x in images)
-    want = [float(similarity_fn(cfg)(f, x, None)) for x in (m, w)]
-    np.testing.assert_allclose([got["similarity_before"], got["similarity_after"]], want, rtol=1e-5)
-    assert got["similarity_before"] != got["similarity_after"]
+    return [got["similarity_before"], got["similarity_after"]], [float(similarity_fn(cfg)(f, x, None)) for x in (m, w)]
+
+
+def test_metrics_similarity_normalises_in_its_program_as_on_the_host():
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    # a grid that is its own size class (no padding): equal to rounding
+    images = [jnp.asarray(rng.gamma(2.0, 100.0, (20, 24, 20, 1)).astype(np.float32)) for _ in range(3)]
+    got, want = _metrics_similarity_and_reference(images)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert got[0] != got[1]
 
 
 # ----------------------------------------------------------------------------- size classes of the output programs
@@ -162,18 +168,10 @@ def test_resample_to_grid_is_exact_when_padded_to_size_classes():
 def test_metrics_similarity_on_a_padded_grid():
     import jax.numpy as jnp
 
-    from jaxreg import losses as L
-    from jaxreg import pipeline
-    from jaxreg.optimize import InstanceConfig, normalize_intensity, similarity_fn
-
     rng = np.random.default_rng(4)
     base = np.cumsum(np.cumsum(rng.normal(0, 1, (40, 37, 30)), 0), 1)  # smooth, structured
     images = [jnp.asarray((base + rng.normal(0, 3, base.shape))[..., None].astype(np.float32)) for _ in range(3)]
-    cfg = InstanceConfig()
-    got = pipeline._similarity_before_after(cfg, dict(zip(("fixed", "moving", "warped"), images)), None)
-    f, m, w = (L.mind_ssc(normalize_intensity(x), radius=cfg.mind_radius, dilation=cfg.mind_dilation)
-               for x in images)
-    want = [float(similarity_fn(cfg)(f, x, None)) for x in (m, w)]
+    got, want = _metrics_similarity_and_reference(images)
     # 37 -> 40 and 30 -> 32: only voxels within MIND-SSC's reach of those faces differ (0.5 % here; without the
     # mask, i.e. the padded grid's mean, 20 %)
-    np.testing.assert_allclose([got["similarity_before"], got["similarity_after"]], want, rtol=1e-2)
+    np.testing.assert_allclose(got, want, rtol=1e-2)
