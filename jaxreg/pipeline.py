@@ -24,7 +24,7 @@ from jaxreg import losses as L
 from jaxreg import metrics as M
 from jaxreg.io import Volume, grid_to_grid_matrix, resample_to_grid, voxel_disp_to_world
 from jaxreg.optimize import DNS_CONFIG, InstanceConfig, normalize_intensity, register_instance, similarity_fn
-from jaxreg.programs import bucket_shape, crop_high, pad_high, program, to_device
+from jaxreg.programs import bucket_shape, crop_high, pad_high, pad_to_class, program, to_device
 from jaxreg.optimize.instance import (LINEAR_TRANSFORMS, InstanceResult, _resample_affine, apply_intensity_range,
                                       compose_affine_deformable, intensity_range)
 from jaxreg.spatial import identity_grid, sample, voxel_spacing
@@ -617,7 +617,7 @@ def _finish(fixed, moving, fixed_w, moving_w, work_shape, work_affine, res, runt
     g = grid_to_grid_matrix(fixed.affine, moving.affine)
     outs = _to_fixed_grid(
         to_device(pad_high(res.total_disp, class_w, "edge")), ratio, to_device(g, np.float32),
-        to_device(pad_high(moving.data, bucket_shape(moving.data.shape)), np.float32),
+        to_device(pad_to_class(moving.data), np.float32),
         to_device(pad_high(moving_w, class_w)), shape_f=class_f, same_grid=shape_f == shape_w)
     disp_class = outs[0]  # kept on the device, padded, for the labels and the field's regularity
     disp_fixed, voxel_map, warped, moving_on_fixed = (crop_high(x, shape_f) for x in outs[:4])
@@ -638,7 +638,7 @@ def _finish(fixed, moving, fixed_w, moving_w, work_shape, work_affine, res, runt
 
 def _disp_fixed_class(reg: "Registration", class_f) -> jax.Array:
     """The registration's fixed-grid displacement padded to the fixed grid's size class, on the device."""
-    disp = reg.work.get("disp_fixed_class") if isinstance(reg.work, dict) else None
+    disp = reg.work.get("disp_fixed_class")  # made by _finish; a Registration built elsewhere is padded here
     if disp is None or tuple(disp.shape[:-1]) != tuple(class_f):
         disp = to_device(pad_high(reg.disp_fixed, class_f, "edge"), np.float32)
     return disp
@@ -650,7 +650,7 @@ def warp_labels_to_fixed(labels: Volume, fixed: Volume, reg: Registration | None
     class_f = bucket_shape(shape_f)
     g = to_device(grid_to_grid_matrix(fixed.affine, labels.affine), np.float32)
     disp = None if reg is None else _disp_fixed_class(reg, class_f)
-    data = to_device(pad_high(labels.data, bucket_shape(labels.data.shape)), np.int32)
+    data = to_device(pad_to_class(labels.data), np.int32)
     return np.ascontiguousarray(crop_high(_warp_labels(data, g, disp, shape=class_f), shape_f))
 
 

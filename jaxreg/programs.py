@@ -331,6 +331,12 @@ def pad_high(x, shape, mode: str = "constant") -> np.ndarray:
     return np.pad(x, widths + [(0, 0)] * (x.ndim - len(widths)), mode=mode)
 
 
+def pad_to_class(x, ndim: int = 3, mode: str = "constant") -> np.ndarray:
+    """A host array's leading ``ndim`` (spatial) axes padded at the high end to their :func:`bucket_shape` (a scan
+    sampled by a program: one program per class of scan sizes)."""
+    return pad_high(x, bucket_shape(np.shape(x)[:ndim]), mode)
+
+
 def crop_high(x, shape) -> np.ndarray:
     """The leading ``shape`` of a (padded) array's leading axes, as a NumPy array (a view when ``x`` is one)."""
     return np.asarray(x)[tuple(slice(0, int(n)) for n in shape)]

@@ -27,7 +27,7 @@ import numpy as np
 from isal import igzip
 from jaxtyping import Float, Num
 
-from jaxreg.programs import bucket_shape, crop_high, pad_high, program, to_device
+from jaxreg.programs import bucket_shape, crop_high, pad_to_class, program, to_device
 from jaxreg.spatial.grid import identity_grid, voxel_to_world
 from jaxreg.spatial.warp import sample
 
@@ -350,9 +350,8 @@ def resample_to_grid(
         return np.asarray(data, None if order == 0 else np.float32)
     # the source and the output are padded to their size classes, so one program serves every scan of a class
     # (issue 18). Exact: sampling reads zeros outside the source either way, and output voxels are independent.
-    src_class = bucket_shape(data.shape[:d])
-    if tuple(data.shape[:d]) != src_class:
-        data = pad_high(data, src_class)
+    if tuple(data.shape[:d]) != bucket_shape(data.shape[:d]):  # (a jax array of a class size stays on the device)
+        data = pad_to_class(data, d)
     image = to_device(data, None if order == 0 else np.float32)
     out = _resample(image, to_device(g, np.float32), shape=bucket_shape(ref_shape), order=order)
     return crop_high(out, ref_shape)

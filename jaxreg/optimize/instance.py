@@ -41,7 +41,7 @@ import scipy.ndimage as ndi
 from jaxtyping import Array, Float
 
 from jaxreg import losses as L
-from jaxreg.programs import bucket_shape, bucket_size, program, to_device  # noqa: F401 - re-exported
+from jaxreg.programs import bucket_shape, bucket_size, pad_high, program, to_device  # noqa: F401 - re-exported
 from jaxreg.spatial import (
     affine_to_disp,
     gaussian_blur,
@@ -1096,8 +1096,11 @@ def _affine_stage(fixed, moving, candidates, cfg, spacing, moving_mask, level_ma
     n_last = n_points if n_points > 0 else int(np.prod(_level_shape(fine_shape, factors[-1])))
     group = max(1, -(-n_last // slots))
 
-    def run_level(i, raws, inits, owner):
-        """Refine ``len(raws)`` starts (<= ``slots``) at level ``i``; returns their raws and loss curves."""
+    def run_level(i, inits, raws=()):
+        """Refine the starts ``inits`` (<= ``slots``; one at the finer levels) from ``raws`` (default zeros) at
+        level ``i``; returns ``(raw, curve, A(raw))`` of each. At level 0 start ``k`` owns group ``k``, after it
+        the one start owns every group."""
+        owner = np.where(np.arange(slots) < len(inits), np.arange(slots), 0) if i == 0 else np.zeros(slots)
         fixed_f, moving_f = fixed_levels[i], moving_levels[i]
         level_shape = _level_shape(fine_shape, factors[i])
         ratio = np.asarray(fine_shape, np.float32) / np.asarray(level_shape, np.float32)
@@ -1105,7 +1108,7 @@ def _affine_stage(fixed, moving, candidates, cfg, spacing, moving_mask, level_ma
         if i == 0:  # each start's group: the same points (groups of unused slots weigh nothing)
             pts, wts = _affine_points(level_shape, box, group, seed=i)
             pts = np.broadcast_to(pts, (slots,) + pts.shape)
-            wts = wts[None] * (np.arange(slots) < len(raws))[:, None].astype(np.float32)
+            wts = wts[None] * (np.arange(slots) < len(inits))[:, None].astype(np.float32)
         else:
             pts, wts = _affine_points(level_shape, box, slots * group, seed=i)
             pts, wts = pts.reshape(slots, group, d), wts.reshape(slots, group)
@@ -1115,7 +1118,7 @@ def _affine_stage(fixed, moving, candidates, cfg, spacing, moving_mask, level_ma
         step0 = cfg.affine_learning_rate * float(np.mean(np.asarray(spacing) * ratio))
         iters = np.int32(cfg.affine_iterations[i % len(cfg.affine_iterations)])
         raw0 = np.zeros((slots, n_raw), np.float32)
-        raw0[: len(raws)] = np.asarray(raws, np.float32).reshape(len(raws), n_raw)
+        raw0[: len(raws)] = np.reshape(np.asarray(raws, np.float32), (len(raws), n_raw))
         init0 = np.broadcast_to(np.eye(d + 1, dtype=np.float32), (slots, d + 1, d + 1)).copy()
         init0[: len(inits)] = np.asarray(inits, np.float32)
         raw, curve, n, amat = _affine_level(to_device(raw0), to_device(init0), to_device(np.asarray(owner, np.int32)),
@@ -1124,7 +1127,7 @@ def _affine_stage(fixed, moving, candidates, cfg, spacing, moving_mask, level_ma
                                       to_device(step0, np.float32), iters, cfg=acfg,
                                       max_iterations=max(cfg.affine_iterations), rigid=rigid)
         raw, curve, n, amat = np.asarray(raw), np.asarray(curve), np.asarray(n), np.asarray(amat, np.float64)
-        return [(raw[k], curve[k][: max(int(n[k]), 1)], amat[k]) for k in range(len(raws))]
+        return [(raw[k], curve[k][: max(int(n[k]), 1)], amat[k]) for k in range(len(inits))]
 
     box_fine = _foreground_box(fixed, moving)
     masks = level_masks([(f, None) for f in factors])
@@ -1132,8 +1135,7 @@ def _affine_stage(fixed, moving, candidates, cfg, spacing, moving_mask, level_ma
     names = list(candidates)
     for first in range(0, len(names), slots):  # all starts in one call (up to `slots` of them)
         batch = names[first: first + slots]
-        owner = [k if k < len(batch) else 0 for k in range(slots)]
-        outs = run_level(0, [np.zeros(n_raw)] * len(batch), [candidates[k] for k in batch], owner)
+        outs = run_level(0, [candidates[k] for k in batch])
         for name, (raw, curve, amat) in zip(batch, outs):
             ok = plausible_affine(np.asarray(candidates[name], np.float64) @ amat)
             results[name] = (float(curve[-1]) if ok else np.inf, raw, curve, amat)
@@ -1151,7 +1153,7 @@ def _affine_stage(fixed, moving, candidates, cfg, spacing, moving_mask, level_ma
     start = np.asarray(candidates[chosen], np.float64)
     curves = [curve]
     for i in range(1, len(factors)):
-        ((new_raw, curve, new_amat),) = run_level(i, [raw], [candidates[chosen]], [0] * slots)
+        ((new_raw, curve, new_amat),) = run_level(i, [candidates[chosen]], [raw])
         curves.append(curve)
         ok = plausible_affine(start @ new_amat)
         report(f"affine level {i + 1}/{len(factors)}: loss {float(curve[0]):.4g} -> {float(curve[-1]):.4g} "
@@ -1451,7 +1453,7 @@ def _finish_deformable(field, matrix, inv_matrix, *, cfg, fine_shape):
 def _pad_to(x, shape, *, channels=True):
     """Zero-pad ``(*spatial, C)`` at the high end of each axis to ``shape`` (on the host); ``channels=False``
     returns ``(*shape)`` (the single channel dropped on the host: an eager squeeze compiles per shape)."""
-    out = np.pad(np.asarray(x, np.float32), [(0, n - s) for n, s in zip(shape, x.shape[:-1])] + [(0, 0)])
+    out = pad_high(np.asarray(x, np.float32), shape)
     return to_device(out if channels else out[..., 0])
 
 
