@@ -9,6 +9,7 @@ fixed-to-moving grid matrix, so one voxel map ``y = G (x + d(x))`` from fixed
 voxels to moving voxels carries the whole transform; the warped image is
 resampled from the original moving scan in one interpolation.
 """
+import concurrent.futures
 import dataclasses
 import functools
 import time
@@ -316,11 +317,14 @@ def register_volumes(fixed: Volume, moving: Volume, *, config: InstanceConfig, r
     init_matrix = None
     if init is not None:  # world fixed -> moving, as a working-grid voxel map (both images live on that grid)
         init_matrix = np.linalg.inv(work_affine) @ np.asarray(init, np.float64) @ work_affine
+    similarity_job = _start_similarity(config, fixed_w, moving_w)
     res = register_instance(fixed_w, moving_w, config=config, progress=progress, feature_fn=feature_fn,
                             init_matrix=init_matrix, **_geometry(fixed, moving, work_shape, work_affine))
     jax.block_until_ready(res.total_disp)
     runtime = time.perf_counter() - t0
-    return _finish(fixed, moving, fixed_w, moving_w, work_shape, work_affine, res, runtime)
+    reg = _finish(fixed, moving, fixed_w, moving_w, work_shape, work_affine, res, runtime)
+    reg.work["similarity_job"] = similarity_job
+    return reg
 
 
 def register_volumes_learned(fixed: Volume, moving: Volume, *, module, model, lam: float | None = None,
@@ -667,8 +671,14 @@ def similarity_value(config: InstanceConfig, fixed_w, moving_w, feature_fn: Call
 
 
 def _similarity_before_after(config: InstanceConfig, work: dict, feature_fn) -> dict:
-    """``similarity_before`` / ``similarity_after`` on the working grid."""
-    before, after = _similarities(config, work["fixed"], (work["moving"], work["warped"]), feature_fn)
+    """``similarity_before`` / ``similarity_after`` on the working grid; the fixed image's descriptors and the
+    before value come from ``work["similarity_job"]`` when :func:`register_volumes` started them."""
+    job = work.get("similarity_job")
+    if job is None:
+        before, after = _similarities(config, work["fixed"], (work["moving"], work["warped"]), feature_fn)
+    else:
+        fd, before = job.result()
+        after = _similarity_to(config, fd, work["warped"])
     return {"similarity_before": before, "similarity_after": after}
 
 
@@ -680,13 +690,43 @@ def _similarities(config: InstanceConfig, fixed_w, others, feature_fn) -> list[f
 
         fd, *descs = _box_features(feature_fn, *(normalize_intensity(x) for x in (fixed_w, *others)))
         return [float(L.cosine_similarity_loss(fd, x)) for x in descs]
-    # only the percentiles on the host; the images are mapped to [0, 1] inside the program (the host mapping took
-    # ~0.2 s of the IXI pair's metrics thread; issue 18)
-    ranges = tuple(tuple(to_device(v) for v in intensity_range(x)) for x in (fixed_w, *others))
+    fd, first = _similarity_start(config, fixed_w, others[0])
+    return [first] + [_similarity_to(config, fd, x) for x in others[1:]]
+
+
+def _similarity_inputs(x, shape):
+    """A working-grid image edge-padded to its size class on the device and its intensity range (the images are
+    mapped to [0, 1] inside the programs: the host mapping took ~0.2 s of the IXI pair's metrics; issue 18)."""
+    return (to_device(pad_high(x, bucket_shape(shape), "edge"), np.float32),
+            tuple(to_device(v) for v in intensity_range(x)))
+
+
+def _similarity_start(config: InstanceConfig, fixed_w, moving_w) -> tuple:
+    """``(fixed descriptors on the device, loss of moving_w)``: :func:`_similarity_first` on the host images."""
     shape = tuple(np.shape(fixed_w)[:-1])
-    padded = [to_device(pad_high(x, bucket_shape(shape), "edge"), np.float32) for x in (fixed_w, *others)]
-    return [float(v) for v in _similarity(padded[0], tuple(padded[1:]), ranges, to_device(np.asarray(shape, np.int32)),
-                                          config=config)]
+    (f, rf), (m, rm) = (_similarity_inputs(x, shape) for x in (fixed_w, moving_w))
+    fd, loss = _similarity_first(f, m, rf, rm, to_device(np.asarray(shape, np.int32)), config=config)
+    return fd, float(loss)
+
+
+def _similarity_to(config: InstanceConfig, fd, x) -> float:
+    """The loss of the working-grid image ``x`` against fixed descriptors ``fd`` of :func:`_similarity_start`."""
+    shape = tuple(np.shape(x)[:-1])
+    m, rm = _similarity_inputs(x, shape)
+    return float(_similarity_next(fd, m, rm, to_device(np.asarray(shape, np.int32)), config=config))
+
+
+def _start_similarity(config: InstanceConfig, fixed_w, moving_w) -> "concurrent.futures.Future | None":
+    """:func:`_similarity_start` in a thread (None for learned descriptors, which the metrics compute).
+
+    The fixed image's descriptors and ``similarity_before`` do not depend on the registration: computed while
+    it runs, they fill the core its host work leaves idle instead of lengthening the metrics (issue 18)."""
+    if config.similarity == "dns":
+        return None
+    from jaxreg.optimize.instance import _in_background
+
+    device = next(iter(jax.devices())) if jax.config.jax_default_device is None else jax.config.jax_default_device
+    return _in_background(lambda: _similarity_start(config, fixed_w, moving_w), device)
 
 
 def _inside(shape, true_shape):
@@ -695,23 +735,33 @@ def _inside(shape, true_shape):
                                               for k in range(len(shape))])
 
 
+def _similarity_descriptors(x, lo, hi, inside, config):
+    """``x`` mapped to [0, 1] by ``(lo, hi)`` (:func:`intensity_range`), then MIND-SSC for ``"mind"`` (variance
+    normalised over the ``inside`` voxels only) or the image itself."""
+    x = apply_intensity_range(x, lo, hi)
+    if config.similarity == "mind":
+        return L.mind_ssc(x, radius=config.mind_radius, dilation=config.mind_dilation, mask=inside)
+    return x
+
+
 @program(static_argnames=("config",))
-def _similarity(f, ms, ranges, true_shape, *, config):
-    """The similarity loss of ``f`` against each image of the tuple ``ms`` (MIND-SSC of ``f`` computed once),
-    each image first mapped to [0, 1] by its ``(lo, hi)`` in ``ranges`` (``f`` first; :func:`intensity_range`).
+def _similarity_first(f, m, range_f, range_m, true_shape, *, config):
+    """``(descriptors of f, similarity loss of m against f)``, each image mapped to [0, 1] by its ``(lo, hi)``.
 
     The images are edge-padded at their high end to the grid's size class and only the leading ``true_shape``
     voxels count (also in MIND-SSC's variance normalisation), so one program serves a size class (issue 18).
     The value equals the unpadded one but for voxels within the descriptor's reach of the high-end faces.
     """
     inside = _inside(f.shape[:-1], true_shape)
-    f, *ms = (apply_intensity_range(x, lo, hi) for x, (lo, hi) in zip((f, *ms), ranges))
-    descriptors = lambda x: x  # noqa: E731
-    if config.similarity == "mind":
-        descriptors = functools.partial(L.mind_ssc, radius=config.mind_radius, dilation=config.mind_dilation,
-                                        mask=inside)
-    fd = descriptors(f)
-    return tuple(similarity_fn(config)(fd, descriptors(m), inside) for m in ms)
+    fd = _similarity_descriptors(f, *range_f, inside, config)
+    return fd, similarity_fn(config)(fd, _similarity_descriptors(m, *range_m, inside, config), inside)
+
+
+@program(static_argnames=("config",))
+def _similarity_next(fd, m, range_m, true_shape, *, config):
+    """The similarity loss of ``m`` against the descriptors ``fd`` of :func:`_similarity_first` (same padding)."""
+    inside = _inside(fd.shape[:-1], true_shape)
+    return similarity_fn(config)(fd, _similarity_descriptors(m, *range_m, inside, config), inside)
 
 
 @program(quick=True)

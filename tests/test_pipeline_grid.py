@@ -103,6 +103,25 @@ def test_metrics_similarity_normalises_in_its_program_as_on_the_host():
     assert got[0] != got[1]
 
 
+def test_metrics_similarity_started_during_the_registration_equals_the_one_at_the_end():
+    import jax
+    import jax.numpy as jnp
+
+    from jaxreg import pipeline
+    from jaxreg.optimize import InstanceConfig
+
+    rng = np.random.default_rng(1)
+    images = [jnp.asarray(rng.gamma(2.0, 100.0, (21, 18, 13, 1)).astype(np.float32)) for _ in range(3)]  # padded
+    work = dict(zip(("fixed", "moving", "warped"), images))
+    for cfg in (InstanceConfig(), InstanceConfig(similarity="ngf")):
+        at_end = pipeline._similarity_before_after(cfg, work, None)
+        job = pipeline._start_similarity(cfg, images[0], images[1])
+        assert isinstance(job.result()[0], jax.Array)  # the fixed descriptors stay on the device
+        early = pipeline._similarity_before_after(cfg, {**work, "similarity_job": job}, None)
+        assert early == at_end and at_end["similarity_before"] != at_end["similarity_after"]
+    assert pipeline._start_similarity(InstanceConfig(similarity="dns"), images[0], images[1]) is None
+
+
 # ----------------------------------------------------------------------------- size classes of the output programs
 
 

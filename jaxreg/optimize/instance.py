@@ -537,7 +537,8 @@ def center_of_mass(image: Float[Array, "*spatial C"], *, threshold: float | None
     if not isinstance(image, jax.core.Tracer):  # host: no program compiled per image shape
         w = np.sum(np.maximum(np.asarray(image, np.float32), 0.0), axis=-1)
         if threshold is not None:
-            w = (w > threshold * np.max(w)).astype(np.float32)
+            n, mean, _ = _mask_moments(w > threshold * np.max(w))
+            return to_device(mean if n > 0 else np.zeros(w.ndim), np.float32)
         if not w.sum() > 0:
             return jnp.zeros(w.ndim, jnp.float32)
         return to_device(ndi.center_of_mass(w), np.float32)
@@ -546,6 +547,27 @@ def center_of_mass(image: Float[Array, "*spatial C"], *, threshold: float | None
         w = (w > threshold * jnp.max(w)).astype(jnp.float32)
     grid = identity_grid(w.shape)
     return jnp.sum(grid * w[..., None], axis=tuple(range(w.ndim))) / jnp.maximum(jnp.sum(w), 1e-12)
+
+
+def _mask_moments(mask: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """``(count, (D,) mean voxel index, (D, D) covariance of the indices)`` (float64, covariance with ``ddof=1``
+    as ``np.cov``; NaN for fewer than 2 voxels) of a boolean host mask, exact, from its sums along all axes but
+    one or two (listing a 2 mm head's ~700k voxels took ~50 ms per image; issue 18)."""
+    d = mask.ndim
+    idx = [np.arange(n, dtype=np.float64) for n in mask.shape]
+    pair = {}
+    for k, l in itertools.combinations(range(d), 2):
+        pair[k, l] = np.sum(mask, axis=tuple(a for a in range(d) if a not in (k, l)), dtype=np.int64)
+    first = {k: np.sum(pair[(k, l) if k < l else (l, k)], axis=1 if k < l else 0) for k, l in
+             ((k, (k + 1) % d) for k in range(d))}
+    n = int(first[0].sum())
+    s1 = np.array([idx[k] @ first[k] for k in range(d)])
+    s2 = np.diag([(idx[k] ** 2) @ first[k] for k in range(d)])
+    for (k, l), p in pair.items():
+        s2[k, l] = s2[l, k] = idx[k] @ p @ idx[l]
+    mean = s1 / max(n, 1)
+    cov = (s2 - n * np.outer(mean, mean)) / (n - 1) if n > 1 else np.full((d, d), np.nan)
+    return n, mean, cov
 
 
 def principal_axes_starts(fixed, moving, spacing=None, *, threshold: float = 0.05) -> dict:
@@ -576,12 +598,11 @@ def principal_axes_starts(fixed, moving, spacing=None, *, threshold: float = 0.0
 
     def moments(image):
         w = np.sum(np.maximum(np.asarray(image, np.float32), 0.0), axis=-1)
-        pts = np.argwhere(w > threshold * np.max(w)).astype(np.float64) * sp
-        if len(pts) < 2 * d:
+        n, mean, cov = _mask_moments(w > threshold * np.max(w))
+        if n < 2 * d:
             return None
-        c = pts.mean(0)
-        _, u = np.linalg.eigh(np.cov((pts - c).T))
-        return c, u
+        _, u = np.linalg.eigh(cov * np.outer(sp, sp))  # the covariance of the voxels' mm positions
+        return mean * sp, u
 
     mf, mm = moments(fixed), moments(moving)
     if mf is None or mm is None:
@@ -1019,6 +1040,14 @@ def _box_features(feature_fn, fixed, *others, extent=None):
     return [_features_in_box(feature_fn, image, sl) for image in (fixed, *others)]
 
 
+def _in_thread(fn, *args) -> concurrent.futures.Future:
+    """``fn(*args)`` in a new thread; the future's ``result()`` waits and re-raises."""
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    future = pool.submit(fn, *args)
+    pool.shutdown(wait=False)  # the thread ends with the task; nothing waits for it here
+    return future
+
+
 def _in_background(fn, device) -> concurrent.futures.Future:
     """``fn()`` in a thread on ``device`` (JAX's default there); the future's ``result()`` waits and re-raises.
 
@@ -1031,10 +1060,7 @@ def _in_background(fn, device) -> concurrent.futures.Future:
         with jax.default_device(device):
             return jax.block_until_ready(fn())
 
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-    future = pool.submit(run)
-    pool.shutdown(wait=False)  # the thread ends with the task; nothing waits for it here
-    return future
+    return _in_thread(run)
 
 
 @program(static_argnames=("factors", "cfg"))
@@ -1193,16 +1219,17 @@ def plausible_affine(matrix, det_range=None) -> bool:
 FOV_EROSION = 3
 
 
-def _deformable_mask(fixed, moving_aff, mask, moving_mask, matrix, cfg):
+def _deformable_mask(fixed, moving_aff, mask, moving_mask, matrix, cfg, fixed_head=None):
     """Where the deformable similarity counts (float ``(*spatial)`` or None for everywhere): the user's
     ``mask`` x the moving field of view after the affine stage x (``cfg.foreground_mask``) the union of
-    both foregrounds, dilated by ``cfg.foreground_dilation`` voxels."""
+    both foregrounds, dilated by ``cfg.foreground_dilation`` voxels. ``fixed_head``: the fixed image's
+    :func:`_head_mask`, if already computed."""
     out = mask
     if moving_mask is not None:
         fov = _moving_fov(np.reshape(np.asarray(moving_mask), fixed.shape[:-1] + (1,)), matrix)
         out = fov if out is None else _multiply(out, fov)
     if cfg.foreground_mask:
-        fg = _foreground(fixed, moving_aff, cfg.foreground_dilation)
+        fg = _foreground(fixed, moving_aff, cfg.foreground_dilation, fixed_head)
         out = fg if out is None else _multiply(out, fg)
     return out
 
@@ -1224,24 +1251,24 @@ def _multiply(a, b):
     return a * b
 
 
-def _foreground(fixed, moving_aff, dilation):
-    """Union of the two images' head/body masks, dilated by ``dilation`` voxels (float ``(*spatial)``, host-side).
+def _head_mask(image) -> np.ndarray:
+    """One image's head/body mask (bool ``(*spatial)``, host-side): voxels above 5 % of the normalised range,
+    opened by one voxel (isolated noise speckles in the air go; on a sin-remapped IXI T1 12 % of the air
+    exceeded 5 %), connected components of at least 5 % of the largest one, holes filled (dark ventricles and
+    CSF stay inside)."""
+    ball = ndi.generate_binary_structure(image.ndim - 1, 1)
+    m = ndi.binary_opening(np.max(np.asarray(image), -1) > 0.05, structure=ball)
+    lab, n = ndi.label(m)
+    if n:
+        sizes = np.bincount(lab.ravel())[1:]
+        m = np.concatenate([[False], sizes >= 0.05 * sizes.max()])[lab]
+    return ndi.binary_fill_holes(m)
 
-    Each image's mask: voxels above 5 % of the normalised range, opened by one
-    voxel (isolated noise speckles in the air go; on a sin-remapped IXI T1
-    12 % of the air exceeded 5 %), connected components of at least 5 % of the
-    largest one, holes filled (dark ventricles and CSF stay inside).
-    """
-    d = fixed.ndim - 1
-    ball = ndi.generate_binary_structure(d, 1)
-    out = np.zeros(fixed.shape[:-1], bool)
-    for image in (fixed, moving_aff):
-        m = ndi.binary_opening(np.max(np.asarray(image), -1) > 0.05, structure=ball)
-        lab, n = ndi.label(m)
-        if n:
-            sizes = np.bincount(lab.ravel())[1:]
-            m = np.concatenate([[False], sizes >= 0.05 * sizes.max()])[lab]
-        out |= ndi.binary_fill_holes(m)
+
+def _foreground(fixed, moving_aff, dilation, fixed_head=None):
+    """Union of the two images' :func:`_head_mask`, dilated by ``dilation`` voxels (float ``(*spatial)``,
+    host-side); ``fixed_head``: the fixed image's, if already computed."""
+    out = (_head_mask(fixed) if fixed_head is None else fixed_head) | _head_mask(moving_aff)
     if dilation > 0:
         out = ndi.maximum_filter(out, size=2 * dilation + 1)
     return to_device(out, np.float32)
@@ -1367,6 +1394,10 @@ def register_instance(
         feature_box = _feature_box((fixed, moving), true_shape)
         device = next(iter(fixed.devices())) if hasattr(fixed, "devices") else jax.devices()[0]
         fixed_desc_job = _in_background(lambda: _features_in_box(feature_fn, fixed, feature_box), device)
+    fixed_head = None
+    if cfg.foreground_mask and cfg.transform not in LINEAR_TRANSFORMS:
+        # host work that does not depend on the affine stage, done while that stage runs in XLA (issue 18)
+        fixed_head = _in_thread(_head_mask, fixed)
     if run_affine:
         matrix, aff_curves, chosen = _affine_stage(fixed, moving, candidates, cfg, spacing, moving_mask, level_masks,
                                                    report)
@@ -1384,7 +1415,8 @@ def register_instance(
     moving_aff = _resample_affine(moving, to_device(matrix, np.float32), padding="zeros")
     field = None
     box_fine = _foreground_box(fixed, moving_aff)
-    sim_mask = _deformable_mask(fixed, moving_aff, mask_f, moving_mask, to_device(matrix, np.float32), cfg)
+    sim_mask = _deformable_mask(fixed, moving_aff, mask_f, moving_mask, to_device(matrix, np.float32), cfg,
+                                None if fixed_head is None else fixed_head.result())
     key = jax.random.wrap_key_data(np.zeros(2, np.uint32), impl="threefry2x32")  # key(0), made on the host
     if cfg.similarity == "dns":
         moving_desc = _features_in_box(feature_fn, moving_aff, feature_box)

@@ -69,6 +69,19 @@ def test_matches_brute_force_on_random_multilabel_maps(ndim):
     assert np.all(h > 0)
 
 
+def test_many_labels_shared_among_threads_match_brute_force():
+    # >= 32 labels: hd95 scores them in several threads (on a machine with more than one core)
+    rng = np.random.default_rng(7)
+    shape, spacing = (18, 16, 12), (1.1, 0.9, 1.7)
+    noise = [ndimage.gaussian_filter(rng.standard_normal(shape), 1.0) for _ in range(2)]
+    a, b = (np.digitize(x, np.quantile(x, np.linspace(0.05, 0.95, 40))).astype(np.int32) for x in noise)
+    labels = list(range(1, 41)) + [77]  # 77 is in neither map: NaN
+    h = hd95(a, b, spacing=spacing, labels=labels)
+    ref = [_hd95_brute_force(a == v, b == v, spacing) for v in range(1, 41)]
+    np.testing.assert_allclose(h[:-1], ref, rtol=1e-10)
+    assert np.isnan(h[-1])
+
+
 def test_identical_zero_and_absent_labels_nan():
     a = np.zeros((10, 10), np.int32)
     a[2:5, 2:5] = 1

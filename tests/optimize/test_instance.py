@@ -492,6 +492,20 @@ def test_auto_init_recovers_a_rotation_of_160_degrees_the_header_start_does_not(
     assert np.abs(np.asarray(header.matrix)[:2, :2] - rot).max() > 0.5
 
 
+@pytest.mark.parametrize("shape", [(5, 7), (9, 6, 11)])
+def test_mask_moments_equal_the_listed_voxels(shape):
+    import scipy.ndimage as ndi
+
+    rng = np.random.default_rng(len(shape))
+    mask = ndi.gaussian_filter(rng.standard_normal(shape), 1.0) > 0.1
+    pts = np.argwhere(mask).astype(np.float64)
+    n, mean, cov = inst._mask_moments(mask)
+    assert n == len(pts) > 2
+    np.testing.assert_allclose(mean, pts.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(cov, np.cov(pts.T), rtol=1e-10, atol=1e-12)
+    assert inst._mask_moments(np.zeros(shape, bool))[0] == 0
+
+
 def test_box_points_cover_the_box_uniformly_and_stay_inside():
     box = jnp.array([[2, 5, 1], [4, 6, 3]], jnp.int32)  # 3 x 2 x 3 = 18 voxels
     pts = np.asarray(inst._box_points(jax.random.key(0), box, 18000))
