@@ -348,19 +348,20 @@ def _register_pair_body(args, runner, config, feature_fn, fixed, fixed_labels, m
     moving, moving_labels = _load_scan("--moving", moving_path, labels_path)
     report(f"jaxreg register: {args.method}, {getattr(runner, 'transform', config.transform)}, "
            f"fixed {fixed.data.shape}, moving {moving.data.shape}")
+    label_job = pipeline.start_label_metrics(fixed, fixed_labels, moving_labels)
     reg = runner(fixed, moving)
     keypoints = getattr(runner, "keypoints", None)
-    warped_labels = moving_labels_on_fixed = None
+    warped_labels = None
     if moving_labels is not None:
         warped_labels = pipeline.warp_labels_to_fixed(moving_labels, fixed, reg)
-        if fixed_labels is not None:
-            moving_labels_on_fixed = pipeline.warp_labels_to_fixed(moving_labels, fixed, None)
+    prepared = {} if label_job is None else label_job.result()
     device = _current_device()
     transform = getattr(runner, "transform", config.transform)
 
     def metrics_fn():  # computed while the NIfTI outputs compress (write_registration)
         return {**pipeline.registration_metrics(args.method, config, reg, fixed, fixed_labels, warped_labels,
-                                                moving_labels_on_fixed, feature_fn=feature_fn), "device": device}
+                                                prepared.get("moving_labels_on_fixed"), feature_fn=feature_fn,
+                                                fixed_surfaces=prepared.get("fixed_surfaces")), "device": device}
 
     metrics = write_registration(out, fixed=fixed, reg=reg, metrics=metrics_fn, warped_labels=warped_labels,
                                  keypoints=keypoints, qc=args.qc, title=f"{args.method} ({transform})")

@@ -2,6 +2,7 @@
 import concurrent.futures
 import os
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 from jaxtyping import Array, Float, Int
@@ -10,9 +11,38 @@ from scipy.spatial import cKDTree
 from jaxreg.metrics._validate import _check_label_maps, _check_spacing, _resolve_labels
 
 
+class LabelSurfaces(NamedTuple):
+    """One label map's surface voxels and their k-d trees (:func:`label_surfaces`), for :func:`hd95` against it.
+
+    ``shape``: the map's shape; ``spacing``: ``(D,)`` mm; ``points[v]``: ``(n, D)`` mm positions of value ``v``'s
+    surface voxels; ``trees[v]``: their ``cKDTree`` (None when ``n == 0``)."""
+
+    shape: tuple
+    spacing: np.ndarray
+    points: dict
+    trees: dict
+
+
+def label_surfaces(labels_map, labels: Sequence[int], *, spacing: Sequence[float]) -> LabelSurfaces:
+    """The surfaces of ``labels`` in ``labels_map`` (as :func:`hd95` defines them) with their k-d trees, built once
+    for several :func:`hd95` calls against that map, or before the other map exists (``jaxreg register`` builds
+    the fixed labels' while the registration runs; issue 18).
+
+    Raises:
+      ValueError: a map that is not a 2D/3D integer array, or bad ``labels`` / ``spacing``.
+    """
+    m, _ = _check_label_maps(labels_map, labels_map, "label_surfaces")
+    sp = _check_spacing(spacing, m.ndim, "label_surfaces")
+    lab = _resolve_labels(m, m, labels, "label_surfaces")
+    pts = _surface_points(m, lab, sp)
+    return LabelSurfaces(tuple(m.shape), sp, {int(v): p for v, p in zip(lab, pts)},
+                         {int(v): cKDTree(p) if len(p) else None for v, p in zip(lab, pts)})
+
+
 def hd95(pred: Int[Array, "*spatial"], target: Int[Array, "*spatial"], *,
          spacing: Sequence[float],
-         labels: Sequence[int] | None = None) -> Float[np.ndarray, " L"]:
+         labels: Sequence[int] | None = None,
+         target_surfaces: LabelSurfaces | None = None) -> Float[np.ndarray, " L"]:
     """95th-percentile symmetric Hausdorff distance of each label, in mm.
 
     For each label ``l`` the surfaces ``S_P`` and ``S_T`` of the masks
@@ -44,6 +74,8 @@ def hd95(pred: Int[Array, "*spatial"], target: Int[Array, "*spatial"], *,
       labels: label values to score, in the order wanted. Default: the sorted
         union of the nonzero values present in either map (same order as
         :func:`jaxreg.metrics.dice`).
+      target_surfaces: ``target``'s :func:`label_surfaces` (with every label
+        scored here and this ``spacing``), to reuse its surfaces and trees.
 
     Returns:
       ``(L,)`` float64 numpy array, >= 0, in mm; 0 for identical masks; NaN
@@ -52,8 +84,9 @@ def hd95(pred: Int[Array, "*spatial"], target: Int[Array, "*spatial"], *,
 
     Raises:
       ValueError: if the shapes differ, are not 2D/3D, a map is not integer
-        typed, ``labels`` holds non-integers or duplicates, or ``spacing`` is
-        not D positive finite values.
+        typed, ``labels`` holds non-integers or duplicates, ``spacing`` is
+        not D positive finite values, or ``target_surfaces`` belongs to
+        another grid, spacing or set of labels.
 
     References:
       Huttenlocher, Klanderman, Rucklidge, "Comparing images using the
@@ -64,14 +97,23 @@ def hd95(pred: Int[Array, "*spatial"], target: Int[Array, "*spatial"], *,
     sp = _check_spacing(spacing, pred.ndim, "hd95")
     lab = _resolve_labels(pred, target, labels, "hd95")
     surf_p = _surface_points(pred, lab, sp)
-    surf_t = _surface_points(target, lab, sp)
+    if target_surfaces is None:
+        surf_t, trees_t = _surface_points(target, lab, sp), [None] * len(lab)
+    else:
+        ts = target_surfaces
+        missing = [int(v) for v in lab if int(v) not in ts.points]
+        if tuple(ts.shape) != tuple(target.shape) or not np.array_equal(ts.spacing, sp) or missing:
+            raise ValueError(f"hd95: target_surfaces were built for grid {ts.shape}, spacing {ts.spacing.tolist()}"
+                             + (f" without labels {missing}" if missing else "")
+                             + f"; scoring grid {target.shape}, spacing {sp.tolist()}")
+        surf_t, trees_t = [ts.points[int(v)] for v in lab], [ts.trees[int(v)] for v in lab]
     out = np.full(lab.shape, np.nan, np.float64)
 
     def score(labels_slice):
         for i in labels_slice:
             a, b = surf_p[i], surf_t[i]
             if len(a) and len(b):
-                to_b, _ = cKDTree(b).query(a)
+                to_b, _ = (cKDTree(b) if trees_t[i] is None else trees_t[i]).query(a)
                 to_a, _ = cKDTree(a).query(b)
                 out[i] = np.percentile(np.concatenate([to_b, to_a]), 95.0)
 

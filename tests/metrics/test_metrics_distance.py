@@ -82,6 +82,25 @@ def test_many_labels_shared_among_threads_match_brute_force():
     assert np.isnan(h[-1])
 
 
+def test_target_surfaces_built_beforehand_give_the_same_hd95():
+    from jaxreg.metrics import label_surfaces
+
+    rng = np.random.default_rng(11)
+    shape, spacing = (16, 14, 10), (1.2, 1.0, 2.0)
+    a, b = (np.digitize(ndimage.gaussian_filter(rng.standard_normal(shape), 1.2), [-0.3, 0.0, 0.4]).astype(np.int32)
+            for _ in range(2))
+    surfaces = label_surfaces(b, [1, 2, 3, 9], spacing=spacing)  # 9: in neither map
+    for labels in ([1, 2, 3], [3, 1], [9, 2]):
+        np.testing.assert_array_equal(hd95(a, b, spacing=spacing, labels=labels, target_surfaces=surfaces),
+                                      hd95(a, b, spacing=spacing, labels=labels))
+    with pytest.raises(ValueError, match="without labels"):
+        hd95(a, b, spacing=spacing, labels=[1, 4], target_surfaces=surfaces)
+    with pytest.raises(ValueError, match="spacing"):
+        hd95(a, b, spacing=(1.0, 1.0, 2.0), labels=[1], target_surfaces=surfaces)
+    with pytest.raises(ValueError, match="grid"):
+        hd95(a[:-1], b[:-1], spacing=spacing, labels=[1], target_surfaces=surfaces)
+
+
 def test_identical_zero_and_absent_labels_nan():
     a = np.zeros((10, 10), np.int32)
     a[2:5, 2:5] = 1
