@@ -500,7 +500,7 @@ def _registration_runner(args, report):
         start = None
         if keymorph is not None:
             start = pipeline.keymorph_init(f, m, keymorph, progress=report)
-        return pipeline.register_volumes(f, m, config=config, resolution=res, progress=report,
+        return pipeline.register_volumes(f, m, config=config, resolution=res, progress=report, metrics=True,
                                          feature_fn=feature_fn, init=start)
 
     return run, config, feature_fn

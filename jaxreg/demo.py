@@ -88,7 +88,7 @@ def run_demo(out="demo_out", *, overwrite: bool = False, seed: int = 0) -> dict:
         config = pipeline.config_for("io-mind")
         print(f"jaxreg demo: registering {p['moving'].name} to {p['fixed'].name} (io-mind, svf, 2 mm)",
               file=sys.stderr)
-        reg = pipeline.register_volumes(fixed, moving, config=config, resolution=2.0,
+        reg = pipeline.register_volumes(fixed, moving, config=config, resolution=2.0, metrics=True,
                                         progress=lambda msg: print(msg, file=sys.stderr))
         warped_labels = pipeline.warp_labels_to_fixed(moving_labels, fixed, reg)
         metrics = pipeline.registration_metrics("io-mind", config, reg, fixed, fixed_labels, warped_labels,

@@ -288,7 +288,7 @@ def _geometry(fixed: Volume, moving: Volume, work_shape, work_affine) -> dict:
 
 def register_volumes(fixed: Volume, moving: Volume, *, config: InstanceConfig, resolution: float | None = 2.0,
                      progress: Callable[[str], None] | None = None,
-                     feature_fn: Callable | None = None, init=None) -> Registration:
+                     feature_fn: Callable | None = None, init=None, metrics: bool = False) -> Registration:
     """Register two 3D scans in world space (see module docstring).
 
     Args:
@@ -304,6 +304,9 @@ def register_volumes(fixed: Volume, moving: Volume, *, config: InstanceConfig, r
         replaces the header / centre-of-mass initialisation of the affine
         stage (``--init keymorph``: :func:`keymorph_init`); it counts in
         ``runtime_s`` only if computed inside (it is not).
+      metrics: the caller will call :func:`registration_metrics`: its
+        ``similarity_before`` (and the fixed image's descriptors) are
+        computed in a thread while the registration runs.
 
     Returns:
       :class:`Registration`.
@@ -317,7 +320,7 @@ def register_volumes(fixed: Volume, moving: Volume, *, config: InstanceConfig, r
     init_matrix = None
     if init is not None:  # world fixed -> moving, as a working-grid voxel map (both images live on that grid)
         init_matrix = np.linalg.inv(work_affine) @ np.asarray(init, np.float64) @ work_affine
-    similarity_job = _start_similarity(config, fixed_w, moving_w)
+    similarity_job = _start_similarity(config, fixed_w, moving_w) if metrics else None
     res = register_instance(fixed_w, moving_w, config=config, progress=progress, feature_fn=feature_fn,
                             init_matrix=init_matrix, **_geometry(fixed, moving, work_shape, work_affine))
     jax.block_until_ready(res.total_disp)
@@ -702,18 +705,22 @@ def _similarity_inputs(x, shape):
 
 
 def _similarity_start(config: InstanceConfig, fixed_w, moving_w) -> tuple:
-    """``(fixed descriptors on the device, loss of moving_w)``: :func:`_similarity_first` on the host images."""
+    """``(fixed descriptors on the device, loss of moving_w)``: two calls of :func:`_similarity_against`."""
     shape = tuple(np.shape(fixed_w)[:-1])
-    (f, rf), (m, rm) = (_similarity_inputs(x, shape) for x in (fixed_w, moving_w))
-    fd, loss = _similarity_first(f, m, rf, rm, to_device(np.asarray(shape, np.int32)), config=config)
-    return fd, float(loss)
+    f, rf = _similarity_inputs(fixed_w, shape)
+    true_shape = to_device(np.asarray(shape, np.int32))
+    channels = L.MIND_SSC_CHANNELS[len(shape)] if config.similarity == "mind" else np.shape(fixed_w)[-1]
+    # the fixed image's descriptors, against zeros (the loss is not used): one program for all three images
+    fd, _ = _similarity_against(to_device(np.zeros(f.shape[:-1] + (channels,), np.float32)), f, rf, true_shape,
+                                config=config)
+    return fd, _similarity_to(config, fd, moving_w)
 
 
 def _similarity_to(config: InstanceConfig, fd, x) -> float:
     """The loss of the working-grid image ``x`` against fixed descriptors ``fd`` of :func:`_similarity_start`."""
     shape = tuple(np.shape(x)[:-1])
     m, rm = _similarity_inputs(x, shape)
-    return float(_similarity_next(fd, m, rm, to_device(np.asarray(shape, np.int32)), config=config))
+    return float(_similarity_against(fd, m, rm, to_device(np.asarray(shape, np.int32)), config=config)[1])
 
 
 def _start_similarity(config: InstanceConfig, fixed_w, moving_w) -> "concurrent.futures.Future | None":
@@ -744,23 +751,18 @@ def _similarity_descriptors(x, lo, hi, inside, config):
 
 
 @program(static_argnames=("config",))
-def _similarity_first(f, m, range_f, range_m, true_shape, *, config):
-    """``(descriptors of f, similarity loss of m against f)``, each image mapped to [0, 1] by its ``(lo, hi)``.
+def _similarity_against(fd, m, range_m, true_shape, *, config):
+    """``(descriptors of m, similarity loss of m against the descriptors fd)``, ``m`` first mapped to [0, 1] by its
+    ``(lo, hi)`` (:func:`intensity_range`). One program gives the fixed image's descriptors (against zeros) and
+    the loss of each other image against them (issue 18: one compilation).
 
     The images are edge-padded at their high end to the grid's size class and only the leading ``true_shape``
     voxels count (also in MIND-SSC's variance normalisation), so one program serves a size class (issue 18).
     The value equals the unpadded one but for voxels within the descriptor's reach of the high-end faces.
     """
-    inside = _inside(f.shape[:-1], true_shape)
-    fd = _similarity_descriptors(f, *range_f, inside, config)
-    return fd, similarity_fn(config)(fd, _similarity_descriptors(m, *range_m, inside, config), inside)
-
-
-@program(static_argnames=("config",))
-def _similarity_next(fd, m, range_m, true_shape, *, config):
-    """The similarity loss of ``m`` against the descriptors ``fd`` of :func:`_similarity_first` (same padding)."""
-    inside = _inside(fd.shape[:-1], true_shape)
-    return similarity_fn(config)(fd, _similarity_descriptors(m, *range_m, inside, config), inside)
+    inside = _inside(m.shape[:-1], true_shape)
+    md = _similarity_descriptors(m, *range_m, inside, config)
+    return md, similarity_fn(config)(fd, md, inside)
 
 
 @program(quick=True)

@@ -16,7 +16,7 @@ from jaxreg.losses.infonce import infonce, patchnce, resize_mask, sample_in_mask
 from jaxreg.losses.lncc import lncc
 from jaxreg.losses.local_mi import local_mi
 from jaxreg.losses.mi import mi_of_sample_groups, mi_of_samples, mutual_information, nmi, parzen_weights
-from jaxreg.losses.mind import descriptor_mse, mind_loss, mind_ssc
+from jaxreg.losses.mind import MIND_SSC_CHANNELS, descriptor_mse, mind_loss, mind_ssc
 from jaxreg.losses.mse import mse
 from jaxreg.losses.ngf import ngf
 from jaxreg.losses.regularizers import bending_energy, diffusion, velocity_l2
@@ -45,6 +45,7 @@ __all__ = [
     "local_mi",
     "mind_loss",
     "mind_ssc",
+    "MIND_SSC_CHANNELS",
     "mse",
     "mutual_information",
     "ngf",

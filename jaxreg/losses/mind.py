@@ -43,6 +43,8 @@ _PAIRS_3D = tuple(_ssc_pairs(_NEIGHBOURS_3D)[k] for k in _CPP_ORDER_3D)
 # 2D analogue: the same rule on the 4-neighbourhood gives 4 pairs.
 _NEIGHBOURS_2D = ((-1, 0), (0, -1), (0, 1), (1, 0))
 _PAIRS_2D = _ssc_pairs(_NEIGHBOURS_2D)
+# channels of :func:`mind_ssc` by spatial dimension
+MIND_SSC_CHANNELS = {2: len(_PAIRS_2D), 3: len(_PAIRS_3D)}
 
 
 def mind_ssc(
