@@ -26,8 +26,8 @@ from jaxreg import metrics as M
 from jaxreg.io import Volume, grid_to_grid_matrix, resample_to_grid, voxel_disp_to_world
 from jaxreg.optimize import DNS_CONFIG, InstanceConfig, normalize_intensity, register_instance, similarity_fn
 from jaxreg.programs import bucket_shape, crop_high, pad_high, pad_to_class, program, to_device
-from jaxreg.optimize.instance import (LINEAR_TRANSFORMS, InstanceResult, _resample_affine, apply_intensity_range,
-                                      compose_affine_deformable, intensity_range)
+from jaxreg.optimize.instance import (LINEAR_TRANSFORMS, InstanceResult, _in_background, _resample_affine,
+                                      apply_intensity_range, compose_affine_deformable, intensity_range)
 from jaxreg.spatial import identity_grid, sample, voxel_spacing
 
 # Affine-only MI registration used to pre-align training subjects (jaxreg.data.load_subjects) and the
@@ -326,7 +326,8 @@ def register_volumes(fixed: Volume, moving: Volume, *, config: InstanceConfig, r
     jax.block_until_ready(res.total_disp)
     runtime = time.perf_counter() - t0
     reg = _finish(fixed, moving, fixed_w, moving_w, work_shape, work_affine, res, runtime)
-    reg.work["similarity_job"] = similarity_job
+    if similarity_job is not None:
+        reg.work["similarity_job"] = _finish_similarity(config, similarity_job, reg.work["warped"])
     return reg
 
 
@@ -674,14 +675,13 @@ def similarity_value(config: InstanceConfig, fixed_w, moving_w, feature_fn: Call
 
 
 def _similarity_before_after(config: InstanceConfig, work: dict, feature_fn) -> dict:
-    """``similarity_before`` / ``similarity_after`` on the working grid; the fixed image's descriptors and the
-    before value come from ``work["similarity_job"]`` when :func:`register_volumes` started them."""
+    """``similarity_before`` / ``similarity_after`` on the working grid, from ``work["similarity_job"]`` (a future
+    of both) when :func:`register_volumes` computed them in a thread (``metrics=True``)."""
     job = work.get("similarity_job")
     if job is None:
         before, after = _similarities(config, work["fixed"], (work["moving"], work["warped"]), feature_fn)
     else:
-        fd, before = job.result()
-        after = _similarity_to(config, fd, work["warped"])
+        before, after = job.result()
     return {"similarity_before": before, "similarity_after": after}
 
 
@@ -730,9 +730,18 @@ def _start_similarity(config: InstanceConfig, fixed_w, moving_w) -> "concurrent.
     it runs, they fill the core its host work leaves idle instead of lengthening the metrics (issue 18)."""
     if config.similarity == "dns":
         return None
-    from jaxreg.optimize.instance import _in_background
-
     return _in_background(lambda: _similarity_start(config, fixed_w, moving_w), _default_device())
+
+
+def _finish_similarity(config: InstanceConfig, started, warped_w) -> concurrent.futures.Future:
+    """A future of ``(similarity_before, similarity_after)``: ``similarity_after`` of ``warped_w`` against the
+    descriptors of :func:`_start_similarity`'s job ``started``, in a thread, so it runs while the caller warps
+    the labels (issue 18)."""
+    def run():
+        fd, before = started.result()
+        return before, _similarity_to(config, fd, warped_w)
+
+    return _in_background(run, _default_device())
 
 
 def _inside(shape, true_shape):
@@ -792,8 +801,6 @@ def start_label_metrics(fixed: Volume, fixed_labels: Volume | None,
     was ~0.15 s after the IXI pair's registration)."""
     if fixed_labels is None or moving_labels is None:
         return None
-    from jaxreg.optimize.instance import _in_background
-
     def prepare():
         values = np.union1d(np.unique(fixed_labels.data), np.unique(moving_labels.data))
         return {"moving_labels_on_fixed": warp_labels_to_fixed(moving_labels, fixed, None),
@@ -814,8 +821,6 @@ def registration_metrics(method: str, config: InstanceConfig, reg: Registration,
                          feature_fn: Callable | None = None, fixed_surfaces: M.LabelSurfaces | None = None) -> dict:
     """The ``metrics.json`` dictionary (see README) for a registration (``fixed_surfaces``: the fixed labels'
     :func:`jaxreg.metrics.label_surfaces`, from :func:`start_label_metrics`)."""
-    from jaxreg.optimize.instance import _in_background
-
     shape_f = tuple(np.shape(reg.disp_fixed)[:-1])
     disp = _disp_fixed_class(reg, bucket_shape(shape_f))
     # the similarity's descriptors run on the device (a thread waits for them) while the host scores the labels:

@@ -36,7 +36,7 @@ def label_surfaces(labels_map, labels: Sequence[int], *, spacing: Sequence[float
     lab = _resolve_labels(m, m, labels, "label_surfaces")
     pts = _surface_points(m, lab, sp)
     return LabelSurfaces(tuple(m.shape), sp, {int(v): p for v, p in zip(lab, pts)},
-                         {int(v): cKDTree(p) if len(p) else None for v, p in zip(lab, pts)})
+                         {int(v): _tree(p) if len(p) else None for v, p in zip(lab, pts)})
 
 
 def hd95(pred: Int[Array, "*spatial"], target: Int[Array, "*spatial"], *,
@@ -113,8 +113,8 @@ def hd95(pred: Int[Array, "*spatial"], target: Int[Array, "*spatial"], *,
         for i in labels_slice:
             a, b = surf_p[i], surf_t[i]
             if len(a) and len(b):
-                to_b, _ = (cKDTree(b) if trees_t[i] is None else trees_t[i]).query(a)
-                to_a, _ = cKDTree(a).query(b)
+                to_b, _ = (_tree(b) if trees_t[i] is None else trees_t[i]).query(a)
+                to_a, _ = _tree(a).query(b)
                 out[i] = np.percentile(np.concatenate([to_b, to_a]), 95.0)
 
     # the k-d trees release the GIL: the labels are shared among threads (IXI's 148 labels: 0.19 -> 0.14 s on
@@ -126,6 +126,12 @@ def hd95(pred: Int[Array, "*spatial"], target: Int[Array, "*spatial"], *,
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             list(pool.map(score, [range(k, len(lab), workers) for k in range(workers)]))
     return out
+
+
+def _tree(points: np.ndarray) -> cKDTree:
+    """A k-d tree of surface points, split at sliding midpoints without compacting the nodes: quicker to build
+    for one query than the balanced default (~10 % of HD95's time; the nearest neighbours are exact either way)."""
+    return cKDTree(points, balanced_tree=False, compact_nodes=False)
 
 
 def _surface_points(labels_map: np.ndarray, values: np.ndarray, spacing: np.ndarray) -> list[np.ndarray]:
