@@ -12,11 +12,26 @@ Curated public API (``import jaxreg as jr``)::
 Conventions (docs/design.md): images ``(*spatial, C)``; displacements
 ``(*spatial, D)`` in voxels of the fixed grid; ``warped(x) = moving(x + u(x))``.
 """
-from jaxreg import augment, io, losses, metrics, optimize, spatial
-from jaxreg.optimize import InstanceConfig, register_instance
-from jaxreg.spatial import compose, integrate, invert, warp, warp_labels
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = ["augment", "io", "losses", "metrics", "optimize", "spatial", "InstanceConfig", "register_instance",
-           "compose", "integrate", "invert", "warp", "warp_labels", "__version__"]
+_SUBMODULES = ("augment", "io", "losses", "metrics", "optimize", "spatial")
+_NAMES = {"InstanceConfig": "optimize", "register_instance": "optimize", "compose": "spatial",
+          "integrate": "spatial", "invert": "spatial", "warp": "spatial", "warp_labels": "spatial"}
+
+__all__ = [*_SUBMODULES, *_NAMES, "__version__"]
+
+
+def __getattr__(name):
+    """The public API is imported on first use (PEP 562): ``jaxreg register`` then imports only what it runs,
+    and loads its stored programs while the rest imports (issue 18)."""
+    if name in _SUBMODULES:
+        return importlib.import_module(f"jaxreg.{name}")
+    if name in _NAMES:
+        return getattr(importlib.import_module(f"jaxreg.{_NAMES[name]}"), name)
+    raise AttributeError(f"module 'jaxreg' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

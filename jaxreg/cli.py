@@ -223,11 +223,18 @@ def run_register(args):
     if args.qc:
         _preload_output_modules()
     devices = _cohort_devices(getattr(args, "devices", "auto"), len(plan))
-    fixed, fixed_labels = _load_scan("--fixed", args.fixed, args.fixed_labels)
     report = _progress(args.quiet)
-    runner, config, feature_fn = _registration_runner(args, report)
     if len(plan) == 1:
-        return _register_pair(args, runner, config, feature_fn, fixed, fixed_labels, *plan[0], report)
+        from jaxreg import programs
+
+        # the pair's stored programs load from here on, while the registration modules import and the scans
+        # are read (issue 18)
+        with programs.manifest(_job_tag(args, plan[0][0])):
+            fixed, fixed_labels = _load_scan("--fixed", args.fixed, args.fixed_labels)
+            runner, config, feature_fn = _registration_runner(args, report)
+            return _register_pair_body(args, runner, config, feature_fn, fixed, fixed_labels, *plan[0], report)
+    fixed, fixed_labels = _load_scan("--fixed", args.fixed, args.fixed_labels)
+    runner, config, feature_fn = _registration_runner(args, report)
 
     def one(k):
         moving_path, labels_path, out = plan[k]
@@ -318,25 +325,27 @@ def _current_device() -> str:
     return f"{dev.platform}:{dev.id}"
 
 
-def _job_tag(args, fixed, moving_path) -> str:
+def _job_tag(args, moving_path) -> str:
     """What decides the programs of one pair (options, grids): the key of its :func:`programs.manifest`."""
     import nibabel as nib
 
-    try:  # the header only, so the executables load while _load_scan reads the data
-        img = nib.load(str(moving_path))
-        moving = (tuple(img.shape), np.round(img.affine, 3).tolist())
-    except Exception:  # noqa: BLE001 - _load_scan reports it
-        moving = None
+    def grid(path):  # the header only, so the executables load while _load_scan reads the data
+        try:
+            img = nib.load(str(path))
+            return tuple(img.shape), np.round(img.affine, 3).tolist()
+        except Exception:  # noqa: BLE001 - _load_scan reports it
+            return None
+
     options = {k: v for k, v in sorted(vars(args).items())
                if k not in ("fixed", "moving", "out", "fixed_labels", "moving_labels", "overwrite", "quiet")}
-    return repr(("register", options, fixed.data.shape, np.round(fixed.affine, 3).tolist(), moving,
-                 args.fixed_labels is not None, args.moving_labels is not None))
+    return repr(("register", options, grid(args.fixed), grid(moving_path), args.fixed_labels is not None,
+                 args.moving_labels is not None))
 
 
 def _register_pair(args, runner, config, feature_fn, fixed, fixed_labels, moving_path, labels_path, out, report):
     from jaxreg import programs
 
-    with programs.manifest(_job_tag(args, fixed, moving_path)):
+    with programs.manifest(_job_tag(args, moving_path)):
         return _register_pair_body(args, runner, config, feature_fn, fixed, fixed_labels, moving_path, labels_path,
                                    out, report)
 
