@@ -223,18 +223,11 @@ def run_register(args):
     if args.qc:
         _preload_output_modules()
     devices = _cohort_devices(getattr(args, "devices", "auto"), len(plan))
-    report = _progress(args.quiet)
-    if len(plan) == 1:
-        from jaxreg import programs
-
-        # the pair's stored programs load from here on, while the registration modules import and the scans
-        # are read (issue 18)
-        with programs.manifest(_job_tag(args, plan[0][0])):
-            fixed, fixed_labels = _load_scan("--fixed", args.fixed, args.fixed_labels)
-            runner, config, feature_fn = _registration_runner(args, report)
-            return _register_pair_body(args, runner, config, feature_fn, fixed, fixed_labels, *plan[0], report)
     fixed, fixed_labels = _load_scan("--fixed", args.fixed, args.fixed_labels)
+    report = _progress(args.quiet)
     runner, config, feature_fn = _registration_runner(args, report)
+    if len(plan) == 1:
+        return _register_pair(args, runner, config, feature_fn, fixed, fixed_labels, *plan[0], report)
 
     def one(k):
         moving_path, labels_path, out = plan[k]
@@ -319,9 +312,9 @@ def _on_devices(fn, n_items: int, devices) -> list:
 
 
 def _current_device() -> str:
-    import jax
+    from jaxreg.programs import default_device
 
-    dev = jax.config.jax_default_device or jax.devices()[0]
+    dev = default_device()
     return f"{dev.platform}:{dev.id}"
 
 

@@ -25,7 +25,8 @@ from jaxreg import losses as L
 from jaxreg import metrics as M
 from jaxreg.io import Volume, grid_to_grid_matrix, resample_to_grid, voxel_disp_to_world
 from jaxreg.optimize import DNS_CONFIG, InstanceConfig, normalize_intensity, register_instance, similarity_fn
-from jaxreg.programs import bucket_shape, crop_high, pad_high, pad_to_class, program, to_device
+from jaxreg.programs import (bucket_shape, crop_high, default_device, pad_high, pad_to_class, program,
+                             to_device)
 from jaxreg.optimize.instance import (LINEAR_TRANSFORMS, InstanceResult, _in_background, _resample_affine,
                                       apply_intensity_range, compose_affine_deformable, intensity_range)
 from jaxreg.spatial import identity_grid, sample, voxel_spacing
@@ -675,13 +676,8 @@ def similarity_value(config: InstanceConfig, fixed_w, moving_w, feature_fn: Call
 
 
 def _similarity_before_after(config: InstanceConfig, work: dict, feature_fn) -> dict:
-    """``similarity_before`` / ``similarity_after`` on the working grid, from ``work["similarity_job"]`` (a future
-    of both) when :func:`register_volumes` computed them in a thread (``metrics=True``)."""
-    job = work.get("similarity_job")
-    if job is None:
-        before, after = _similarities(config, work["fixed"], (work["moving"], work["warped"]), feature_fn)
-    else:
-        before, after = job.result()
+    """``similarity_before`` / ``similarity_after`` on the working grid."""
+    before, after = _similarities(config, work["fixed"], (work["moving"], work["warped"]), feature_fn)
     return {"similarity_before": before, "similarity_after": after}
 
 
@@ -693,55 +689,48 @@ def _similarities(config: InstanceConfig, fixed_w, others, feature_fn) -> list[f
 
         fd, *descs = _box_features(feature_fn, *(normalize_intensity(x) for x in (fixed_w, *others)))
         return [float(L.cosine_similarity_loss(fd, x)) for x in descs]
-    fd, first = _similarity_start(config, fixed_w, others[0])
-    return [first] + [_similarity_to(config, fd, x) for x in others[1:]]
+    fd, first = _similarity_first(config, fixed_w, others[0])
+    return [first] + [float(_similarity_of(config, fd, x)[1]) for x in others[1:]]
 
 
-def _similarity_inputs(x, shape):
-    """A working-grid image edge-padded to its size class on the device and its intensity range (the images are
-    mapped to [0, 1] inside the programs: the host mapping took ~0.2 s of the IXI pair's metrics; issue 18)."""
-    return (to_device(pad_high(x, bucket_shape(shape), "edge"), np.float32),
-            tuple(to_device(v) for v in intensity_range(x)))
+def _similarity_of(config: InstanceConfig, fd, x) -> tuple:
+    """:func:`_similarity_against` of the working-grid image ``x`` (edge-padded to its size class; mapped to
+    [0, 1] in the program, only the percentiles on the host: the host mapping took ~0.2 s of the IXI pair's
+    metrics, issue 18): ``(descriptors of x, loss against fd)`` on the device."""
+    shape = tuple(np.shape(x)[:-1])
+    return _similarity_against(fd, to_device(pad_high(x, bucket_shape(shape), "edge"), np.float32),
+                               tuple(to_device(v) for v in intensity_range(x)),
+                               to_device(np.asarray(shape, np.int32)), config=config)
 
 
-def _similarity_start(config: InstanceConfig, fixed_w, moving_w) -> tuple:
-    """``(fixed descriptors on the device, loss of moving_w)``: two calls of :func:`_similarity_against`."""
+def _similarity_first(config: InstanceConfig, fixed_w, moving_w) -> tuple:
+    """``(fixed descriptors on the device, loss of moving_w against them)``."""
     shape = tuple(np.shape(fixed_w)[:-1])
-    f, rf = _similarity_inputs(fixed_w, shape)
-    true_shape = to_device(np.asarray(shape, np.int32))
     channels = L.MIND_SSC_CHANNELS[len(shape)] if config.similarity == "mind" else np.shape(fixed_w)[-1]
     # the fixed image's descriptors, against zeros (the loss is not used): one program for all three images
-    fd, _ = _similarity_against(to_device(np.zeros(f.shape[:-1] + (channels,), np.float32)), f, rf, true_shape,
-                                config=config)
-    return fd, _similarity_to(config, fd, moving_w)
-
-
-def _similarity_to(config: InstanceConfig, fd, x) -> float:
-    """The loss of the working-grid image ``x`` against fixed descriptors ``fd`` of :func:`_similarity_start`."""
-    shape = tuple(np.shape(x)[:-1])
-    m, rm = _similarity_inputs(x, shape)
-    return float(_similarity_against(fd, m, rm, to_device(np.asarray(shape, np.int32)), config=config)[1])
+    fd, _ = _similarity_of(config, to_device(np.zeros(bucket_shape(shape) + (channels,), np.float32)), fixed_w)
+    return fd, float(_similarity_of(config, fd, moving_w)[1])
 
 
 def _start_similarity(config: InstanceConfig, fixed_w, moving_w) -> "concurrent.futures.Future | None":
-    """:func:`_similarity_start` in a thread (None for learned descriptors, which the metrics compute).
+    """:func:`_similarity_first` in a thread (None for learned descriptors, which the metrics compute).
 
     The fixed image's descriptors and ``similarity_before`` do not depend on the registration: computed while
     it runs, they fill the core its host work leaves idle instead of lengthening the metrics (issue 18)."""
     if config.similarity == "dns":
         return None
-    return _in_background(lambda: _similarity_start(config, fixed_w, moving_w), _default_device())
+    return _in_background(lambda: _similarity_first(config, fixed_w, moving_w), default_device())
 
 
 def _finish_similarity(config: InstanceConfig, started, warped_w) -> concurrent.futures.Future:
-    """A future of ``(similarity_before, similarity_after)``: ``similarity_after`` of ``warped_w`` against the
-    descriptors of :func:`_start_similarity`'s job ``started``, in a thread, so it runs while the caller warps
+    """A future of :func:`_similarity_before_after`'s dictionary: ``similarity_after`` of ``warped_w`` against
+    the descriptors of :func:`_start_similarity`'s job ``started``, in a thread, so it runs while the caller warps
     the labels (issue 18)."""
     def run():
         fd, before = started.result()
-        return before, _similarity_to(config, fd, warped_w)
+        return {"similarity_before": before, "similarity_after": float(_similarity_of(config, fd, warped_w)[1])}
 
-    return _in_background(run, _default_device())
+    return _in_background(run, default_device())
 
 
 def _inside(shape, true_shape):
@@ -807,12 +796,7 @@ def start_label_metrics(fixed: Volume, fixed_labels: Volume | None,
                 "fixed_surfaces": M.label_surfaces(fixed_labels.data, [int(v) for v in values if v != 0],
                                                    spacing=voxel_spacing(fixed.affine))}
 
-    return _in_background(prepare, _default_device())
-
-
-def _default_device():
-    """This thread's default JAX device (``jax.default_device``), else the first."""
-    return jax.config.jax_default_device or jax.devices()[0]
+    return _in_background(prepare, default_device())
 
 
 def registration_metrics(method: str, config: InstanceConfig, reg: Registration, fixed: Volume,
@@ -824,9 +808,10 @@ def registration_metrics(method: str, config: InstanceConfig, reg: Registration,
     shape_f = tuple(np.shape(reg.disp_fixed)[:-1])
     disp = _disp_fixed_class(reg, bucket_shape(shape_f))
     # the similarity's descriptors run on the device (a thread waits for them) while the host scores the labels:
-    # 0.3 s of the IXI pair's ~0.6 s of metrics overlap on 2 CPU cores (issue 18)
-    similarity = _in_background(lambda: _similarity_before_after(config, reg.work, feature_fn),
-                                next(iter(disp.devices())))
+    # 0.3 s of the IXI pair's ~0.6 s of metrics overlap on 2 CPU cores (issue 18); register_volumes(metrics=True)
+    # started it during the registration
+    similarity = reg.work.get("similarity_job") or _in_background(
+        lambda: _similarity_before_after(config, reg.work, feature_fn), next(iter(disp.devices())))
     out = {
         "method": method,
         "transform": config.transform,

@@ -70,6 +70,11 @@ def plain_jit():
         _LOCAL.plain = saved
 
 
+def default_device():
+    """This thread's default JAX device (``jax.default_device``, e.g. a cohort's thread), else the first."""
+    return jax.config.jax_default_device or jax.devices()[0]
+
+
 def to_device(x, dtype=None) -> jax.Array:
     """A host value (NumPy array, list, scalar) as a ``jax.Array`` of ``dtype``, by a plain transfer.
 

@@ -117,8 +117,7 @@ def test_metrics_similarity_started_during_the_registration_equals_the_one_at_th
         at_end = pipeline._similarity_before_after(cfg, work, None)
         started = pipeline._start_similarity(cfg, images[0], images[1])
         assert isinstance(started.result()[0], jax.Array)  # the fixed descriptors stay on the device
-        job = pipeline._finish_similarity(cfg, started, images[2])
-        early = pipeline._similarity_before_after(cfg, {**work, "similarity_job": job}, None)
+        early = pipeline._finish_similarity(cfg, started, images[2]).result()
         assert early == at_end and at_end["similarity_before"] != at_end["similarity_after"]
     assert pipeline._start_similarity(InstanceConfig(similarity="dns"), images[0], images[1]) is None
 

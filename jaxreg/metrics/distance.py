@@ -12,14 +12,13 @@ from jaxreg.metrics._validate import _check_label_maps, _check_spacing, _resolve
 
 
 class LabelSurfaces(NamedTuple):
-    """One label map's surface voxels and their k-d trees (:func:`label_surfaces`), for :func:`hd95` against it.
+    """One label map's surface voxels as k-d trees (:func:`label_surfaces`), for :func:`hd95` against it.
 
-    ``shape``: the map's shape; ``spacing``: ``(D,)`` mm; ``points[v]``: ``(n, D)`` mm positions of value ``v``'s
-    surface voxels; ``trees[v]``: their ``cKDTree`` (None when ``n == 0``)."""
+    ``shape``: the map's shape; ``spacing``: ``(D,)`` mm; ``trees[v]``: the ``cKDTree`` of value ``v``'s surface
+    voxels' mm positions (its ``data``), None when it has none."""
 
     shape: tuple
     spacing: np.ndarray
-    points: dict
     trees: dict
 
 
@@ -35,8 +34,7 @@ def label_surfaces(labels_map, labels: Sequence[int], *, spacing: Sequence[float
     sp = _check_spacing(spacing, m.ndim, "label_surfaces")
     lab = _resolve_labels(m, m, labels, "label_surfaces")
     pts = _surface_points(m, lab, sp)
-    return LabelSurfaces(tuple(m.shape), sp, {int(v): p for v, p in zip(lab, pts)},
-                         {int(v): _tree(p) if len(p) else None for v, p in zip(lab, pts)})
+    return LabelSurfaces(tuple(m.shape), sp, {int(v): _tree(p) if len(p) else None for v, p in zip(lab, pts)})
 
 
 def hd95(pred: Int[Array, "*spatial"], target: Int[Array, "*spatial"], *,
@@ -101,12 +99,13 @@ def hd95(pred: Int[Array, "*spatial"], target: Int[Array, "*spatial"], *,
         surf_t, trees_t = _surface_points(target, lab, sp), [None] * len(lab)
     else:
         ts = target_surfaces
-        missing = [int(v) for v in lab if int(v) not in ts.points]
+        missing = [int(v) for v in lab if int(v) not in ts.trees]
         if tuple(ts.shape) != tuple(target.shape) or not np.array_equal(ts.spacing, sp) or missing:
             raise ValueError(f"hd95: target_surfaces were built for grid {ts.shape}, spacing {ts.spacing.tolist()}"
                              + (f" without labels {missing}" if missing else "")
                              + f"; scoring grid {target.shape}, spacing {sp.tolist()}")
-        surf_t, trees_t = [ts.points[int(v)] for v in lab], [ts.trees[int(v)] for v in lab]
+        trees_t = [ts.trees[int(v)] for v in lab]
+        surf_t = [np.zeros((0, len(sp))) if t is None else t.data for t in trees_t]
     out = np.full(lab.shape, np.nan, np.float64)
 
     def score(labels_slice):

@@ -555,11 +555,11 @@ def _mask_moments(mask: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
     one or two (listing a 2 mm head's ~700k voxels took ~50 ms per image; issue 18)."""
     d = mask.ndim
     idx = [np.arange(n, dtype=np.float64) for n in mask.shape]
-    pair = {}
-    for k, l in itertools.combinations(range(d), 2):
-        pair[k, l] = np.sum(mask, axis=tuple(a for a in range(d) if a not in (k, l)), dtype=np.int64)
-    first = {k: np.sum(pair[(k, l) if k < l else (l, k)], axis=1 if k < l else 0) for k, l in
-             ((k, (k + 1) % d) for k in range(d))}
+    def marginal(*axes):  # the sums over every other axis
+        return np.sum(mask, axis=tuple(a for a in range(d) if a not in axes), dtype=np.int64)
+
+    pair = {(k, l): marginal(k, l) for k, l in itertools.combinations(range(d), 2)}
+    first = [marginal(k) for k in range(d)]
     n = int(first[0].sum())
     s1 = np.array([idx[k] @ first[k] for k in range(d)])
     s2 = np.diag([(idx[k] ** 2) @ first[k] for k in range(d)])
@@ -701,8 +701,8 @@ def _affine_level(raw, init, owner, fixed_f, moving_f, valid, points, weights, r
     the loop when every slot has. ``iterations`` (at most ``max_iterations``) is traced, and the level's
     grid enters only through the arrays' shapes and ``ratio``, so every level, padded to one grid, shares
     the program (issue 18). Returns ``(raw, curves (S, max_iterations), steps (S,), A(raw) (S, D+1, D+1))``
-    (the voxel matrices of the raw parameters, without ``init``); unused curve entries repeat the last loss. Each slot's result equals a separate run of it alone (the steps of the others
-    are masked out).
+    (the voxel matrices of the raw parameters, without ``init``); unused curve entries repeat the last loss.
+    Each slot's result equals a separate run of it alone (the steps of the others are masked out).
     """
     n_slots, n, d = points.shape
     sim = similarity_fn(cfg)
