@@ -27,8 +27,9 @@ from jaxreg.io import Volume, grid_to_grid_matrix, resample_to_grid, voxel_disp_
 from jaxreg.optimize import DNS_CONFIG, InstanceConfig, normalize_intensity, register_instance, similarity_fn
 from jaxreg.programs import (bucket_shape, crop_high, default_device, pad_high, pad_to_class, program,
                              to_device)
-from jaxreg.optimize.instance import (LINEAR_TRANSFORMS, InstanceResult, _in_background, _resample_affine,
-                                      apply_intensity_range, compose_affine_deformable, intensity_range)
+from jaxreg.optimize.instance import (LINEAR_TRANSFORMS, InstanceResult, _in_background, _prepare_deformable,
+                                      _resample_affine, apply_intensity_range, compose_affine_deformable,
+                                      intensity_range)
 from jaxreg.spatial import identity_grid, sample, voxel_spacing
 
 # Affine-only MI registration used to pre-align training subjects (jaxreg.data.load_subjects) and the
@@ -321,6 +322,7 @@ def register_volumes(fixed: Volume, moving: Volume, *, config: InstanceConfig, r
     init_matrix = None
     if init is not None:  # world fixed -> moving, as a working-grid voxel map (both images live on that grid)
         init_matrix = np.linalg.inv(work_affine) @ np.asarray(init, np.float64) @ work_affine
+    _prepare_programs(fixed, moving, work_shape, moving_w, config, metrics)
     similarity_job = _start_similarity(config, fixed_w, moving_w) if metrics else None
     res = register_instance(fixed_w, moving_w, config=config, progress=progress, feature_fn=feature_fn,
                             init_matrix=init_matrix, **_geometry(fixed, moving, work_shape, work_affine))
@@ -599,6 +601,22 @@ def _upsample_disp(disp, ratio, *, shape):
     return out * ratio
 
 
+def _prepare_programs(fixed: Volume, moving: Volume, work_shape, moving_w, config: InstanceConfig,
+                      metrics: bool) -> None:
+    """Compile, in the background while the affine stage runs, the programs that :func:`register_instance`
+    and :func:`_finish` (and :func:`registration_metrics` if ``metrics``) will call on these grids
+    (:func:`jaxreg.programs._prepare`, in the order they are called; issue 18)."""
+    class_f, class_w = bucket_shape(fixed.data.shape), bucket_shape(work_shape)
+    f32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.float32)
+    image_shape = (class_w if config.grid_buckets else tuple(work_shape)) + tuple(np.shape(moving_w)[3:])
+    _prepare_deformable(config, image_shape, tuple(work_shape), has_mask=True)  # _geometry gives a moving mask
+    _to_fixed_grid.prepare(f32(class_w + (3,)), f32((3,)), f32((4, 4)), f32(bucket_shape(moving.data.shape)),
+                           f32(class_w + tuple(np.shape(moving_w)[3:])), shape_f=class_f,
+                           same_grid=tuple(fixed.data.shape) == tuple(work_shape))
+    if metrics:
+        _field_regularity.prepare(f32(class_f + (3,)), jax.ShapeDtypeStruct((3,), jnp.int32))
+
+
 @program(static_argnames=("shape_f", "same_grid"))
 def _to_fixed_grid(total_disp, ratio, g, moving_data, moving_w, *, shape_f, same_grid):
     """Working-grid map -> fixed grid: (disp_fixed, voxel map to moving voxels, warped, moving by the
@@ -698,9 +716,11 @@ def _similarity_of(config: InstanceConfig, fd, x) -> tuple:
     [0, 1] in the program, only the percentiles on the host: the host mapping took ~0.2 s of the IXI pair's
     metrics, issue 18): ``(descriptors of x, loss against fd)`` on the device."""
     shape = tuple(np.shape(x)[:-1])
-    return _similarity_against(fd, to_device(pad_high(x, bucket_shape(shape), "edge"), np.float32),
-                               tuple(to_device(v) for v in intensity_range(x)),
-                               to_device(np.asarray(shape, np.int32)), config=config)
+    args = (fd, to_device(pad_high(x, bucket_shape(shape), "edge"), np.float32),
+            tuple(to_device(v) for v in intensity_range(x)), to_device(np.asarray(shape, np.int32)))
+    # a new program waits for its turn behind the registration's (:func:`_prepare_programs`): the metrics need it last
+    _similarity_against.prepare(*args, config=config)
+    return _similarity_against(*args, config=config)
 
 
 def _similarity_first(config: InstanceConfig, fixed_w, moving_w) -> tuple:

@@ -158,46 +158,96 @@ def program(fn=None, *, static_argnames=(), donate_argnums=(), quick=False):
     Static arguments must be passed by keyword. Typed PRNG keys among the arguments are fine (they
     travel as their key data). Donation applies to the in-process ``jax.jit`` path only. ``quick``: a
     small program run once or twice per registration, stored with :func:`compiler_options` ``(quick=True)``.
+    The returned function also has ``prepare(*args, **kwargs)`` (see :func:`_prepare`): compile the program
+    for arguments that may be ``jax.ShapeDtypeStruct`` in a background thread, before it is first called.
     """
     if fn is None:
         return functools.partial(program, static_argnames=static_argnames, donate_argnums=donate_argnums,
                                  quick=quick)
     jitted = jax.jit(fn, static_argnames=static_argnames, donate_argnums=donate_argnums)
-    runners = {}
+    runners = {}  # signature -> executable, _FAILED, or a Future of (executable, store path) from prepare()
 
-    @functools.wraps(fn)
-    def call(*args, **kwargs):
-        store = store_dir()
-        if store is None:
-            return jitted(*args, **kwargs)
+    def signature(args, kwargs):
+        kwargs = dict(kwargs)
         static = {k: kwargs.pop(k) for k in static_argnames if k in kwargs}
         leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
-        if any(isinstance(x, jax.core.Tracer) for x in leaves):  # called inside another trace: inline it
-            return jitted(*args, **kwargs, **static)
         keys = tuple(str(jax.random.key_impl(x)) if _is_key(x) else None for x in leaves)
         flat = [jax.random.key_data(x) if k else x for x, k in zip(leaves, keys)]
         sig = tuple((tuple(np.shape(x)), str(getattr(x, "dtype", np.result_type(x))), bool(getattr(x, "weak_type",
                                                                                              False))) for x in flat)
-        key = (repr(sorted(static.items())), str(treedef), sig, keys)
+        return static, treedef, keys, flat, (repr(sorted(static.items())), str(treedef), sig, keys)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        store = store_dir()
+        if store is None or any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((args, kwargs))):
+            return jitted(*args, **kwargs)  # no store, or called inside another trace: inline it
+        static, treedef, keys, flat, key = signature(args, kwargs)
         runner = runners.get(key)
-        if runner is None:
+        path = None
+        if isinstance(runner, concurrent.futures.Future):
+            runner, path = runner.result()
+        elif runner is None:
             runner, path = _load_or_compile(fn, static, treedef, keys, flat, key, store, quick)
-            if path is not None:  # loaded from the store: its first run is checked before it is trusted
-                try:
-                    out = jax.block_until_ready(runner(*flat))
-                except Exception:  # noqa: BLE001 - e.g. an executable that does not load on this host
-                    path.unlink(missing_ok=True)
-                    runner = _FAILED
-                else:
-                    runners[key] = runner
-                    return out
-            runners[key] = runner
+        if path is not None:  # loaded from the store: its first run is checked before it is trusted
+            try:
+                out = jax.block_until_ready(runner(*flat))
+            except Exception:  # noqa: BLE001 - e.g. an executable that does not load on this host
+                path.unlink(missing_ok=True)
+                runner = _FAILED
+            else:
+                runners[key] = runner
+                return out
+        runners[key] = runner
         if runner is _FAILED:
-            return jitted(*args, **kwargs, **static)
+            return jitted(*args, **kwargs)
         return runner(*flat)
 
+    def prepare(*args, **kwargs):
+        return _prepare(fn, signature(args, kwargs), runners, quick)
+
     call._cache_size = jitted._cache_size
+    call.prepare = prepare
     return call
+
+
+def _prepare(fn, signature, runners, quick) -> bool:
+    """Compile ``fn``'s program for one signature in a background thread, so that its first call finds it ready.
+
+    For programs whose arguments are known (as ``jax.ShapeDtypeStruct`` or arrays) before the pipeline reaches
+    them, e.g. the deformable levels while the affine stage runs. A new grid size compiles ~20 programs, one
+    after the other as the pipeline reaches them, and XLA compiles each on few threads: on an H200 machine (16
+    cores) the cold IXI call spent 23 s of its 26 s compiling (issue 18). Does nothing, and returns False,
+    without a store (the compiled program could not reach ``jax.jit``'s own cache), when the program is stored
+    already (the job's manifest loads it) or prepared already. A preparation that fails costs nothing: the
+    first call compiles as usual.
+    """
+    store = store_dir()
+    static, treedef, keys, flat, key = signature
+    if store is None or key in runners or _store_path(fn, key, store, quick).exists():
+        return False
+    future = concurrent.futures.Future()
+    runners[key] = future
+    device = default_device()
+
+    def work():
+        try:
+            with jax.default_device(device):
+                future.set_result(_load_or_compile(fn, static, treedef, keys, flat, key, store, quick))
+        except Exception:  # noqa: BLE001 - the caller then compiles it with plain jit
+            future.set_result((_FAILED, None))
+
+    _preparer().submit(work)
+    return True
+
+
+@functools.cache
+def _preparer() -> concurrent.futures.ThreadPoolExecutor:
+    """The threads of :func:`_prepare`, in submission order: one per 4 cores (at least one). XLA compiles a
+    program on ~2 cores, so more threads on a 2-core machine only slowed the pipeline's own programs (IXI pair,
+    one thread per program: the affine stage started 2 s later)."""
+    return concurrent.futures.ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 1) // 4),
+                                                 thread_name_prefix="jaxreg-prepare")
 
 
 @functools.cache
@@ -230,13 +280,18 @@ def compiler_options(quick: bool = False) -> dict:
     return {"xla_backend_optimization_level": 1, **({"xla_cpu_use_fusion_emitters": False} if quick else {})}
 
 
+def _store_path(fn, key, store, quick) -> pathlib.Path:
+    """The store file of ``fn``'s executable for one signature ``key``."""
+    digest = hashlib.sha256(repr((fn.__module__, fn.__qualname__, key, jax.__version__, _machine_tag(),
+                                  _sources_hash(), compiler_options(quick))).encode()).hexdigest()[:32]
+    return store / f"{fn.__qualname__.strip('_')}-{digest}.pkl"
+
+
 def _load_or_compile(fn, static, treedef, keys, flat, key, store, quick=False):
     from jax.experimental import serialize_executable as se
 
     options = compiler_options(quick)
-    digest = hashlib.sha256(repr((fn.__module__, fn.__qualname__, key, jax.__version__, _machine_tag(),
-                                  _sources_hash(), options)).encode()).hexdigest()[:32]
-    path = store / f"{fn.__qualname__.strip('_')}-{digest}.pkl"
+    path = _store_path(fn, key, store, quick)
     with _MANIFEST_LOCK:
         if _USED is not None and path.name not in _USED:
             _USED.append(path.name)
@@ -281,24 +336,37 @@ def _load_or_compile(fn, static, treedef, keys, flat, key, store, quick=False):
 class _fresh_compilation:
     """Compile without XLA's persistent cache: an executable that XLA loaded from its cache serialises
     without its code on the CPU backend (measured: "Function ... not found" when the stored copy ran), so
-    stored programs are always compiled afresh (and are not written to XLA's cache twice)."""
+    stored programs are always compiled afresh (and are not written to XLA's cache twice). The switch is
+    process-wide, so it is counted: it stays off while any thread (e.g. a :func:`_prepare` thread) compiles."""
+
+    _lock = threading.Lock()
+    _depth = 0
+    _saved = None
 
     def __enter__(self):
         from jax._src import compilation_cache as cc
 
-        self.cc = cc
-        self.saved = None
-        try:
-            cc.is_cache_used(jax.devices()[0].client)  # initialise its memo, then switch it off
-            self.saved = cc._cache_used
-            cc._cache_used = False
-        except Exception:  # noqa: BLE001 - another JAX layout: compile as usual
-            self.saved = None
+        cls = type(self)
+        with cls._lock:
+            if cls._depth == 0:
+                try:
+                    cc.is_cache_used(jax.devices()[0].client)  # initialise its memo, then switch it off
+                    cls._saved = cc._cache_used
+                    cc._cache_used = False
+                except Exception:  # noqa: BLE001 - another JAX layout: compile as usual
+                    cls._saved = None
+            cls._depth += 1
         return self
 
     def __exit__(self, *exc):
-        if self.saved is not None:
-            self.cc._cache_used = self.saved
+        from jax._src import compilation_cache as cc
+
+        cls = type(self)
+        with cls._lock:
+            cls._depth -= 1
+            if cls._depth == 0 and cls._saved is not None:
+                cc._cache_used = cls._saved
+                cls._saved = None
         return False
 
 

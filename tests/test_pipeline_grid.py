@@ -194,3 +194,36 @@ def test_metrics_similarity_on_a_padded_grid():
     # 37 -> 40 and 30 -> 32: only voxels within MIND-SSC's reach of those faces differ (0.5 % here; without the
     # mask, i.e. the padded grid's mean, 20 %)
     np.testing.assert_allclose(got, want, rtol=1e-2)
+
+
+def test_the_registrations_programs_are_compiled_ahead_with_the_signatures_it_calls(tmp_path, monkeypatch):
+    """register_volumes prepares the deformable stage's programs, the output program and the metrics' (issue 18):
+    each is compiled once, in the background, so the shapes and dtypes it prepares are those it calls with."""
+    import threading
+
+    from jaxreg import pipeline, programs
+    from jaxreg.io import Volume
+    from jaxreg.optimize import InstanceConfig
+
+    monkeypatch.setattr(programs, "store_dir", lambda: tmp_path)
+    seen = []
+    original = programs._load_or_compile
+
+    def spy(fn, *args, **kwargs):
+        seen.append((fn.__name__, threading.current_thread().name))
+        return original(fn, *args, **kwargs)
+
+    monkeypatch.setattr(programs, "_load_or_compile", spy)
+    g = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in (50, 54, 46)], indexing="ij"), -1)
+    fixed = Volume(np.exp(-np.sum(((g - [25, 27, 23]) / [14, 12, 11]) ** 2, -1)).astype(np.float32),
+                   _affine((1.5, 1.5, 1.5)))
+    moving = Volume(np.exp(-np.sum(((g - [26, 26, 22]) / [13, 12, 12]) ** 2, -1)).astype(np.float32),
+                    _affine((1.5, 1.5, 1.5)))
+    cfg = InstanceConfig(iterations=(2, 2, 2), affine_iterations=(2,), affine_levels=2, num_samples=4096)
+    reg = pipeline.register_volumes(fixed, moving, config=cfg, resolution=1.5, metrics=True)
+    pipeline.registration_metrics("io-mind", cfg, reg, fixed)
+    prepared = {"_resample_affine", "_level_features", "_deformable_level", "_finish_deformable", "_to_fixed_grid",
+                "_field_regularity", "_similarity_against"}
+    background = [n for n, t in seen if t.startswith("jaxreg-prepare")]
+    assert all(t.startswith("jaxreg-prepare") for n, t in seen if n in prepared), seen
+    assert prepared <= set(background) and background.count("_deformable_level") == 2  # a dense and a sampled level

@@ -122,3 +122,72 @@ def test_manifest_loads_the_jobs_programs_in_a_thread(tmp_path):
     assert second[:-1] == ["thread", "thread"] and second[-1] == first[-1]
     other = run("another job")
     assert other[:-1] == ["main", "main"] and other[-1] == first[-1]
+
+
+def _spy_compiles(monkeypatch):
+    """The (program name, thread name) of every executable compiled or loaded through the store."""
+    import threading
+
+    seen = []
+    original = programs._load_or_compile
+
+    def spy(fn, *args, **kwargs):
+        seen.append((fn.__name__, threading.current_thread().name))
+        return original(fn, *args, **kwargs)
+
+    monkeypatch.setattr(programs, "_load_or_compile", spy)
+    return seen
+
+
+def test_prepare_compiles_in_the_background_and_the_call_uses_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(programs, "store_dir", lambda: tmp_path)
+    seen = _spy_compiles(monkeypatch)
+    traced = []
+
+    @programs.program(static_argnames=("k",))
+    def f(x, key, *, k):
+        traced.append(1)
+        return jnp.cumsum(x) * k + jax.random.uniform(key, x.shape)
+
+    x, key = jnp.linspace(0.0, 1.0, 6), jax.random.key(2)
+    assert f.prepare(jax.ShapeDtypeStruct((6,), jnp.float32), key, k=3)
+    assert not f.prepare(jax.ShapeDtypeStruct((6,), jnp.float32), key, k=3)  # prepared already
+    out = f(x, key, k=3)
+    assert len(traced) == 1 and len(seen) == 1 and seen[0][1].startswith("jaxreg-prepare")  # once, in the background
+    # another signature (shape, dtype or static argument) is not the prepared one: the call compiles its own
+    f(jnp.linspace(0.0, 1.0, 7), key, k=3)
+    assert len(traced) == 2 and seen[-1][1] == "MainThread"
+    np.testing.assert_allclose(np.asarray(out), np.asarray(jax.jit(f.__wrapped__, static_argnames="k")(x, key, k=3)),
+                               rtol=1e-6)
+
+
+def test_prepare_does_nothing_for_a_stored_program_or_without_a_store(tmp_path, monkeypatch):
+    @programs.program
+    def g(x):
+        return jnp.sin(x) * 2.0
+
+    abstract = jax.ShapeDtypeStruct((5,), jnp.float32)
+    monkeypatch.setattr(programs, "store_dir", lambda: None)
+    assert not g.prepare(abstract)  # no store: plain jit, nothing to prepare
+    monkeypatch.setattr(programs, "store_dir", lambda: tmp_path)
+    g(jnp.arange(5.0))  # compiled and stored by the call
+    assert len(list(tmp_path.glob("*.pkl"))) == 1
+
+    @programs.program
+    def g(x):  # noqa: F811 - the same program in a new process: stored, so the manifest's loader has it
+        return jnp.sin(x) * 2.0
+
+    assert not g.prepare(abstract)
+
+
+def test_a_failed_preparation_falls_back_to_the_call(tmp_path, monkeypatch):
+    monkeypatch.setattr(programs, "store_dir", lambda: tmp_path)
+
+    @programs.program
+    def h(x):
+        return x[:, 0] * 2.0  # needs two axes
+
+    assert h.prepare(jax.ShapeDtypeStruct((4,), jnp.float32))  # fails in its thread: jit reports it at the call
+    with pytest.raises(IndexError):
+        h(jnp.arange(4.0))
+    np.testing.assert_array_equal(np.asarray(h(jnp.ones((3, 2)))), [2.0, 2.0, 2.0])

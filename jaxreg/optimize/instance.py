@@ -41,6 +41,7 @@ import scipy.ndimage as ndi
 from jaxtyping import Array, Float
 
 from jaxreg import losses as L
+from jaxreg import programs
 from jaxreg.programs import bucket_shape, bucket_size, pad_high, program, to_device  # noqa: F401 - re-exported
 from jaxreg.spatial import (
     affine_to_disp,
@@ -1398,6 +1399,9 @@ def register_instance(
     if cfg.foreground_mask and cfg.transform not in LINEAR_TRANSFORMS:
         # host work that does not depend on the affine stage, done while that stage runs in XLA (issue 18)
         fixed_head = _in_thread(_head_mask, fixed)
+    key = jax.random.wrap_key_data(np.zeros(2, np.uint32), impl="threefry2x32")  # key(0), made on the host
+    _prepare_deformable(cfg, fixed.shape, true_shape,
+                        has_mask=mask_f is not None or moving_mask is not None or cfg.foreground_mask)
     if run_affine:
         matrix, aff_curves, chosen = _affine_stage(fixed, moving, candidates, cfg, spacing, moving_mask, level_masks,
                                                    report)
@@ -1417,7 +1421,6 @@ def register_instance(
     box_fine = _foreground_box(fixed, moving_aff)
     sim_mask = _deformable_mask(fixed, moving_aff, mask_f, moving_mask, to_device(matrix, np.float32), cfg,
                                 None if fixed_head is None else fixed_head.result())
-    key = jax.random.wrap_key_data(np.zeros(2, np.uint32), impl="threefry2x32")  # key(0), made on the host
     if cfg.similarity == "dns":
         moving_desc = _features_in_box(feature_fn, moving_aff, feature_box)
         fixed_desc = fixed_desc_job.result()
@@ -1428,8 +1431,7 @@ def register_instance(
             prev = pyramid[f // 2]
             pyramid[f] = tuple(_downsample_jit(x, factor=2) for x in prev)
         report(f"descriptors: {fixed_desc.shape[-1]} channels")
-    # one program for the sampled levels: their arrays are padded to the finest grid (issue 18)
-    plan = [(f, tuple(fine_shape) if _sampled_level(cfg, _level_shape(fine_shape, f)) else None) for f in factors]
+    plan = _deformable_plan(cfg, fine_shape)
     sim_masks = level_masks(plan, sim_mask)
     for lvl in range(cfg.levels):
         factor, pad_to = plan[lvl]
@@ -1440,15 +1442,13 @@ def register_instance(
         else:
             fixed_f = _level_features(fixed, factor=factor, cfg=cfg, pad_to=pad_to)
             moving_f = _level_features(moving_aff, factor=factor, cfg=cfg, pad_to=pad_to)
-        spacing = max(1.0, cfg.control_spacing / factor)
-        field_shape = tuple(max(2, int(np.ceil(s / spacing))) for s in level_shape)
+        field_shape = _field_shape(cfg, level_shape, factor)
         box = _level_box(box_fine, factor, level_shape)
         if field is None:
             field = to_device(np.zeros(field_shape + (d,)), np.float32)
         elif field.shape[:-1] != field_shape:
             field = resize_disp(field, field_shape)
-        n_mean = float(np.mean(_level_shape(true_shape, factor)))
-        hyper = _level_hyper(cfg, lvl, level_shape, field_shape, n_mean)
+        hyper = _level_hyper(cfg, lvl, level_shape, field_shape, float(np.mean(_level_shape(true_shape, factor))))
         field, curve = _deformable_level(field, fixed_f, moving_f, sim_masks[lvl],
                                          to_device(box), key, hyper, cfg=cfg,
                                          sampled=sampled)
@@ -1464,6 +1464,56 @@ def register_instance(
         disp, total, inverse = (to_device(np.asarray(x)[crop]) for x in (disp, total, inverse))
     velocity = field if cfg.transform == "svf" else None
     return InstanceResult(matrix, disp, total, inverse, velocity, tuple(curves))
+
+
+def _deformable_plan(cfg: InstanceConfig, fine_shape) -> list:
+    """``(factor, pad_to)`` of each deformable level, coarse to fine: one program serves the sampled levels, whose
+    arrays are padded to the finest grid ``pad_to`` (None: a dense level on its own grid; issue 18)."""
+    factors = [2 ** (cfg.levels - 1 - lvl) for lvl in range(cfg.levels)]
+    return [(f, tuple(fine_shape) if _sampled_level(cfg, _level_shape(fine_shape, f)) else None) for f in factors]
+
+
+def _field_shape(cfg: InstanceConfig, level_shape, factor) -> tuple:
+    """The control grid of a deformable level (``cfg.control_spacing`` fine voxels, at least one level voxel)."""
+    spacing = max(1.0, cfg.control_spacing / factor)
+    return tuple(max(2, int(np.ceil(s / spacing))) for s in level_shape)
+
+
+def _prepare_deformable(cfg: InstanceConfig, image_shape, true_shape, *, has_mask: bool) -> None:
+    """Compile the deformable stage's programs in a background thread while the affine stage runs
+    (:func:`jaxreg.programs._prepare`; a no-op when they are stored or prepared already, or the store is off).
+
+    The arguments are described by their shapes and dtypes only, as :func:`register_instance` will pass them
+    (``image_shape``: the padded ``(*spatial, C)`` images; ``true_shape``: the unpadded grid; ``has_mask``:
+    whether the similarity has a mask): the level features, the level masks, each distinct deformable level
+    program and the finishing one, in the order the stage calls them. Learned descriptors (``"dns"``) and
+    linear transforms are left out.
+    """
+    if cfg.similarity == "dns" or cfg.transform in LINEAR_TRANSFORMS or programs.store_dir() is None:
+        return
+    d = len(true_shape)
+    key = jax.random.wrap_key_data(np.zeros(2, np.uint32), impl="threefry2x32")
+    fine_shape = tuple(image_shape[:-1])
+    f32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.float32)
+    image = f32(tuple(image_shape))
+    plan = _deformable_plan(cfg, fine_shape)
+    _resample_affine.prepare(image, f32((d + 1, d + 1)), padding="zeros")  # in the order the stage calls them
+    masks = [None] * len(plan)
+    if has_mask:
+        _binary_level_masks.prepare(f32(fine_shape), levels=tuple(plan))
+        masks = jax.eval_shape(functools.partial(_binary_level_masks.__wrapped__, levels=tuple(plan)), f32(fine_shape))
+    field = None
+    for lvl, (factor, pad_to) in enumerate(plan):
+        _level_features.prepare(image, factor=factor, cfg=cfg, pad_to=pad_to)
+        features = jax.eval_shape(functools.partial(_level_features.__wrapped__, factor=factor, cfg=cfg,
+                                                    pad_to=pad_to), image)
+        level_shape = _level_shape(fine_shape, factor)
+        field_shape = _field_shape(cfg, level_shape, factor)
+        field = f32(field_shape + (d,))
+        hyper = _level_hyper(cfg, lvl, level_shape, field_shape, float(np.mean(_level_shape(true_shape, factor))))
+        _deformable_level.prepare(field, features, features, masks[lvl], jax.ShapeDtypeStruct((2, d), jnp.int32),
+                                  key, hyper, cfg=cfg, sampled=pad_to is not None)
+    _finish_deformable.prepare(field, f32((d + 1, d + 1)), f32((d + 1, d + 1)), cfg=cfg, fine_shape=fine_shape)
 
 
 @program(static_argnames=("padding",))
