@@ -206,9 +206,45 @@ def program(fn=None, *, static_argnames=(), donate_argnums=(), quick=False):
     def prepare(*args, **kwargs):
         return _prepare(fn, signature(args, kwargs), runners, quick)
 
+    shapes = {}
+
+    def output_shape(*args, **kwargs):
+        """``jax.eval_shape`` of the program for these arguments (arrays or ``jax.ShapeDtypeStruct``), kept in
+        the store beside its executables: a process that finds it there does not trace the function (the
+        tracing that preparing a stored program would otherwise cost every warm call)."""
+        static, _, _, _, key = signature(args, kwargs)
+        if key in shapes:
+            return shapes[key]
+        store = store_dir()
+        path = None if store is None else _store_path(fn, key, store, quick).with_suffix(".shape")
+        try:
+            with open(path, "rb") as f:
+                out = pickle.load(f)
+        except Exception:  # noqa: BLE001 - no store, not stored yet, or unreadable: trace it
+            out = jax.eval_shape(functools.partial(fn, **static), *args,
+                                 **{k: v for k, v in kwargs.items() if k not in static})
+            if path is not None:
+                _write_atomic(path, out)
+        shapes[key] = out
+        return out
+
     call._cache_size = jitted._cache_size
     call.prepare = prepare
+    call.output_shape = output_shape
     return call
+
+
+def _write_atomic(path: pathlib.Path, obj) -> None:
+    """Pickle ``obj`` to ``path`` by a rename (readers never see a partial file); failures are ignored (the
+    store is a cache)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as f:
+            pickle.dump(obj, f)
+        os.replace(tmp, path)
+    except Exception:  # noqa: BLE001 - a store that cannot be written costs only the next process's tracing
+        pass
 
 
 def _prepare(fn, signature, runners, quick) -> bool:
@@ -322,14 +358,7 @@ def _load_or_compile(fn, static, treedef, keys, flat, key, store, quick=False):
             compiled = jax.jit(flat_fn).lower(*flat).compile(options)
     except Exception:  # noqa: BLE001 - e.g. an argument jit handles but lower() does not: plain jit
         return _FAILED, None
-    try:
-        store.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=store, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(se.serialize(compiled), f)
-        os.replace(tmp, path)
-    except Exception:  # noqa: BLE001 - a store that cannot be written costs only the next process's tracing
-        pass
+    _write_atomic(path, se.serialize(compiled))
     return compiled, None
 
 

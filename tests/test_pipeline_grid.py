@@ -197,8 +197,9 @@ def test_metrics_similarity_on_a_padded_grid():
 
 
 def test_the_registrations_programs_are_compiled_ahead_with_the_signatures_it_calls(tmp_path, monkeypatch):
-    """register_volumes prepares the deformable stage's programs, the output program and the metrics' (issue 18):
-    each is compiled once, in the background, so the shapes and dtypes it prepares are those it calls with."""
+    """register_volumes prepares the affine and deformable stages' programs, the output program and the metrics'
+    (issue 18): each is compiled once, in the background, so the shapes and dtypes it prepares are those it calls
+    with."""
     import threading
 
     from jaxreg import pipeline, programs
@@ -222,8 +223,8 @@ def test_the_registrations_programs_are_compiled_ahead_with_the_signatures_it_ca
     cfg = InstanceConfig(iterations=(2, 2, 2), affine_iterations=(2,), affine_levels=2, num_samples=4096)
     reg = pipeline.register_volumes(fixed, moving, config=cfg, resolution=1.5, metrics=True)
     pipeline.registration_metrics("io-mind", cfg, reg, fixed)
-    prepared = {"_resample_affine", "_level_features", "_deformable_level", "_finish_deformable", "_to_fixed_grid",
-                "_field_regularity", "_similarity_against"}
+    prepared = {"_affine_pyramid", "_binary_level_masks", "_affine_level", "_resample_affine", "_level_features",
+                "_deformable_level", "_finish_deformable", "_to_fixed_grid", "_field_regularity", "_similarity_against"}
     background = [n for n, t in seen if t.startswith("jaxreg-prepare")]
     assert all(t.startswith("jaxreg-prepare") for n, t in seen if n in prepared), seen
     assert prepared <= set(background) and background.count("_deformable_level") == 2  # a dense and a sampled level

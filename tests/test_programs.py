@@ -191,3 +191,20 @@ def test_a_failed_preparation_falls_back_to_the_call(tmp_path, monkeypatch):
     with pytest.raises(IndexError):
         h(jnp.arange(4.0))
     np.testing.assert_array_equal(np.asarray(h(jnp.ones((3, 2)))), [2.0, 2.0, 2.0])
+
+
+def test_output_shape_is_kept_in_the_store(tmp_path, monkeypatch):
+    monkeypatch.setattr(programs, "store_dir", lambda: tmp_path)
+    traced = []
+
+    def body(x, *, n):
+        traced.append(1)
+        return {"head": x[:n], "sum": jnp.sum(x, dtype=jnp.int32)}
+
+    f = programs.program(static_argnames=("n",))(body)
+    want = {"head": jax.ShapeDtypeStruct((3, 2), jnp.float32), "sum": jax.ShapeDtypeStruct((), jnp.int32)}
+    assert f.output_shape(jax.ShapeDtypeStruct((5, 2), jnp.float32), n=3) == want
+    assert len(traced) == 1 and len(list(tmp_path.glob("*.shape"))) == 1
+    g = programs.program(static_argnames=("n",))(body)  # as in a new process: read from the store, not traced
+    assert g.output_shape(jnp.zeros((5, 2)), n=3) == want and len(traced) == 1
+    assert g.output_shape(jnp.zeros((5, 2)), n=4)["head"].shape == (4, 2) and len(traced) == 2

@@ -1084,6 +1084,43 @@ def _affine_similarity(cfg) -> str:
     return cfg.affine_similarity or cfg.similarity
 
 
+def _affine_plan(cfg: InstanceConfig, fine_shape) -> tuple:
+    """``(factors, group)``: the affine stage's pyramid factors, coarse to fine, and the points of each of the
+    ``AFFINE_SLOTS`` point groups (every level evaluates slots x group points: at the coarsest level one group
+    per candidate start, at the finer levels all groups belong to the chosen start)."""
+    factors = [2 ** (cfg.affine_levels - 1 - i) * cfg.affine_finest_factor for i in range(cfg.affine_levels)]
+    n_points = cfg.affine_samples
+    if cfg.transform in ("svf", "disp"):  # a deformable stage follows: the affine need not reach the finest grid
+        factors = [f for f in factors if f >= cfg.affine_deformable_factor] or factors[:1]
+        n_points = cfg.affine_deformable_samples
+    n_last = n_points if n_points > 0 else int(np.prod(_level_shape(fine_shape, factors[-1])))
+    return tuple(factors), max(1, -(-n_last // AFFINE_SLOTS))
+
+
+def _prepare_affine(cfg: InstanceConfig, image_shape, *, has_mask: bool) -> None:
+    """Compile the affine stage's programs in the background (:func:`jaxreg.programs._prepare`) while the host
+    prepares the images and the starts: the pyramid, the level masks (``has_mask``: a fixed mask, e.g. the
+    size-class padding) and the level program, described as :func:`_affine_stage` will pass them."""
+    if not (cfg.affine or cfg.transform in LINEAR_TRANSFORMS) or programs.store_dir() is None:
+        return
+    fine_shape = tuple(image_shape[:-1])
+    d = len(fine_shape)
+    f32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.float32)
+    i32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.int32)
+    acfg = dataclasses.replace(cfg, similarity=_affine_similarity(cfg))
+    factors, group = _affine_plan(cfg, fine_shape)
+    image, valid = f32(tuple(image_shape)), f32(fine_shape + (1,))
+    _affine_pyramid.prepare(image, image, valid, factors=factors, cfg=acfg)
+    levels = _affine_pyramid.output_shape(image, image, valid, factors=factors, cfg=acfg)
+    if has_mask:
+        _binary_level_masks.prepare(f32(fine_shape), levels=tuple((f, None) for f in factors))
+    s, n_raw = AFFINE_SLOTS, sum(num_params(d).values())
+    _affine_level.prepare(f32((s, n_raw)), f32((s, d + 1, d + 1)), i32((s,)), levels[0][0], levels[1][0],
+                          levels[2][0], i32((s, group, d)), f32((s, group)), f32((d,)), f32((d,)), f32((d,)), f32(()),
+                          f32(()), np.int32(0), cfg=acfg, max_iterations=max(cfg.affine_iterations),
+                          rigid=cfg.rigid_affine)
+
+
 def _affine_stage(fixed, moving, candidates, cfg, spacing, moving_mask, level_masks, report):
     """Coarse-to-fine affine (or rigid) stage; returns ``(matrix, curves, chosen initialisation)``.
 
@@ -1109,19 +1146,10 @@ def _affine_stage(fixed, moving, candidates, cfg, spacing, moving_mask, level_ma
     valid = to_device(np.ones(fine_shape + (1,)) if moving_mask is None
                       else np.reshape(np.asarray(moving_mask), fine_shape + (1,)), np.float32)
     center_mm, radius = _affine_geometry(fixed, spacing)
-    factors = [2 ** (cfg.affine_levels - 1 - i) * cfg.affine_finest_factor for i in range(cfg.affine_levels)]
-    n_points = cfg.affine_samples
-    if cfg.transform in ("svf", "disp"):  # a deformable stage follows: the affine need not reach the finest grid
-        factors = [f for f in factors if f >= cfg.affine_deformable_factor] or factors[:1]
-        n_points = cfg.affine_deformable_samples
-    fixed_levels, moving_levels, valid_levels = _affine_pyramid(fixed, moving, valid, factors=tuple(factors),
-                                                                cfg=acfg)
+    factors, group = _affine_plan(cfg, fine_shape)
+    fixed_levels, moving_levels, valid_levels = _affine_pyramid(fixed, moving, valid, factors=factors, cfg=acfg)
     n_raw = sum(num_params(d).values())
     slots = AFFINE_SLOTS
-    # every level evaluates slots x group points: at the coarsest level one group per candidate start, at the
-    # finer levels all groups belong to the chosen start (n_points in all, as before)
-    n_last = n_points if n_points > 0 else int(np.prod(_level_shape(fine_shape, factors[-1])))
-    group = max(1, -(-n_last // slots))
 
     def run_level(i, inits, raws=()):
         """Refine the starts ``inits`` (<= ``slots``; one at the finer levels) from ``raws`` (default zeros) at
@@ -1359,6 +1387,10 @@ def register_instance(
         moving_mask = inside if moving_mask is None else _pad_to(
             np.asarray(moving_mask, np.float32).reshape(true_shape + (1,)), shape, channels=False)
     fine_shape = fixed.shape[:-1]
+    # compile the later programs in the background while the host prepares the starts (issue 18)
+    _prepare_affine(cfg, fixed.shape, has_mask=mask_f is not None)
+    _prepare_deformable(cfg, fixed.shape, true_shape,
+                        has_mask=mask_f is not None or moving_mask is not None or cfg.foreground_mask)
     factors = [2 ** (cfg.levels - 1 - lvl) for lvl in range(cfg.levels)]
     report = progress or (lambda _: None)
     curves = []
@@ -1400,8 +1432,6 @@ def register_instance(
         # host work that does not depend on the affine stage, done while that stage runs in XLA (issue 18)
         fixed_head = _in_thread(_head_mask, fixed)
     key = jax.random.wrap_key_data(np.zeros(2, np.uint32), impl="threefry2x32")  # key(0), made on the host
-    _prepare_deformable(cfg, fixed.shape, true_shape,
-                        has_mask=mask_f is not None or moving_mask is not None or cfg.foreground_mask)
     if run_affine:
         matrix, aff_curves, chosen = _affine_stage(fixed, moving, candidates, cfg, spacing, moving_mask, level_masks,
                                                    report)
@@ -1501,12 +1531,11 @@ def _prepare_deformable(cfg: InstanceConfig, image_shape, true_shape, *, has_mas
     masks = [None] * len(plan)
     if has_mask:
         _binary_level_masks.prepare(f32(fine_shape), levels=tuple(plan))
-        masks = jax.eval_shape(functools.partial(_binary_level_masks.__wrapped__, levels=tuple(plan)), f32(fine_shape))
+        masks = _binary_level_masks.output_shape(f32(fine_shape), levels=tuple(plan))
     field = None
     for lvl, (factor, pad_to) in enumerate(plan):
         _level_features.prepare(image, factor=factor, cfg=cfg, pad_to=pad_to)
-        features = jax.eval_shape(functools.partial(_level_features.__wrapped__, factor=factor, cfg=cfg,
-                                                    pad_to=pad_to), image)
+        features = _level_features.output_shape(image, factor=factor, cfg=cfg, pad_to=pad_to)
         level_shape = _level_shape(fine_shape, factor)
         field_shape = _field_shape(cfg, level_shape, factor)
         field = f32(field_shape + (d,))
