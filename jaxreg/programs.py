@@ -138,14 +138,7 @@ def manifest(tag: str):
             for p in jobs:
                 _PREFETCHED.pop(p, None)
         if used and used != listed:
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-                with os.fdopen(fd, "w") as f:
-                    json.dump(used, f)
-                os.replace(tmp, path)
-            except OSError:
-                pass
+            _write_atomic(path, used, json.dump, "w")
 
 
 def _is_key(x) -> bool:
@@ -234,14 +227,14 @@ def program(fn=None, *, static_argnames=(), donate_argnums=(), quick=False):
     return call
 
 
-def _write_atomic(path: pathlib.Path, obj) -> None:
-    """Pickle ``obj`` to ``path`` by a rename (readers never see a partial file); failures are ignored (the
-    store is a cache)."""
+def _write_atomic(path: pathlib.Path, obj, dump=pickle.dump, mode: str = "wb") -> None:
+    """Write ``obj`` to ``path`` with ``dump`` (default: pickle) by a rename (readers never see a partial file);
+    failures are ignored (the store is a cache)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(obj, f)
+        with os.fdopen(fd, mode) as f:
+            dump(obj, f)
         os.replace(tmp, path)
     except Exception:  # noqa: BLE001 - a store that cannot be written costs only the next process's tracing
         pass
@@ -282,8 +275,13 @@ def _preparer() -> concurrent.futures.ThreadPoolExecutor:
     """The threads of :func:`_prepare`, in submission order: one per 4 cores (at least one). XLA compiles a
     program on ~2 cores, so more threads on a 2-core machine only slowed the pipeline's own programs (IXI pair,
     one thread per program: the affine stage started 2 s later)."""
-    return concurrent.futures.ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 1) // 4),
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 1) // 4),
                                                  thread_name_prefix="jaxreg-prepare")
+    try:  # at exit, drop the preparations not started (the interpreter waits for the pool's threads)
+        threading._register_atexit(functools.partial(pool.shutdown, wait=False, cancel_futures=True))
+    except AttributeError:  # another Python: exit waits for the queue
+        pass
+    return pool
 
 
 @functools.cache

@@ -45,3 +45,23 @@ def _release_compiled_programs():
 
     jax.clear_caches()
     gc.collect()
+
+
+@pytest.fixture
+def compiled_by(tmp_path, monkeypatch):
+    """A store of programs in ``tmp_path`` and the ``(program name, thread name)`` of every executable compiled or
+    loaded through it (jaxreg.programs), in order."""
+    import threading
+
+    from jaxreg import programs
+
+    monkeypatch.setattr(programs, "store_dir", lambda: tmp_path)
+    seen = []
+    original = programs._load_or_compile
+
+    def spy(fn, *args, **kwargs):
+        seen.append((fn.__name__, threading.current_thread().name))
+        return original(fn, *args, **kwargs)
+
+    monkeypatch.setattr(programs, "_load_or_compile", spy)
+    return seen

@@ -196,25 +196,15 @@ def test_metrics_similarity_on_a_padded_grid():
     np.testing.assert_allclose(got, want, rtol=1e-2)
 
 
-def test_the_registrations_programs_are_compiled_ahead_with_the_signatures_it_calls(tmp_path, monkeypatch):
+def test_the_registrations_programs_are_compiled_ahead_with_the_signatures_it_calls(compiled_by):
     """register_volumes prepares the affine and deformable stages' programs, the output program and the metrics'
     (issue 18): each is compiled once, in the background, so the shapes and dtypes it prepares are those it calls
     with."""
-    import threading
-
-    from jaxreg import pipeline, programs
+    from jaxreg import pipeline
     from jaxreg.io import Volume
     from jaxreg.optimize import InstanceConfig
 
-    monkeypatch.setattr(programs, "store_dir", lambda: tmp_path)
-    seen = []
-    original = programs._load_or_compile
-
-    def spy(fn, *args, **kwargs):
-        seen.append((fn.__name__, threading.current_thread().name))
-        return original(fn, *args, **kwargs)
-
-    monkeypatch.setattr(programs, "_load_or_compile", spy)
+    seen = compiled_by
     g = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in (50, 54, 46)], indexing="ij"), -1)
     fixed = Volume(np.exp(-np.sum(((g - [25, 27, 23]) / [14, 12, 11]) ** 2, -1)).astype(np.float32),
                    _affine((1.5, 1.5, 1.5)))

@@ -124,24 +124,8 @@ def test_manifest_loads_the_jobs_programs_in_a_thread(tmp_path):
     assert other[:-1] == ["main", "main"] and other[-1] == first[-1]
 
 
-def _spy_compiles(monkeypatch):
-    """The (program name, thread name) of every executable compiled or loaded through the store."""
-    import threading
-
-    seen = []
-    original = programs._load_or_compile
-
-    def spy(fn, *args, **kwargs):
-        seen.append((fn.__name__, threading.current_thread().name))
-        return original(fn, *args, **kwargs)
-
-    monkeypatch.setattr(programs, "_load_or_compile", spy)
-    return seen
-
-
-def test_prepare_compiles_in_the_background_and_the_call_uses_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(programs, "store_dir", lambda: tmp_path)
-    seen = _spy_compiles(monkeypatch)
+def test_prepare_compiles_in_the_background_and_the_call_uses_it(compiled_by):
+    seen = compiled_by
     traced = []
 
     @programs.program(static_argnames=("k",))
