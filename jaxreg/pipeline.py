@@ -27,9 +27,9 @@ from jaxreg.io import Volume, grid_to_grid_matrix, resample_to_grid, voxel_disp_
 from jaxreg.optimize import DNS_CONFIG, InstanceConfig, normalize_intensity, register_instance, similarity_fn
 from jaxreg.programs import (bucket_shape, crop_high, default_device, pad_high, pad_to_class, program,
                              to_device)
-from jaxreg.optimize.instance import (LINEAR_TRANSFORMS, InstanceResult, _in_background, _prepare_affine,
-                                      _prepare_deformable, _resample_affine, apply_intensity_range,
-                                      compose_affine_deformable, intensity_range)
+from jaxreg.optimize.instance import (LINEAR_TRANSFORMS, InstanceResult, _in_background, _prepare_stages,
+                                      _resample_affine, apply_intensity_range, compose_affine_deformable,
+                                      intensity_range)
 from jaxreg.spatial import identity_grid, sample, voxel_spacing
 
 # Affine-only MI registration used to pre-align training subjects (jaxreg.data.load_subjects) and the
@@ -608,11 +608,10 @@ def _prepare_programs(fixed: Volume, moving: Volume, work_shape, moving_w, confi
     (:func:`jaxreg.programs._prepare`, in the order they are called; issue 18)."""
     class_f, class_w = bucket_shape(fixed.data.shape), bucket_shape(work_shape)
     f32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.float32)
-    image_shape = (class_w if config.grid_buckets else tuple(work_shape)) + tuple(np.shape(moving_w)[3:])
-    _prepare_affine(config, image_shape, has_mask=image_shape[:-1] != tuple(work_shape))  # padding: a fixed mask
-    _prepare_deformable(config, image_shape, tuple(work_shape), has_mask=True)  # _geometry gives a moving mask
+    channels = np.shape(moving_w)[-1]
+    _prepare_stages(config, work_shape, channels, mask=False, moving_mask=True)  # _geometry gives a moving mask
     _to_fixed_grid.prepare(f32(class_w + (3,)), f32((3,)), f32((4, 4)), f32(bucket_shape(moving.data.shape)),
-                           f32(class_w + tuple(np.shape(moving_w)[3:])), shape_f=class_f,
+                           f32(class_w + (channels,)), shape_f=class_f,
                            same_grid=tuple(fixed.data.shape) == tuple(work_shape))
     if metrics:
         _field_regularity.prepare(f32(class_f + (3,)), jax.ShapeDtypeStruct((3,), jnp.int32))

@@ -173,9 +173,11 @@ def program(fn=None, *, static_argnames=(), donate_argnums=(), quick=False):
     @functools.wraps(fn)
     def call(*args, **kwargs):
         store = store_dir()
-        if store is None or any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((args, kwargs))):
-            return jitted(*args, **kwargs)  # no store, or called inside another trace: inline it
+        if store is None:
+            return jitted(*args, **kwargs)
         static, treedef, keys, flat, key = signature(args, kwargs)
+        if any(isinstance(x, jax.core.Tracer) for x in flat):  # called inside another trace: inline it
+            return jitted(*args, **kwargs)
         runner = runners.get(key)
         path = None
         if isinstance(runner, concurrent.futures.Future):

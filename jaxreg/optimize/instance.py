@@ -1378,6 +1378,8 @@ def register_instance(
     true_shape = fixed.shape[:-1]
     d = len(true_shape)
     mask_f = None if mask is None else to_device(np.asarray(mask, np.float32).reshape(true_shape))
+    # compile the later programs in the background while the host prepares the starts (issue 18)
+    _prepare_stages(cfg, true_shape, fixed.shape[-1], mask=mask is not None, moving_mask=moving_mask is not None)
     if cfg.grid_buckets and bucket_shape(true_shape) != tuple(true_shape):
         # zero padding at the high end keeps every voxel index (so the matrix) and is outside both masks
         shape = bucket_shape(true_shape)
@@ -1387,10 +1389,6 @@ def register_instance(
         moving_mask = inside if moving_mask is None else _pad_to(
             np.asarray(moving_mask, np.float32).reshape(true_shape + (1,)), shape, channels=False)
     fine_shape = fixed.shape[:-1]
-    # compile the later programs in the background while the host prepares the starts (issue 18)
-    _prepare_affine(cfg, fixed.shape, has_mask=mask_f is not None)
-    _prepare_deformable(cfg, fixed.shape, true_shape,
-                        has_mask=mask_f is not None or moving_mask is not None or cfg.foreground_mask)
     factors = [2 ** (cfg.levels - 1 - lvl) for lvl in range(cfg.levels)]
     report = progress or (lambda _: None)
     curves = []
@@ -1431,7 +1429,6 @@ def register_instance(
     if cfg.foreground_mask and cfg.transform not in LINEAR_TRANSFORMS:
         # host work that does not depend on the affine stage, done while that stage runs in XLA (issue 18)
         fixed_head = _in_thread(_head_mask, fixed)
-    key = jax.random.wrap_key_data(np.zeros(2, np.uint32), impl="threefry2x32")  # key(0), made on the host
     if run_affine:
         matrix, aff_curves, chosen = _affine_stage(fixed, moving, candidates, cfg, spacing, moving_mask, level_masks,
                                                    report)
@@ -1451,6 +1448,7 @@ def register_instance(
     box_fine = _foreground_box(fixed, moving_aff)
     sim_mask = _deformable_mask(fixed, moving_aff, mask_f, moving_mask, to_device(matrix, np.float32), cfg,
                                 None if fixed_head is None else fixed_head.result())
+    key = _deformable_key()
     if cfg.similarity == "dns":
         moving_desc = _features_in_box(feature_fn, moving_aff, feature_box)
         fixed_desc = fixed_desc_job.result()
@@ -1496,6 +1494,24 @@ def register_instance(
     return InstanceResult(matrix, disp, total, inverse, velocity, tuple(curves))
 
 
+def _deformable_key() -> jax.Array:
+    """The deformable levels' sample key, ``key(0)`` made on the host (folded with each level and step)."""
+    return jax.random.wrap_key_data(np.zeros(2, np.uint32), impl="threefry2x32")
+
+
+def _prepare_stages(cfg: InstanceConfig, true_shape, channels: int, *, mask: bool, moving_mask: bool) -> None:
+    """Compile :func:`register_instance`'s programs ahead, in the background, for images of the grid ``true_shape``
+    with ``channels`` channels, a fixed ``mask`` or not and a ``moving_mask`` or not: the affine stage's, then the
+    deformable stage's (:func:`_prepare_affine`, :func:`_prepare_deformable`; issue 18). The grid is padded to
+    its size class as :func:`register_instance` pads it, and the padding is a mask of both images."""
+    true_shape = tuple(true_shape)
+    shape = bucket_shape(true_shape) if cfg.grid_buckets else true_shape
+    padded = shape != true_shape
+    _prepare_affine(cfg, shape + (channels,), has_mask=mask or padded)
+    _prepare_deformable(cfg, shape + (channels,), true_shape,
+                        has_mask=mask or moving_mask or padded or cfg.foreground_mask)
+
+
 def _deformable_plan(cfg: InstanceConfig, fine_shape) -> list:
     """``(factor, pad_to)`` of each deformable level, coarse to fine: one program serves the sampled levels, whose
     arrays are padded to the finest grid ``pad_to`` (None: a dense level on its own grid; issue 18)."""
@@ -1522,7 +1538,7 @@ def _prepare_deformable(cfg: InstanceConfig, image_shape, true_shape, *, has_mas
     if cfg.similarity == "dns" or cfg.transform in LINEAR_TRANSFORMS or programs.store_dir() is None:
         return
     d = len(true_shape)
-    key = jax.random.wrap_key_data(np.zeros(2, np.uint32), impl="threefry2x32")
+    key = _deformable_key()
     fine_shape = tuple(image_shape[:-1])
     f32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.float32)
     image = f32(tuple(image_shape))
