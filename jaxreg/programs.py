@@ -106,11 +106,8 @@ def manifest(tag: str):
     if store is None or _USED is not None:
         yield
         return
-    path = store / "manifests" / f"{hashlib.sha256(tag.encode()).hexdigest()[:32]}.json"
-    try:
-        listed = [n for n in json.loads(path.read_text()) if isinstance(n, str)]
-    except (OSError, ValueError, TypeError):
-        listed = []
+    path = _manifest_path(store, tag)
+    listed = _listed(path)
     jobs = {store / n: concurrent.futures.Future() for n in listed if (store / n).is_file()}
     with _MANIFEST_LOCK:
         _PREFETCHED.update(jobs)
@@ -139,6 +136,30 @@ def manifest(tag: str):
                 _PREFETCHED.pop(p, None)
         if used and used != listed:
             _write_atomic(path, used, json.dump, "w")
+
+
+def _manifest_path(store: pathlib.Path, tag: str) -> pathlib.Path:
+    """Keyed by this jaxreg's sources and JAX's version too: after an upgrade the job's programs change."""
+    key = repr((tag, _sources_hash(), jax.__version__))
+    return store / "manifests" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+
+
+def _listed(path: pathlib.Path) -> list:
+    """The store file names a manifest lists; empty when it is missing or unreadable."""
+    try:
+        return [n for n in json.loads(path.read_text()) if isinstance(n, str)]
+    except (OSError, ValueError, TypeError):
+        return []
+
+
+def manifest_stored(tag: str) -> bool:
+    """Whether a :func:`manifest` block with this ``tag`` ran before and every executable it used is stored:
+    the job will compile nothing. False without a store. Reads files only (JAX is not started)."""
+    store = store_dir()
+    if store is None:
+        return False
+    listed = _listed(_manifest_path(store, tag))
+    return bool(listed) and all((store / n).is_file() for n in listed)
 
 
 def _is_key(x) -> bool:

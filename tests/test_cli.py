@@ -232,3 +232,51 @@ def test_demo_uses_the_library_not_the_cli():
     assert out.strip() == "False"
     src = (pathlib.Path(__file__).parents[1] / "jaxreg" / "demo.py").read_text()
     assert "jaxreg.cli" not in src
+
+
+TUNE_SCRIPT = """
+import sys
+from jax._src import xla_bridge
+from jaxreg import cli, programs
+started = []
+cli._tune_malloc = lambda: started.append(sorted(xla_bridge._backends)) or True
+programs.manifest_stored = lambda tag: sys.argv[1] == "stored"
+cli._OWN_PROCESS = sys.argv[2] == "entry"
+class Stop(Exception):
+    pass
+def stop(*args, **kwargs):
+    raise Stop
+cli._cohort_devices = stop  # the first step that starts JAX
+try:
+    cli.main(["register", "--fixed", sys.argv[3], "--moving", sys.argv[4], "--out", sys.argv[5], "--quiet"])
+except Stop:
+    pass
+print(started)
+"""
+
+
+@pytest.mark.parametrize("stored, process, tuned", [("stored", "entry", True), ("new", "entry", False),
+                                                    ("stored", "library", False)])
+def test_malloc_is_tuned_only_for_a_stored_job_of_the_console_script(pair, tmp_path, stored, process, tuned):
+    """Issue 18: the console script tunes malloc (one arena) when the job compiles nothing, before JAX starts
+    (no backend yet); a job that compiles, or main() called from a user's process, leaves it alone."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", TUNE_SCRIPT, stored, process, *pair, str(tmp_path / "o")],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == ("[[]]" if tuned else "[]")
+
+
+def test_tune_malloc_on_glibc():
+    """The settings are accepted by this process's malloc (run in a child: they last for its lifetime)."""
+    import platform
+    import subprocess
+    import sys
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+    code = "from jaxreg.cli import _tune_malloc; import numpy as np; ok = _tune_malloc(); " \
+           "x = np.ones(50_000_000); del x; y = np.ones(50_000_000); print(ok, y.sum())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "50000000.0"]

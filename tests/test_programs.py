@@ -124,6 +124,22 @@ def test_manifest_loads_the_jobs_programs_in_a_thread(tmp_path):
     assert other[:-1] == ["main", "main"] and other[-1] == first[-1]
 
 
+def test_manifest_stored_only_when_every_listed_program_is(tmp_path, monkeypatch):
+    subprocess.run([sys.executable, "-c", MANIFEST_SCRIPT, str(tmp_path), "job"], check=True, capture_output=True)
+    store = tmp_path / "jaxreg-programs"
+    monkeypatch.setattr(programs, "store_dir", lambda: store)
+    assert programs.manifest_stored("job")
+    assert not programs.manifest_stored("another job")
+    monkeypatch.setattr(programs, "_sources_hash", lambda: "an upgraded jaxreg")  # its programs are others
+    assert not programs.manifest_stored("job")
+    monkeypatch.undo()
+    monkeypatch.setattr(programs, "store_dir", lambda: store)
+    next(store.glob("*.pkl")).unlink()
+    assert not programs.manifest_stored("job")
+    monkeypatch.setattr(programs, "store_dir", lambda: None)
+    assert not programs.manifest_stored("job")
+
+
 def test_prepare_compiles_in_the_background_and_the_call_uses_it(compiled_by):
     seen = compiled_by
     traced = []
