@@ -280,3 +280,29 @@ def test_tune_malloc_on_glibc():
            "x = np.ones(50_000_000); del x; y = np.ones(50_000_000); print(ok, y.sum())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["True", "50000000.0"]
+
+
+def test_console_script_runs_numpy_blas_on_one_thread():
+    """Issue 18: jaxreg.__main__ (the console script) sets OPENBLAS_NUM_THREADS=1 before numpy loads, unless the
+    user set it."""
+    import subprocess
+    import sys
+
+    code = """
+import os, sys, types
+fake = types.ModuleType("jaxreg.cli")
+def entry():
+    import numpy, threadpoolctl
+    blas = [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["internal_api"] == "openblas"]
+    print(os.environ["OPENBLAS_NUM_THREADS"], sorted(set(blas)))
+fake.entry = entry
+sys.modules["jaxreg.cli"] = fake
+from jaxreg.__main__ import entry as script
+script()
+"""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.split(None, 1)[0] == "1" and out.split(None, 1)[1].strip() in ("[1]", "[]")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**env, "OPENBLAS_NUM_THREADS": "2"}).stdout
+    assert out.split()[0] == "2"
