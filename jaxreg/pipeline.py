@@ -260,12 +260,18 @@ def config_for(method: str, *, transform: str = "svf", affine: bool = True, leve
     return dataclasses.replace(base, **kw)
 
 
-def _working_images(fixed: Volume, moving: Volume, resolution: float | None, transform: str = "svf"):
-    """``(shape, affine, fixed_w, moving_w)``: both 3D scans resampled onto the working grid (ValueError if not 3D)."""
+def _working_grid_of(fixed: Volume, moving: Volume, resolution: float | None, transform: str = "svf"):
+    """``(shape, affine)`` of the working grid of two 3D scans (ValueError if either is not 3D)."""
     for name, vol in (("fixed", fixed), ("moving", moving)):
         if vol.data.ndim != 3:
             raise ValueError(f"{name} must be a 3D scan, got shape {vol.data.shape}")
     work_shape, work_affine, _ = working_grid(fixed.data.shape, fixed.affine, resolution, transform)
+    return work_shape, work_affine
+
+
+def _working_images(fixed: Volume, moving: Volume, resolution: float | None, transform: str = "svf"):
+    """``(shape, affine, fixed_w, moving_w)``: both 3D scans resampled onto the working grid (ValueError if not 3D)."""
+    work_shape, work_affine = _working_grid_of(fixed, moving, resolution, transform)
     return (work_shape, work_affine, resample_smooth(fixed, work_shape, work_affine),
             resample_smooth(moving, work_shape, work_affine))
 
@@ -316,13 +322,15 @@ def register_volumes(fixed: Volume, moving: Volume, *, config: InstanceConfig, r
     Raises:
       ValueError: if either scan is not 3D.
     """
-    work_shape, work_affine, fixed_w, moving_w = _working_images(fixed, moving, resolution, config.transform)
+    work_shape, work_affine = _working_grid_of(fixed, moving, resolution, config.transform)
+    # compiling starts before the scans are resampled: on a new grid the compilations are the critical path
+    _prepare_programs(fixed, moving, work_shape, config, metrics)
+    fixed_w, moving_w = (resample_smooth(v, work_shape, work_affine) for v in (fixed, moving))
 
     t0 = time.perf_counter()
     init_matrix = None
     if init is not None:  # world fixed -> moving, as a working-grid voxel map (both images live on that grid)
         init_matrix = np.linalg.inv(work_affine) @ np.asarray(init, np.float64) @ work_affine
-    _prepare_programs(fixed, moving, work_shape, moving_w, config, metrics)
     similarity_job = _start_similarity(config, fixed_w, moving_w) if metrics else None
     res = register_instance(fixed_w, moving_w, config=config, progress=progress, feature_fn=feature_fn,
                             init_matrix=init_matrix, **_geometry(fixed, moving, work_shape, work_affine))
@@ -601,14 +609,13 @@ def _upsample_disp(disp, ratio, *, shape):
     return out * ratio
 
 
-def _prepare_programs(fixed: Volume, moving: Volume, work_shape, moving_w, config: InstanceConfig,
-                      metrics: bool) -> None:
-    """Compile, in the background while the affine stage runs, the programs that :func:`register_instance`
-    and :func:`_finish` (and :func:`registration_metrics` if ``metrics``) will call on these grids
-    (:func:`jaxreg.programs._prepare`, in the order they are called; issue 18)."""
+def _prepare_programs(fixed: Volume, moving: Volume, work_shape, config: InstanceConfig, metrics: bool) -> None:
+    """Compile, in the background while the scans are resampled and the affine stage runs, the programs that
+    :func:`register_instance` and :func:`_finish` (and :func:`registration_metrics` if ``metrics``) will call
+    on these grids (:func:`jaxreg.programs._prepare`, in the order they are called; issue 18)."""
     class_f, class_w = bucket_shape(fixed.data.shape), bucket_shape(work_shape)
     f32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.float32)
-    channels = np.shape(moving_w)[-1]
+    channels = 1  # resample_smooth's working images: (*work_shape, 1)
     _prepare_stages(config, work_shape, channels, mask=False, moving_mask=True)  # _geometry gives a moving mask
     _to_fixed_grid.prepare(f32(class_w + (3,)), f32((3,)), f32((4, 4)), f32(bucket_shape(moving.data.shape)),
                            f32(class_w + (channels,)), shape_f=class_f,
