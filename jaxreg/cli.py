@@ -786,11 +786,13 @@ def _tune_malloc() -> bool:
     came back as fresh pages. A warm ``jaxreg register`` of the IXI pair took ~760k page faults, 1.7-2.2 s
     of system time on 2 cores. One arena (``M_ARENA_MAX``), no ``mmap`` (``M_MMAP_MAX``), and a heap that
     is not trimmed below 1 GB of free top memory and grows 256 MB at a time (``M_TRIM_THRESHOLD``,
-    ``M_TOP_PAD``) reuse them: ~250k faults, and the warm call took 3.7 instead of 4.5 s (issue 18;
-    docs/design.md). One arena makes compiling slower (threads compete for it: a cold call took 2-3 s
-    longer), so :func:`run_register` asks for this only when the job will compile nothing, and only in the
-    console script's own process (:func:`entry`), which exits when its job is done. Must run before JAX
-    starts its threads (they keep the arena they first used).
+    ``M_TOP_PAD``) reuse them: ~255k faults, warm -0.49 +- 0.15 s (10 ABBA pairs, 4.96 -> 4.56 s; issue 18,
+    docs/design.md). Cost: at 1 mm the peak RSS grew from 3.7 to 4.6-4.9 GB (the call was 2 s faster). One
+    arena makes compiling slower (threads compete for it: a cold call took 2-3 s longer), so
+    :func:`run_register` asks for this only when the job will compile nothing, and only in the console
+    script's own process (:func:`entry`), which exits when its job is done. Must run before JAX starts its
+    threads (they keep the arena they first used). A store shared by machines of other CPU models may list
+    programs this one compiles again: then this costs that compilation time, never correctness.
     """
     import ctypes
     import platform
@@ -818,8 +820,9 @@ def entry() -> None:
 
     Python's cyclic garbage collector is off in this process: tracing and lowering a cold call's programs
     makes many objects, and each collection holds the GIL that the compiling thread and the main thread
-    share. IXI pair, 2 cores, cold: 9.8-9.9 s instead of 10.2-10.8 s (3 runs each), peak RSS unchanged
-    (1.3-1.4 GB). A cohort collects between pairs (:func:`run_register`).
+    share. IXI pair, 2 cores, cold: -0.21 +- 0.09 s (6 ABBA pairs; 9.8-9.9 s instead of 10.2-10.8 s in 3 runs
+    each of an earlier test), peak RSS unchanged (1.3-1.4 GB). A cohort collects between pairs (0.1 s each,
+    :func:`run_register`).
     """
     global _OWN_PROCESS
     _OWN_PROCESS = True
