@@ -776,7 +776,7 @@ def _similarity_descriptors(x, lo, hi, inside, config):
     return x
 
 
-@program(static_argnames=("config",))
+@program(static_argnames=("config",), quick=True)
 def _similarity_against(fd, m, range_m, true_shape, *, config):
     """``(descriptors of m, similarity loss of m against the descriptors fd)``, ``m`` first mapped to [0, 1] by its
     ``(lo, hi)`` (:func:`intensity_range`). One program gives the fixed image's descriptors (against zeros) and
@@ -785,6 +785,8 @@ def _similarity_against(fd, m, range_m, true_shape, *, config):
     The images are edge-padded at their high end to the grid's size class and only the leading ``true_shape``
     voxels count (also in MIND-SSC's variance normalisation), so one program serves a size class (issue 18).
     The value equals the unpadded one but for voxels within the descriptor's reach of the high-end faces.
+    Compiled as a ``quick`` program: 0.14 instead of 0.25-0.29 s, the same run time (0.146 s, 128x128x96) and
+    the same value (IXI pair: ``metrics.json`` identical).
     """
     inside = _inside(m.shape[:-1], true_shape)
     md = _similarity_descriptors(m, *range_m, inside, config)
