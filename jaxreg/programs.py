@@ -106,9 +106,8 @@ def manifest(tag: str):
     if store is None or _USED is not None:
         yield
         return
-    path = _manifest_path(store, tag)
-    listed = _listed(path)
-    jobs = {store / n: concurrent.futures.Future() for n in listed if (store / n).is_file()}
+    path, listed, stored = _manifest_listing(store, tag)
+    jobs = {p: concurrent.futures.Future() for p in stored}
     with _MANIFEST_LOCK:
         _PREFETCHED.update(jobs)
         _USED = []
@@ -138,18 +137,17 @@ def manifest(tag: str):
             _write_atomic(path, used, json.dump, "w")
 
 
-def _manifest_path(store: pathlib.Path, tag: str) -> pathlib.Path:
-    """Keyed by this jaxreg's sources and JAX's version too: after an upgrade the job's programs change."""
+def _manifest_listing(store: pathlib.Path, tag: str) -> tuple:
+    """``(path, listed, stored)`` of the manifest of ``tag``: its file, the store file names it lists (empty
+    when it is missing or unreadable) and the paths of those that are in the store. Keyed by this jaxreg's
+    sources and JAX's version too: after an upgrade the job's programs change."""
     key = repr((tag, _sources_hash(), jax.__version__))
-    return store / "manifests" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
-
-
-def _listed(path: pathlib.Path) -> list:
-    """The store file names a manifest lists; empty when it is missing or unreadable."""
+    path = store / "manifests" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
     try:
-        return [n for n in json.loads(path.read_text()) if isinstance(n, str)]
+        listed = [n for n in json.loads(path.read_text()) if isinstance(n, str)]
     except (OSError, ValueError, TypeError):
-        return []
+        listed = []
+    return path, listed, [store / n for n in listed if (store / n).is_file()]
 
 
 def manifest_stored(tag: str) -> bool:
@@ -158,8 +156,8 @@ def manifest_stored(tag: str) -> bool:
     store = store_dir()
     if store is None:
         return False
-    listed = _listed(_manifest_path(store, tag))
-    return bool(listed) and all((store / n).is_file() for n in listed)
+    _, listed, stored = _manifest_listing(store, tag)
+    return bool(listed) and len(stored) == len(listed)
 
 
 def _is_key(x) -> bool:
