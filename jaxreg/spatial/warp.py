@@ -53,11 +53,65 @@ def _corners(shape, coords, padding):
     return frac, out
 
 
+def _corner_factors(shape, coords, padding):
+    """The 2^D corners as sums and products of per-axis parts: ``[(lin, w), ...]``.
+
+    One clip, one stride product and one weight per axis and side (floor or floor + 1), instead of per
+    corner; equal to :func:`_corners`. For one channel XLA fuses all of it into the gathers' loop: a
+    dense 192x192x128 sample of a 256x256x150 scan ran 2.5x faster, and compiled in 0.12 instead of
+    0.19 s (2 CPU cores; issue 18).
+    """
+    strides = np.cumprod((tuple(shape[1:]) + (1,))[::-1])[::-1]
+    base_f = jnp.floor(coords)
+    frac = coords - base_f
+    base = base_f.astype(jnp.int32)
+    parts = []
+    for a, n in enumerate(shape):
+        idx = (base[..., a], base[..., a] + 1)
+        w = (1.0 - frac[..., a], frac[..., a])
+        if padding == "zeros":
+            w = tuple(jnp.where((i >= 0) & (i <= n - 1), x, 0.0) for i, x in zip(idx, w))
+        parts.append(tuple(zip((jnp.clip(i, 0, n - 1) * np.int32(strides[a]) for i in idx), w)))
+    return [(functools.reduce(jnp.add, [parts[a][s][0] for a, s in enumerate(o)]),
+             functools.reduce(jnp.multiply, [parts[a][s][1] for a, s in enumerate(o)]))
+            for o in itertools.product((0, 1), repeat=len(shape))]
+
+
+def _corner_table(shape, coords, padding):
+    """The 2^D corners as ``(..., 2^D)`` tables ``(lin, w)``, computed for all corners at once (broadcast
+    over a corner axis; equal to :func:`_corners`). With several channels, the form XLA runs fastest (2 CPU
+    cores, issue 18): scaling and squaring of a 40x40x30 field (5 steps) 1.8 instead of 2.8 ms (96x112x96:
+    93 ms both), compiled in 0.14 instead of 0.19 s."""
+    d = len(shape)
+    offs = np.array(list(itertools.product((0, 1), repeat=d)), np.int32)  # (2^D, D), _corners' order
+    base_f = jnp.floor(coords)
+    frac = coords - base_f
+    idx = base_f.astype(jnp.int32)[..., None, :] + offs
+    hi = np.asarray(shape, np.int32) - 1
+    strides = np.cumprod((tuple(shape[1:]) + (1,))[::-1])[::-1].astype(np.int32)
+    w = jnp.prod(jnp.where(offs.astype(bool), frac[..., None, :], 1.0 - frac[..., None, :]), axis=-1)
+    if padding == "zeros":
+        w = jnp.where(jnp.all((idx >= 0) & (idx <= hi), axis=-1), w, 0.0)
+    return jnp.sum(jnp.clip(idx, 0, hi) * strides, axis=-1), w
+
+
+def _sample_value(image, coords, padding):
+    """Linear samples ``(..., C)``: :func:`_corner_factors` for one channel, :func:`_corner_table` for several.
+
+    The value without a coordinate gradient (:func:`_linear_sample`); with one, the forward pass keeps the
+    per-corner form of :func:`_corners`, whose gathers XLA shares with the backward pass (either form there
+    ran 1.5-4x slower at 32768 points).
+    """
+    flat = image.reshape(-1, image.shape[-1])
+    if flat.shape[-1] == 1:
+        return sum(w[..., None] * flat[lin] for lin, w in _corner_factors(image.shape[:-1], coords, padding))
+    lin, w = _corner_table(image.shape[:-1], coords, padding)
+    return sum(w[..., k, None] * flat[lin[..., k]] for k in range(lin.shape[-1]))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _linear_sample(image, coords, padding):
-    flat = image.reshape(-1, image.shape[-1])
-    _, cs = _corners(image.shape[:-1], coords, padding)
-    return sum(w[..., None] * flat[lin] for _, lin, w, _ in cs)
+    return _sample_value(image, coords, padding)
 
 
 def _linear_sample_fwd(image, coords, padding):
@@ -67,17 +121,31 @@ def _linear_sample_fwd(image, coords, padding):
     # fixed sample points of a differentiated control-grid field.
     need_image, need_coords = image.perturbed, coords.perturbed
     image, coords = image.value, coords.value
-    return _linear_sample(image, coords, padding), (image, coords, need_image, need_coords)
+    if need_coords:  # the backward pass's per-corner form: XLA shares the gathers (_sample_value)
+        flat = image.reshape(-1, image.shape[-1])
+        _, cs = _corners(image.shape[:-1], coords, padding)
+        value = sum(w[..., None] * flat[lin] for _, lin, w, _ in cs)
+    else:
+        value = _sample_value(image, coords, padding)
+    return value, (image, coords, need_image, need_coords)
 
 
 def _linear_sample_bwd(padding, res, g):
-    # Hand-written adjoint: one in-bounds scatter-add per corner for the image
-    # (indices are clipped, so promise_in_bounds holds) and gathers for the
-    # coordinates. About 3x faster than autodiff of map_coordinates on CPU.
+    # Hand-written adjoint: in-bounds scatter-adds for the image (indices are
+    # clipped, so promise_in_bounds holds) and gathers for the coordinates.
+    # About 3x faster than autodiff of map_coordinates on CPU.
     image, coords, need_image, need_coords = res
     shape, c = image.shape[:-1], image.shape[-1]
     d = len(shape)
     flat = image.reshape(-1, c)
+    if not need_coords:
+        # the image alone (a control-grid field at fixed points): one scatter of all corners from the
+        # corner table, 1.4 instead of 2.4 ms at 32768 points (2 CPU cores, issue 18)
+        lin, w = _corner_table(shape, coords, padding)
+        upd = (w[..., None] * g[..., None, :]).reshape(-1, c)
+        return jnp.zeros_like(flat).at[lin.reshape(-1)].add(upd, mode="promise_in_bounds").reshape(image.shape), None
+    # per corner, sharing the forward pass's gathers (for the image too: one table scatter beside the
+    # per-corner coordinate gradient ran 1.2-1.4x slower in scaling and squaring under grad)
     gflat = g.reshape(-1, c)
     frac, cs = _corners(shape, coords, padding)
     g_image = jnp.zeros_like(flat)
@@ -85,8 +153,6 @@ def _linear_sample_bwd(padding, res, g):
     for o, lin, w, valid in cs:
         if need_image:
             g_image = g_image.at[lin.reshape(-1)].add(w.reshape(-1, 1) * gflat, mode="promise_in_bounds")
-        if not need_coords:
-            continue
         s = jnp.sum(flat[lin] * g, axis=-1)
         if valid is not None:
             s = jnp.where(valid, s, 0.0)
@@ -95,7 +161,7 @@ def _linear_sample_bwd(padding, res, g):
                 jnp.multiply, [jnp.where(o[j], frac[..., j], 1.0 - frac[..., j]) for j in range(d) if j != k])
             g_coords[k] = g_coords[k] + (s * dw if o[k] else -s * dw)
     g_image = g_image.reshape(image.shape) if need_image else None
-    return g_image, jnp.stack(g_coords, axis=-1).astype(coords.dtype) if need_coords else None
+    return g_image, jnp.stack(g_coords, axis=-1).astype(coords.dtype)
 
 
 _linear_sample.defvjp(_linear_sample_fwd, _linear_sample_bwd, symbolic_zeros=True)

@@ -83,10 +83,11 @@ def test_warp_without_channel_axis():
 
 @pytest.mark.parametrize("d", [2, 3])
 @pytest.mark.parametrize("padding", ["zeros", "border"])
-def test_linear_sample_matches_map_coordinates(d, padding):
+@pytest.mark.parametrize("channels", [1, 2])  # one channel: per-axis corner parts; several: a corner table
+def test_linear_sample_matches_map_coordinates(d, padding, channels):
     rng = np.random.default_rng(2)
     shape = SHAPES[d]
-    image = rng.standard_normal(shape + (2,)).astype(np.float32)
+    image = rng.standard_normal(shape + (channels,)).astype(np.float32)
     # Uniform coords reaching 2 voxels outside the grid on every side.
     coords = np.stack([rng.uniform(-2, s + 1, OUT_SHAPES[d]) for s in shape], -1).astype(np.float32)
     out, ref = jax.jit(lambda im, c: (sample(im, c, padding=padding), _map_coordinates_ref(im, c, padding)))(
@@ -116,14 +117,16 @@ def test_linear_sample_vjp_matches_map_coordinates_autodiff(d, padding):
 
 
 @pytest.mark.parametrize("padding", ["zeros", "border"])
-def test_one_sided_gradients_match_the_full_vjp(padding):
+@pytest.mark.parametrize("channels", [1, 2])
+def test_one_sided_gradients_match_the_full_vjp(padding, channels):
     """With only the image (constant points of a field) or only the coordinates (constant features)
-    differentiated, the VJP skips the other side's work and still equals the map_coordinates reference."""
+    differentiated, the VJP skips the other side's work and still equals the map_coordinates reference
+    (the forward pass then takes another form for the value: :func:`jaxreg.spatial.warp._sample_value`)."""
     rng = np.random.default_rng(5)
     shape = SHAPES[3]
-    image = jnp.asarray(rng.standard_normal(shape + (2,)).astype(np.float32))
+    image = jnp.asarray(rng.standard_normal(shape + (channels,)).astype(np.float32))
     coords = jnp.asarray(_non_integer_coords(rng, shape, OUT_SHAPES[3]))
-    weights = rng.standard_normal(OUT_SHAPES[3] + (2,)).astype(np.float32)
+    weights = rng.standard_normal(OUT_SHAPES[3] + (channels,)).astype(np.float32)
 
     def loss(fn, im, c):
         return jnp.sum(weights * jnp.sin(fn(im, c)))
