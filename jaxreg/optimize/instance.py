@@ -872,7 +872,10 @@ def _deformable_level(field, fixed_f, moving_f, mask, box, key, hyper, *, cfg, s
     def field_disp(field):
         v = gaussian_blur(field, cfg.field_sigma)
         if cfg.transform == "svf" and cfg.integration_grad == "identity":
-            return v + jax.lax.stop_gradient(_integrate_field(v, cfg) - v)
+            # integrate a constant: traced under grad, the integration's samples would otherwise take the
+            # differentiated (per-corner) form whose tangents stop_gradient then drops (issue 18)
+            v0 = jax.lax.stop_gradient(v)
+            return v + (_integrate_field(v0, cfg) - v0)
         return _integrate_field(v, cfg)
 
     def loss_fn(field, step_key):
