@@ -654,9 +654,8 @@ def _raw_to_matrix(raw, spacing, center_mm, radius, *, rigid):
     d = spacing.shape[0]
     units, trainable = _affine_units(d, radius, rigid)
     a_mm = params_to_matrix(identity_params(d) + raw * units * trainable, ndim=d, center=center_mm)
-    s = jnp.diag(jnp.concatenate([spacing, jnp.ones(1)]))
-    s_inv = jnp.diag(jnp.concatenate([1.0 / spacing, jnp.ones(1)]))
-    return s_inv @ a_mm @ s
+    s = jnp.concatenate([spacing, jnp.ones(1)])
+    return a_mm * (s[None, :] / s[:, None])  # (S^-1 A S)_ij = A_ij s_j / s_i, S = diag(spacing, 1)
 
 
 AFFINE_SLOTS = 8  # candidate starts one affine-level program refines at once (3D "auto": 6)

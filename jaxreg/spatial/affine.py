@@ -11,7 +11,10 @@ and ``A = T(c + t) R S Sh T(-c)`` about a centre ``c`` (voxels) where
 single angle in the plane of axes 0 -> 1), ``S = diag(scale)`` and ``Sh`` is
 unit upper-triangular with the shears (entries (0,1), (0,2), (1,2)).
 """
+import functools
+
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
 from jaxreg.spatial.grid import identity_grid
@@ -32,15 +35,17 @@ def identity_params(ndim: int) -> Float[Array, "P"]:
 
 
 def _rotation(angles, ndim):
+    """``R`` as a ``D x D`` nested list of scalars: explicit entries, which XLA fuses into one loop (products of
+    small matrices compiled to a dozen tiny kernels in the affine stage's program; issue 18)."""
     if ndim == 2:
         c, s = jnp.cos(angles[0]), jnp.sin(angles[0])
-        return jnp.array([[c, -s], [s, c]])
-    a, b, g = angles
+        return [[c, -s], [s, c]]
+    a, b, g = angles[0], angles[1], angles[2]
     ca, sa, cb, sb, cg, sg = jnp.cos(a), jnp.sin(a), jnp.cos(b), jnp.sin(b), jnp.cos(g), jnp.sin(g)
-    r0 = jnp.array([[1, 0, 0], [0, ca, -sa], [0, sa, ca]])
-    r1 = jnp.array([[cb, 0, sb], [0, 1, 0], [-sb, 0, cb]])
-    r2 = jnp.array([[cg, -sg, 0], [sg, cg, 0], [0, 0, 1]])
-    return r2 @ r1 @ r0
+    # R_2(g) R_1(b) R_0(a)
+    return [[cg * cb, cg * sb * sa - sg * ca, cg * sb * ca + sg * sa],
+            [sg * cb, sg * sb * sa + cg * ca, sg * sb * ca - cg * sa],
+            [-sb, cb * sa, cb * ca]]
 
 
 def _check_matrix(matrix, fn_name):
@@ -75,15 +80,18 @@ def params_to_matrix(params: Float[Array, "P"], *, ndim: int, center=None) -> Fl
       ValueError: if ``params`` has the wrong length.
     """
     t, r, s, sh = _split(jnp.asarray(params, jnp.float32), ndim)
-    shear = jnp.eye(ndim)
-    iu = jnp.triu_indices(ndim, 1)
-    shear = shear.at[iu].set(sh)
-    lin = _rotation(r, ndim) @ jnp.diag(s) @ shear
-    c = jnp.zeros(ndim) if center is None else jnp.asarray(center, jnp.float32)
-    offset = c + t - lin @ c
-    top = jnp.concatenate([lin, offset[:, None]], axis=1)
-    bottom = jnp.concatenate([jnp.zeros((1, ndim)), jnp.ones((1, 1))], axis=1)
-    return jnp.concatenate([top, bottom], axis=0)
+    rot = _rotation(r, ndim)
+    iu = list(zip(*[a.tolist() for a in np.triu_indices(ndim, 1)]))
+    # U = S Sh: row i is s_i times row i of the unit upper-triangular shear
+    u = [[s[i] if i == j else (s[i] * sh[iu.index((i, j))] if i < j else None) for j in range(ndim)]
+         for i in range(ndim)]
+    lin = [[functools.reduce(jnp.add, [rot[i][k] * u[k][j] for k in range(j + 1)]) for j in range(ndim)]
+           for i in range(ndim)]
+    c = [0.0] * ndim if center is None else list(jnp.asarray(center, jnp.float32))
+    offset = [c[i] + t[i] - functools.reduce(jnp.add, [lin[i][j] * c[j] for j in range(ndim)])
+              for i in range(ndim)]
+    rows = [jnp.stack([jnp.asarray(x, jnp.float32) for x in lin[i] + [offset[i]]]) for i in range(ndim)]
+    return jnp.stack(rows + [jnp.asarray([0.0] * ndim + [1.0], jnp.float32)])
 
 
 def matrix_to_params(matrix: Float[Array, "D+1 D+1"], *, center=None) -> Float[Array, "P"]:
