@@ -77,11 +77,15 @@ def _corner_factors(shape, coords, padding):
             for o in itertools.product((0, 1), repeat=len(shape))]
 
 
+TABLE_POINTS = 2 ** 17  # most points sampled through a corner table (:func:`_corner_table`)
+
+
 def _corner_table(shape, coords, padding):
     """The 2^D corners as ``(..., 2^D)`` tables ``(lin, w)``, computed for all corners at once (broadcast
-    over a corner axis; equal to :func:`_corners`). With several channels, the form XLA runs fastest (2 CPU
-    cores, issue 18): scaling and squaring of a 40x40x30 field (5 steps) 1.8 instead of 2.8 ms (96x112x96:
-    93 ms both), compiled in 0.14 instead of 0.19 s."""
+    over a corner axis; equal to :func:`_corners`). With several channels and at most ``TABLE_POINTS`` points,
+    the form XLA runs fastest (2 CPU cores, issue 18): scaling and squaring of a 40x40x30 field (5 steps) 1.8
+    instead of 2.8 ms, compiled in 0.14 instead of 0.19 s. Beyond, the tables are memory that the per-corner
+    form does not need (96 MB for a 128x128x96 field, and no faster: 93 ms both at 96x112x96)."""
     d = len(shape)
     offs = np.array(list(itertools.product((0, 1), repeat=d)), np.int32)  # (2^D, D), _corners' order
     base_f = jnp.floor(coords)
@@ -96,7 +100,8 @@ def _corner_table(shape, coords, padding):
 
 
 def _sample_value(image, coords, padding):
-    """Linear samples ``(..., C)``: :func:`_corner_factors` for one channel, :func:`_corner_table` for several.
+    """Linear samples ``(..., C)``: :func:`_corner_factors` for one channel, :func:`_corner_table` for several
+    (:func:`_corners` beyond ``TABLE_POINTS`` points).
 
     The value without a coordinate gradient (:func:`_linear_sample`); with one, the forward pass keeps the
     per-corner form of :func:`_corners`, whose gathers XLA shares with the backward pass (either form there
@@ -105,6 +110,8 @@ def _sample_value(image, coords, padding):
     flat = image.reshape(-1, image.shape[-1])
     if flat.shape[-1] == 1:
         return sum(w[..., None] * flat[lin] for lin, w in _corner_factors(image.shape[:-1], coords, padding))
+    if coords[..., 0].size > TABLE_POINTS:
+        return sum(w[..., None] * flat[lin] for _, lin, w, _ in _corners(image.shape[:-1], coords, padding)[1])
     lin, w = _corner_table(image.shape[:-1], coords, padding)
     return sum(w[..., k, None] * flat[lin[..., k]] for k in range(lin.shape[-1]))
 
@@ -138,7 +145,7 @@ def _linear_sample_bwd(padding, res, g):
     shape, c = image.shape[:-1], image.shape[-1]
     d = len(shape)
     flat = image.reshape(-1, c)
-    if not need_coords:
+    if not need_coords and coords[..., 0].size <= TABLE_POINTS:
         # the image alone (a control-grid field at fixed points): one scatter of all corners from the
         # corner table, 1.4 instead of 2.4 ms at 32768 points (2 CPU cores, issue 18)
         lin, w = _corner_table(shape, coords, padding)
@@ -153,6 +160,8 @@ def _linear_sample_bwd(padding, res, g):
     for o, lin, w, valid in cs:
         if need_image:
             g_image = g_image.at[lin.reshape(-1)].add(w.reshape(-1, 1) * gflat, mode="promise_in_bounds")
+        if not need_coords:
+            continue
         s = jnp.sum(flat[lin] * g, axis=-1)
         if valid is not None:
             s = jnp.where(valid, s, 0.0)
@@ -161,7 +170,7 @@ def _linear_sample_bwd(padding, res, g):
                 jnp.multiply, [jnp.where(o[j], frac[..., j], 1.0 - frac[..., j]) for j in range(d) if j != k])
             g_coords[k] = g_coords[k] + (s * dw if o[k] else -s * dw)
     g_image = g_image.reshape(image.shape) if need_image else None
-    return g_image, jnp.stack(g_coords, axis=-1).astype(coords.dtype)
+    return g_image, jnp.stack(g_coords, axis=-1).astype(coords.dtype) if need_coords else None
 
 
 _linear_sample.defvjp(_linear_sample_fwd, _linear_sample_bwd, symbolic_zeros=True)

@@ -4,6 +4,7 @@ Inputs are built in numpy and every library call goes through one of the
 jitted wrappers below, sharing shapes across tests: on CPU the cost of these
 tests is XLA compilation, not arithmetic.
 """
+import importlib
 import itertools
 
 import jax
@@ -14,6 +15,8 @@ from jax.scipy.ndimage import map_coordinates
 from jax.test_util import check_grads
 
 from jaxreg.spatial import sample, warp, warp_labels
+
+warp_module = importlib.import_module("jaxreg.spatial.warp")  # the module (jaxreg.spatial.warp is the function)
 
 SHAPES = {2: (7, 6), 3: (5, 4, 6)}
 OUT_SHAPES = {2: (6, 5), 3: (4, 3, 2)}  # sample() wants coords with D spatial axes
@@ -84,7 +87,10 @@ def test_warp_without_channel_axis():
 @pytest.mark.parametrize("d", [2, 3])
 @pytest.mark.parametrize("padding", ["zeros", "border"])
 @pytest.mark.parametrize("channels", [1, 2])  # one channel: per-axis corner parts; several: a corner table
-def test_linear_sample_matches_map_coordinates(d, padding, channels):
+@pytest.mark.parametrize("table_points", [None, 1])  # 1: several channels take the per-corner form
+def test_linear_sample_matches_map_coordinates(d, padding, channels, table_points, monkeypatch):
+    if table_points is not None:
+        monkeypatch.setattr(warp_module, "TABLE_POINTS", table_points)
     rng = np.random.default_rng(2)
     shape = SHAPES[d]
     image = rng.standard_normal(shape + (channels,)).astype(np.float32)
@@ -118,10 +124,13 @@ def test_linear_sample_vjp_matches_map_coordinates_autodiff(d, padding):
 
 @pytest.mark.parametrize("padding", ["zeros", "border"])
 @pytest.mark.parametrize("channels", [1, 2])
-def test_one_sided_gradients_match_the_full_vjp(padding, channels):
+@pytest.mark.parametrize("table_points", [None, 1])
+def test_one_sided_gradients_match_the_full_vjp(padding, channels, table_points, monkeypatch):
     """With only the image (constant points of a field) or only the coordinates (constant features)
     differentiated, the VJP skips the other side's work and still equals the map_coordinates reference
     (the forward pass then takes another form for the value: :func:`jaxreg.spatial.warp._sample_value`)."""
+    if table_points is not None:
+        monkeypatch.setattr(warp_module, "TABLE_POINTS", table_points)
     rng = np.random.default_rng(5)
     shape = SHAPES[3]
     image = jnp.asarray(rng.standard_normal(shape + (channels,)).astype(np.float32))
