@@ -6,6 +6,7 @@ image holds the moving image's value at ``x + u(x)`` (moving voxel units).
 """
 import functools
 import itertools
+import math
 from collections.abc import Sequence
 
 import jax
@@ -58,8 +59,8 @@ def _corner_factors(shape, coords, padding):
 
     One clip, one stride product and one weight per axis and side (floor or floor + 1), instead of per
     corner; equal to :func:`_corners`. For one channel XLA fuses all of it into the gathers' loop: a
-    dense 192x192x128 sample of a 256x256x150 scan ran 2.5x faster, and compiled in 0.12 instead of
-    0.19 s (2 CPU cores; issue 18).
+    dense 192x192x128 sample of a 256x256x150 scan ran in 50-58 instead of 114-198 ms, and compiled in 0.11
+    instead of 0.17-0.21 s (2 CPU cores; issue 18, docs/experiments/issue18_cold.md).
     """
     strides = np.cumprod((tuple(shape[1:]) + (1,))[::-1])[::-1]
     base_f = jnp.floor(coords)
@@ -110,10 +111,21 @@ def _sample_value(image, coords, padding):
     flat = image.reshape(-1, image.shape[-1])
     if flat.shape[-1] == 1:
         return sum(w[..., None] * flat[lin] for lin, w in _corner_factors(image.shape[:-1], coords, padding))
-    if coords[..., 0].size > TABLE_POINTS:
-        return sum(w[..., None] * flat[lin] for _, lin, w, _ in _corners(image.shape[:-1], coords, padding)[1])
+    if _points(coords) > TABLE_POINTS:
+        return _per_corner_value(image, coords, padding)
     lin, w = _corner_table(image.shape[:-1], coords, padding)
     return sum(w[..., k, None] * flat[lin[..., k]] for k in range(lin.shape[-1]))
+
+
+def _per_corner_value(image, coords, padding):
+    """Linear samples ``(..., C)`` in the per-corner form of :func:`_corners`."""
+    flat = image.reshape(-1, image.shape[-1])
+    return sum(w[..., None] * flat[lin] for _, lin, w, _ in _corners(image.shape[:-1], coords, padding)[1])
+
+
+def _points(coords) -> int:
+    """Number of points in ``(..., D)`` coordinates."""
+    return math.prod(coords.shape[:-1])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -129,9 +141,7 @@ def _linear_sample_fwd(image, coords, padding):
     need_image, need_coords = image.perturbed, coords.perturbed
     image, coords = image.value, coords.value
     if need_coords:  # the backward pass's per-corner form: XLA shares the gathers (_sample_value)
-        flat = image.reshape(-1, image.shape[-1])
-        _, cs = _corners(image.shape[:-1], coords, padding)
-        value = sum(w[..., None] * flat[lin] for _, lin, w, _ in cs)
+        value = _per_corner_value(image, coords, padding)
     else:
         value = _sample_value(image, coords, padding)
     return value, (image, coords, need_image, need_coords)
@@ -145,7 +155,7 @@ def _linear_sample_bwd(padding, res, g):
     shape, c = image.shape[:-1], image.shape[-1]
     d = len(shape)
     flat = image.reshape(-1, c)
-    if not need_coords and coords[..., 0].size <= TABLE_POINTS:
+    if not need_coords and _points(coords) <= TABLE_POINTS:
         # the image alone (a control-grid field at fixed points): one scatter of all corners from the
         # corner table, 1.4 instead of 2.4 ms at 32768 points (2 CPU cores, issue 18)
         lin, w = _corner_table(shape, coords, padding)
