@@ -81,10 +81,10 @@ def params_to_matrix(params: Float[Array, "P"], *, ndim: int, center=None) -> Fl
     """
     t, r, s, sh = _split(jnp.asarray(params, jnp.float32), ndim)
     rot = _rotation(r, ndim)
-    iu = list(zip(*[a.tolist() for a in np.triu_indices(ndim, 1)]))
-    # U = S Sh: row i is s_i times row i of the unit upper-triangular shear
-    u = [[s[i] if i == j else (s[i] * sh[iu.index((i, j))] if i < j else None) for j in range(ndim)]
-         for i in range(ndim)]
+    # U = S Sh, upper triangular: row i is s_i times row i of the unit upper-triangular shear
+    u = [[s[i] if i == j else None for j in range(ndim)] for i in range(ndim)]
+    for k, (i, j) in enumerate(zip(*np.triu_indices(ndim, 1))):
+        u[i][j] = s[i] * sh[k]
     lin = [[functools.reduce(jnp.add, [rot[i][k] * u[k][j] for k in range(j + 1)]) for j in range(ndim)]
            for i in range(ndim)]
     c = [0.0] * ndim if center is None else list(jnp.asarray(center, jnp.float32))

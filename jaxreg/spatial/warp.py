@@ -33,14 +33,19 @@ def _split_channels(image, d, fn_name):
     raise ValueError(f"{fn_name}: image must be (*spatial) or (*spatial, C) with {d} spatial axes, got {image.shape}")
 
 
+def _cell(shape, coords):
+    """``(base, frac, strides)``: the interpolation cell's low corner (int32), the fractions in it, and the
+    grid's row-major strides (NumPy int32), shared by the corner forms below."""
+    base_f = jnp.floor(coords)
+    strides = np.cumprod((tuple(shape[1:]) + (1,))[::-1])[::-1].astype(np.int32)
+    return base_f.astype(jnp.int32), coords - base_f, strides
+
+
 def _corners(shape, coords, padding):
     """Linear indices and weights of the 2^D interpolation corners."""
     d = len(shape)
-    base_f = jnp.floor(coords)
-    frac = coords - base_f
-    base = base_f.astype(jnp.int32)
-    hi = jnp.asarray(shape, jnp.int32) - 1
-    strides = jnp.asarray(np.cumprod((tuple(shape[1:]) + (1,))[::-1])[::-1].copy(), jnp.int32)
+    base, frac, strides = _cell(shape, coords)
+    hi = np.asarray(shape, np.int32) - 1
     out = []
     for o in itertools.product((0, 1), repeat=d):
         idx = base + jnp.asarray(o, jnp.int32)
@@ -62,17 +67,14 @@ def _corner_factors(shape, coords, padding):
     dense 192x192x128 sample of a 256x256x150 scan ran in 50-58 instead of 114-198 ms, and compiled in 0.11
     instead of 0.17-0.21 s (2 CPU cores; issue 18, docs/experiments/issue18_cold.md).
     """
-    strides = np.cumprod((tuple(shape[1:]) + (1,))[::-1])[::-1]
-    base_f = jnp.floor(coords)
-    frac = coords - base_f
-    base = base_f.astype(jnp.int32)
+    base, frac, strides = _cell(shape, coords)
     parts = []
     for a, n in enumerate(shape):
         idx = (base[..., a], base[..., a] + 1)
         w = (1.0 - frac[..., a], frac[..., a])
         if padding == "zeros":
             w = tuple(jnp.where((i >= 0) & (i <= n - 1), x, 0.0) for i, x in zip(idx, w))
-        parts.append(tuple(zip((jnp.clip(i, 0, n - 1) * np.int32(strides[a]) for i in idx), w)))
+        parts.append(tuple(zip((jnp.clip(i, 0, n - 1) * strides[a] for i in idx), w)))
     return [(functools.reduce(jnp.add, [parts[a][s][0] for a, s in enumerate(o)]),
              functools.reduce(jnp.multiply, [parts[a][s][1] for a, s in enumerate(o)]))
             for o in itertools.product((0, 1), repeat=len(shape))]
@@ -89,11 +91,9 @@ def _corner_table(shape, coords, padding):
     form does not need (96 MB for a 128x128x96 field, and no faster: 93 ms both at 96x112x96)."""
     d = len(shape)
     offs = np.array(list(itertools.product((0, 1), repeat=d)), np.int32)  # (2^D, D), _corners' order
-    base_f = jnp.floor(coords)
-    frac = coords - base_f
-    idx = base_f.astype(jnp.int32)[..., None, :] + offs
+    base, frac, strides = _cell(shape, coords)
+    idx = base[..., None, :] + offs
     hi = np.asarray(shape, np.int32) - 1
-    strides = np.cumprod((tuple(shape[1:]) + (1,))[::-1])[::-1].astype(np.int32)
     w = jnp.prod(jnp.where(offs.astype(bool), frac[..., None, :], 1.0 - frac[..., None, :]), axis=-1)
     if padding == "zeros":
         w = jnp.where(jnp.all((idx >= 0) & (idx <= hi), axis=-1), w, 0.0)
