@@ -313,8 +313,9 @@ def register_volumes(fixed: Volume, moving: Volume, *, config: InstanceConfig, r
         stage (``--init keymorph``: :func:`keymorph_init`); it counts in
         ``runtime_s`` only if computed inside (it is not).
       metrics: the caller will call :func:`registration_metrics`: its
-        ``similarity_before`` (and the fixed image's descriptors) are
-        computed in a thread while the registration runs.
+        program is compiled with the registration's, and its similarity
+        before and after runs in a thread from the end of the registration
+        (while the caller warps the labels).
 
     Returns:
       :class:`Registration`.
@@ -332,14 +333,13 @@ def register_volumes(fixed: Volume, moving: Volume, *, config: InstanceConfig, r
     init_matrix = None
     if init is not None:  # world fixed -> moving, as a working-grid voxel map (both images live on that grid)
         init_matrix = np.linalg.inv(work_affine) @ np.asarray(init, np.float64) @ work_affine
-    similarity_job = _start_similarity(config, fixed_w, moving_w) if metrics else None
     res = register_instance(fixed_w, moving_w, config=config, progress=progress, feature_fn=feature_fn,
                             init_matrix=init_matrix, **_geometry(fixed, moving, work_shape, work_affine))
     jax.block_until_ready(res.total_disp)
     runtime = time.perf_counter() - t0
     reg = _finish(fixed, moving, fixed_w, moving_w, work_shape, work_affine, res, runtime)
-    if similarity_job is not None:
-        reg.work["similarity_job"] = _finish_similarity(config, similarity_job, reg.work["warped"])
+    if metrics:
+        reg.work["similarity_job"] = _start_similarity(config, reg.work)
     return reg
 
 
@@ -623,6 +623,10 @@ def _prepare_programs(fixed: Volume, moving: Volume, work_shape, config: Instanc
                            same_grid=tuple(fixed.data.shape) == tuple(work_shape))
     if metrics:
         _field_regularity.prepare(f32(class_f + (3,)), jax.ShapeDtypeStruct((3,), jnp.int32))
+        if config.similarity != "dns":
+            images = (f32(class_w + (channels,)),) * 3  # fixed, moving, warped
+            _similarity_losses.prepare(images, ((f32((1, 1, 1, channels)),) * 2,) * 3,
+                                       jax.ShapeDtypeStruct((3,), jnp.int32), config=config)
 
 
 @program(static_argnames=("shape_f", "same_grid"))
@@ -715,50 +719,29 @@ def _similarities(config: InstanceConfig, fixed_w, others, feature_fn) -> list[f
 
         fd, *descs = _box_features(feature_fn, *(normalize_intensity(x) for x in (fixed_w, *others)))
         return [float(L.cosine_similarity_loss(fd, x)) for x in descs]
-    fd, first = _similarity_first(config, fixed_w, others[0])
-    return [first] + [float(_similarity_of(config, fd, x)[1]) for x in others[1:]]
+    args = _similarity_arguments(fixed_w, *others)
+    # prepared by register_volumes(metrics=True); otherwise compiled here, after the programs queued before it
+    _similarity_losses.prepare(*args, config=config)
+    return [float(v) for v in _similarity_losses(*args, config=config)]
 
 
-def _similarity_of(config: InstanceConfig, fd, x) -> tuple:
-    """:func:`_similarity_against` of the working-grid image ``x`` (edge-padded to its size class; mapped to
-    [0, 1] in the program, only the percentiles on the host: the host mapping took ~0.2 s of the IXI pair's
-    metrics, issue 18): ``(descriptors of x, loss against fd)`` on the device."""
-    shape = tuple(np.shape(x)[:-1])
-    args = (fd, to_device(pad_high(x, bucket_shape(shape), "edge"), np.float32),
-            tuple(to_device(v) for v in intensity_range(x)), to_device(np.asarray(shape, np.int32)))
-    # a new program waits for its turn behind the registration's (:func:`_prepare_programs`): the metrics need it last
-    _similarity_against.prepare(*args, config=config)
-    return _similarity_against(*args, config=config)
+def _similarity_arguments(*images) -> tuple:
+    """:func:`_similarity_losses`' arguments for working-grid images: each edge-padded to its size class, with its
+    :func:`intensity_range` (the percentiles on the host; the mapping to [0, 1] runs in the program: on the host
+    it took ~0.2 s of the IXI pair's metrics, issue 18) and the true grid shape."""
+    shape = tuple(np.shape(images[0])[:-1])
+    return (tuple(to_device(pad_high(x, bucket_shape(shape), "edge"), np.float32) for x in images),
+            tuple(tuple(to_device(v) for v in intensity_range(x)) for x in images),
+            to_device(np.asarray(shape, np.int32)))
 
 
-def _similarity_first(config: InstanceConfig, fixed_w, moving_w) -> tuple:
-    """``(fixed descriptors on the device, loss of moving_w against them)``."""
-    shape = tuple(np.shape(fixed_w)[:-1])
-    channels = L.MIND_SSC_CHANNELS[len(shape)] if config.similarity == "mind" else np.shape(fixed_w)[-1]
-    # the fixed image's descriptors, against zeros (the loss is not used): one program for all three images
-    fd, _ = _similarity_of(config, to_device(np.zeros(bucket_shape(shape) + (channels,), np.float32)), fixed_w)
-    return fd, float(_similarity_of(config, fd, moving_w)[1])
-
-
-def _start_similarity(config: InstanceConfig, fixed_w, moving_w) -> "concurrent.futures.Future | None":
-    """:func:`_similarity_first` in a thread (None for learned descriptors, which the metrics compute).
-
-    The fixed image's descriptors and ``similarity_before`` do not depend on the registration: computed while
-    it runs, they fill the core its host work leaves idle instead of lengthening the metrics (issue 18)."""
+def _start_similarity(config: InstanceConfig, work: dict) -> "concurrent.futures.Future | None":
+    """:func:`_similarity_before_after` of a registration's working-grid images in a thread (None for learned
+    descriptors, which the metrics compute): it runs while the caller warps the labels and writes the outputs
+    (issue 18)."""
     if config.similarity == "dns":
         return None
-    return _in_background(lambda: _similarity_first(config, fixed_w, moving_w), default_device())
-
-
-def _finish_similarity(config: InstanceConfig, started, warped_w) -> concurrent.futures.Future:
-    """A future of :func:`_similarity_before_after`'s dictionary: ``similarity_after`` of ``warped_w`` against
-    the descriptors of :func:`_start_similarity`'s job ``started``, in a thread, so it runs while the caller warps
-    the labels (issue 18)."""
-    def run():
-        fd, before = started.result()
-        return {"similarity_before": before, "similarity_after": float(_similarity_of(config, fd, warped_w)[1])}
-
-    return _in_background(run, default_device())
+    return _in_background(lambda: _similarity_before_after(config, work, None), default_device())
 
 
 def _inside(shape, true_shape):
@@ -777,20 +760,24 @@ def _similarity_descriptors(x, lo, hi, inside, config):
 
 
 @program(static_argnames=("config",), quick=True)
-def _similarity_against(fd, m, range_m, true_shape, *, config):
-    """``(descriptors of m, similarity loss of m against the descriptors fd)``, ``m`` first mapped to [0, 1] by its
-    ``(lo, hi)`` (:func:`intensity_range`). One program gives the fixed image's descriptors (against zeros) and
-    the loss of each other image against them (issue 18: one compilation).
+def _similarity_losses(images, ranges, true_shape, *, config):
+    """The similarity loss of each of ``images[1:]`` against ``images[0]`` (a tuple of scalars), each image first
+    mapped to [0, 1] by its ``(lo, hi)`` in ``ranges`` (:func:`intensity_range`).
 
-    The images are edge-padded at their high end to the grid's size class and only the leading ``true_shape``
-    voxels count (also in MIND-SSC's variance normalisation), so one program serves a size class (issue 18).
-    The value equals the unpadded one but for voxels within the descriptor's reach of the high-end faces.
-    Compiled as a ``quick`` program: 0.14 instead of 0.25-0.29 s, the same run time (0.146 s, 128x128x96) and
-    the same value (IXI pair: ``metrics.json`` identical).
+    One program and one call for all images: the fixed image's descriptors are computed once and each other
+    image's are dropped after its loss (IXI pair, 128x128x96 class: one call's buffers instead of three calls'
+    ~230 MB each, which a cold call paid in fresh pages; issue 18). The images are edge-padded at their high end
+    to the grid's size class and only the leading ``true_shape`` voxels count (also in MIND-SSC's variance
+    normalisation), so one program serves a size class. The value equals the unpadded one but for voxels within
+    the descriptor's reach of the high-end faces. Compiled as a ``quick`` program.
     """
-    inside = _inside(m.shape[:-1], true_shape)
-    md = _similarity_descriptors(m, *range_m, inside, config)
-    return md, similarity_fn(config)(fd, md, inside)
+    inside = _inside(images[0].shape[:-1], true_shape)
+    fd = _similarity_descriptors(images[0], *ranges[0], inside, config)
+    others = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *zip(images[1:], ranges[1:]))
+    # one image at a time (a loop reuses its buffers): unrolled, XLA kept every image's descriptors at once
+    losses = jax.lax.map(lambda xr: similarity_fn(config)(fd, _similarity_descriptors(xr[0], *xr[1], inside, config),
+                                                          inside), others)
+    return tuple(losses)
 
 
 @program(quick=True)
@@ -839,7 +826,7 @@ def registration_metrics(method: str, config: InstanceConfig, reg: Registration,
     disp = _disp_fixed_class(reg, bucket_shape(shape_f))
     # the similarity's descriptors run on the device (a thread waits for them) while the host scores the labels:
     # 0.3 s of the IXI pair's ~0.6 s of metrics overlap on 2 CPU cores (issue 18); register_volumes(metrics=True)
-    # started it during the registration
+    # started it at the end of the registration
     similarity = reg.work.get("similarity_job") or _in_background(
         lambda: _similarity_before_after(config, reg.work, feature_fn), next(iter(disp.devices())))
     out = {

@@ -97,29 +97,34 @@ def test_metrics_similarity_normalises_in_its_program_as_on_the_host():
 
     rng = np.random.default_rng(0)
     # a grid that is its own size class (no padding): equal to rounding
-    images = [jnp.asarray(rng.gamma(2.0, 100.0, (20, 24, 20, 1)).astype(np.float32)) for _ in range(3)]
+    images = [jnp.asarray(rng.gamma(2.0, 100.0 * (k + 1), (20, 24, 20, 1)).astype(np.float32))
+              for k in range(3)]  # each its own intensity range
     got, want = _metrics_similarity_and_reference(images)
     np.testing.assert_allclose(got, want, rtol=1e-5)
     assert got[0] != got[1]
 
 
-def test_metrics_similarity_started_during_the_registration_equals_the_one_at_the_end():
-    import jax
+def test_metrics_similarity_of_several_images_in_one_call_equals_one_image_per_call():
+    """_similarity_losses loops over the other images in one program (issue 18: one call's buffers): each loss
+    equals that image's alone, each with its own intensity range; the thread register_volumes starts gives the
+    same dictionary (None for learned descriptors, which the metrics compute)."""
     import jax.numpy as jnp
 
     from jaxreg import pipeline
     from jaxreg.optimize import InstanceConfig
 
     rng = np.random.default_rng(1)
-    images = [jnp.asarray(rng.gamma(2.0, 100.0, (21, 18, 13, 1)).astype(np.float32)) for _ in range(3)]  # padded
+    images = [jnp.asarray(rng.gamma(2.0, 100.0 * (k + 1), (21, 18, 13, 1)).astype(np.float32))
+              for k in range(3)]  # padded to its class; other intensity ranges
     work = dict(zip(("fixed", "moving", "warped"), images))
     for cfg in (InstanceConfig(), InstanceConfig(similarity="ngf")):
-        at_end = pipeline._similarity_before_after(cfg, work, None)
-        started = pipeline._start_similarity(cfg, images[0], images[1])
-        assert isinstance(started.result()[0], jax.Array)  # the fixed descriptors stay on the device
-        early = pipeline._finish_similarity(cfg, started, images[2]).result()
-        assert early == at_end and at_end["similarity_before"] != at_end["similarity_after"]
-    assert pipeline._start_similarity(InstanceConfig(similarity="dns"), images[0], images[1]) is None
+        both = pipeline._similarities(cfg, images[0], images[1:], None)
+        alone = [pipeline._similarities(cfg, images[0], (x,), None)[0] for x in images[1:]]
+        np.testing.assert_allclose(both, alone, rtol=1e-6)
+        assert both[0] != both[1]
+        started = pipeline._start_similarity(cfg, work).result()
+        assert started == {"similarity_before": both[0], "similarity_after": both[1]}
+    assert pipeline._start_similarity(InstanceConfig(similarity="dns"), work) is None
 
 
 # ----------------------------------------------------------------------------- size classes of the output programs
@@ -214,7 +219,7 @@ def test_the_registrations_programs_are_compiled_ahead_with_the_signatures_it_ca
     reg = pipeline.register_volumes(fixed, moving, config=cfg, resolution=1.5, metrics=True)
     pipeline.registration_metrics("io-mind", cfg, reg, fixed)
     prepared = {"_affine_pyramid", "_binary_level_masks", "_affine_level", "_resample_affine", "_level_features",
-                "_deformable_level", "_finish_deformable", "_to_fixed_grid", "_field_regularity", "_similarity_against"}
+                "_deformable_level", "_finish_deformable", "_to_fixed_grid", "_field_regularity", "_similarity_losses"}
     background = [n for n, t in seen if t.startswith("jaxreg-prepare")]
     assert all(t.startswith("jaxreg-prepare") for n, t in seen if n in prepared), seen
     assert prepared <= set(background) and background.count("_deformable_level") == 2  # a dense and a sampled level
