@@ -629,7 +629,7 @@ def _prepare_programs(fixed: Volume, moving: Volume, work_shape, config: Instanc
                                        jax.ShapeDtypeStruct((3,), jnp.int32), config=config)
 
 
-@program(static_argnames=("shape_f", "same_grid"))
+@program(static_argnames=("shape_f", "same_grid"), quick=True)
 def _to_fixed_grid(total_disp, ratio, g, moving_data, moving_w, *, shape_f, same_grid):
     """Working-grid map -> fixed grid: (disp_fixed, voxel map to moving voxels, warped, moving by the
     grid matrix only, warped on the working grid), one compiled call (eager ops took ~8 s at 1 mm).
@@ -688,7 +688,8 @@ def warp_labels_to_fixed(labels: Volume, fixed: Volume, reg: Registration | None
     shape_f = tuple(fixed.data.shape)
     class_f = bucket_shape(shape_f)
     g = to_device(grid_to_grid_matrix(fixed.affine, labels.affine), np.float32)
-    disp = None if reg is None else _disp_fixed_class(reg, class_f)
+    # by the headers alone: a zero displacement (exact), so both calls of a registration share one program
+    disp = to_device(np.zeros(class_f + (3,), np.float32)) if reg is None else _disp_fixed_class(reg, class_f)
     data = to_device(pad_to_class(labels.data), np.int32)
     return np.ascontiguousarray(crop_high(_warp_labels(data, g, disp, shape=class_f), shape_f))
 
