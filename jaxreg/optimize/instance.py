@@ -442,6 +442,11 @@ def _binary_level_masks(mask, *, levels):
     """A ``(*spatial)`` mask at each ``(factor, pad_to)`` of ``levels``: downsampled to pyramid level ``factor``,
     binarised at 0.5 and zero-padded at the high end to ``pad_to`` (if not None). One program for a stage's
     levels (one compilation instead of one per level: issue 18)."""
+    return _level_masks_of(mask, levels)
+
+
+def _level_masks_of(mask, levels):
+    """The traceable body of :func:`_binary_level_masks`."""
     return tuple(_pad_high((_downsample(mask[..., None], f)[..., 0] > 0.5).astype(jnp.float32), p, "constant")
                  for f, p in levels)
 
@@ -1067,17 +1072,20 @@ def _in_background(fn, device) -> concurrent.futures.Future:
 
 
 @program(static_argnames=("factors", "cfg"))
-def _affine_pyramid(fixed, moving, valid, *, factors, cfg):
-    """Fixed, moving and field-of-view images at every affine level (one compiled program).
+def _affine_pyramid(fixed, moving, valid, mask=None, *, factors, cfg):
+    """Fixed, moving and field-of-view images at every affine level (one compiled program), and the fixed
+    ``mask`` ``(*spatial)`` at every level as :func:`_binary_level_masks` gives it (None without one).
 
     Every level is zero-padded at its high end to the last level's grid, so all levels share one
     :func:`_affine_level` program (issue 18). The padding is exact: the fixed image is read only inside the
-    foreground box, and the moving image and field of view are sampled with zero padding.
+    foreground box, and the moving image and field of view are sampled with zero padding. The masks are not
+    padded; they are here rather than in a program of their own: one compilation less (issue 18).
     """
     out = tuple(tuple(_level_features(x, factor=f, cfg=cfg) if k < 2 else _downsample(x, f) for f in factors)
                 for k, x in enumerate((fixed, moving, valid)))
     last = out[0][-1].shape[:-1]
-    return tuple(tuple(_pad_high(y, last, mode="constant") for y in levels) for levels in out)
+    masks = None if mask is None else _level_masks_of(mask, tuple((f, None) for f in factors))
+    return *(tuple(_pad_high(y, last, mode="constant") for y in levels) for levels in out), masks
 
 
 def _affine_similarity(cfg) -> str:
@@ -1112,10 +1120,9 @@ def _prepare_affine(cfg: InstanceConfig, image_shape, *, has_mask: bool) -> None
     acfg = dataclasses.replace(cfg, similarity=_affine_similarity(cfg))
     factors, group = _affine_plan(cfg, fine_shape)
     image, valid = f32(tuple(image_shape)), f32(fine_shape + (1,))
-    _affine_pyramid.prepare(image, image, valid, factors=factors, cfg=acfg)
-    levels = _affine_pyramid.output_shape(image, image, valid, factors=factors, cfg=acfg)
-    if has_mask:
-        _binary_level_masks.prepare(f32(fine_shape), levels=tuple((f, None) for f in factors))
+    mask = f32(fine_shape) if has_mask else None
+    _affine_pyramid.prepare(image, image, valid, mask, factors=factors, cfg=acfg)
+    levels = _affine_pyramid.output_shape(image, image, valid, mask, factors=factors, cfg=acfg)
     s, n_raw = AFFINE_SLOTS, sum(num_params(d).values())
     _affine_level.prepare(f32((s, n_raw)), f32((s, d + 1, d + 1)), i32((s,)), levels[0][0], levels[1][0],
                           levels[2][0], i32((s, group, d)), f32((s, group)), f32((d,)), f32((d,)), f32((d,)), f32(()),
@@ -1123,15 +1130,15 @@ def _prepare_affine(cfg: InstanceConfig, image_shape, *, has_mask: bool) -> None
                           rigid=cfg.rigid_affine)
 
 
-def _affine_stage(fixed, moving, candidates, cfg, spacing, moving_mask, level_masks, report):
+def _affine_stage(fixed, moving, candidates, cfg, spacing, moving_mask, mask, report):
     """Coarse-to-fine affine (or rigid) stage; returns ``(matrix, curves, chosen initialisation)``.
 
     Each candidate initial matrix (headers, centre of mass, a given one) is
     refined at the coarsest level; the one with the lowest final similarity
     goes on to the finer levels. Parameters act in mm about the fixed
     foreground's centre (``spacing``: mm per grid voxel), so ``"rigid"`` is
-    exactly rigid in world space on anisotropic grids. ``level_masks(plan)``
-    is the user's fixed mask at each ``(factor, None)`` of ``plan`` (or Nones).
+    exactly rigid in world space on anisotropic grids. ``mask``: the fixed
+    mask ``(*spatial)`` (the user's, or the size-class padding's) or None.
 
     Guard: a level whose result has a linear part with determinant outside
     ``AFFINE_DET_RANGE`` (a reflection, det <= 0, or a collapse) is rejected:
@@ -1149,7 +1156,9 @@ def _affine_stage(fixed, moving, candidates, cfg, spacing, moving_mask, level_ma
                       else np.reshape(np.asarray(moving_mask), fine_shape + (1,)), np.float32)
     center_mm, radius = _affine_geometry(fixed, spacing)
     factors, group = _affine_plan(cfg, fine_shape)
-    fixed_levels, moving_levels, valid_levels = _affine_pyramid(fixed, moving, valid, factors=factors, cfg=acfg)
+    fixed_levels, moving_levels, valid_levels, masks = _affine_pyramid(fixed, moving, valid, mask, factors=factors,
+                                                                       cfg=acfg)
+    masks = [None] * len(factors) if masks is None else list(masks)
     n_raw = sum(num_params(d).values())
     slots = AFFINE_SLOTS
 
@@ -1187,7 +1196,6 @@ def _affine_stage(fixed, moving, candidates, cfg, spacing, moving_mask, level_ma
         return [(raw[k], curve[k][: max(int(n[k]), 1)], amat[k]) for k in range(len(inits))]
 
     box_fine = _foreground_box(fixed, moving)
-    masks = level_masks([(f, None) for f in factors])
     results = {}
     names = list(candidates)
     for first in range(0, len(names), slots):  # all starts in one call (up to `slots` of them)
@@ -1430,7 +1438,7 @@ def register_instance(
         # host work that does not depend on the affine stage, done while that stage runs in XLA (issue 18)
         fixed_head = _in_thread(_head_mask, fixed)
     if run_affine:
-        matrix, aff_curves, chosen = _affine_stage(fixed, moving, candidates, cfg, spacing, moving_mask, level_masks,
+        matrix, aff_curves, chosen = _affine_stage(fixed, moving, candidates, cfg, spacing, moving_mask, mask_f,
                                                    report)
         curves.extend(aff_curves)
         report(f"affine initialisation: {chosen}")
