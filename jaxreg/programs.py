@@ -34,6 +34,7 @@ import numpy as np
 _FAILED = object()
 _LOCAL = threading.local()
 _PREFETCHED: dict = {}  # store path -> Future of the executable loaded by manifest()'s thread
+_TRACED: dict = {}  # store path -> jax.stages.Traced that output_shape made, for _load_or_compile to lower
 _USED: list | None = None  # store file names used inside the active manifest() block
 _MANIFEST_LOCK = threading.Lock()
 
@@ -226,7 +227,7 @@ def program(fn=None, *, static_argnames=(), donate_argnums=(), quick=False):
         """``jax.eval_shape`` of the program for these arguments (arrays or ``jax.ShapeDtypeStruct``), kept in
         the store beside its executables: a process that finds it there does not trace the function (the
         tracing that preparing a stored program would otherwise cost every warm call)."""
-        static, _, _, _, key = signature(args, kwargs)
+        static, treedef, keys, flat, key = signature(args, kwargs)  # ask before prepare(): then traced once
         if key in shapes:
             return shapes[key]
         store = store_dir()
@@ -235,8 +236,10 @@ def program(fn=None, *, static_argnames=(), donate_argnums=(), quick=False):
             with open(path, "rb") as f:
                 out = pickle.load(f)
         except Exception:  # noqa: BLE001 - no store, not stored yet, or unreadable: trace it
-            out = jax.eval_shape(functools.partial(fn, **static), *args,
-                                 **{k: v for k, v in kwargs.items() if k not in static})
+            out = None if path is None else _trace_for_compile(fn, static, treedef, keys, flat, path.with_suffix(".pkl"))
+            if out is None:
+                out = jax.eval_shape(functools.partial(fn, **static), *args,
+                                     **{k: v for k, v in kwargs.items() if k not in static})
             if path is not None:
                 _write_atomic(path, out)
         shapes[key] = out
@@ -342,6 +345,32 @@ def _store_path(fn, key, store, quick) -> pathlib.Path:
     return store / f"{fn.__qualname__.strip('_')}-{digest}.pkl"
 
 
+def _flat_function(fn, static, treedef, keys):
+    """``fn`` as a function of the flat argument leaves (PRNG keys as their key data) that stored programs compile."""
+    def flat_fn(*xs):
+        xs = [jax.random.wrap_key_data(x, impl=k) if k else x for x, k in zip(xs, keys)]
+        args, kwargs = jax.tree_util.tree_unflatten(treedef, xs)
+        return fn(*args, **kwargs, **static)
+
+    flat_fn.__name__ = flat_fn.__qualname__ = fn.__name__  # compile logs and profiles name the program
+    return flat_fn
+
+
+def _trace_for_compile(fn, static, treedef, keys, flat, path):
+    """The output shapes of ``fn``'s program (``jax.ShapeDtypeStruct`` leaves), from the trace that compiling it
+    will lower (kept for :func:`_load_or_compile` under the store ``path``): a program whose output shapes the
+    preparation needs is traced once, not twice (issue 18). None if tracing fails (the caller then uses
+    ``jax.eval_shape``)."""
+    try:
+        traced = jax.jit(_flat_function(fn, static, treedef, keys)).trace(*flat)
+    except Exception:  # noqa: BLE001 - e.g. an argument jit handles but trace() does not
+        return None
+    with _MANIFEST_LOCK:
+        _TRACED[path] = traced
+    return jax.tree_util.tree_map(lambda o: jax.ShapeDtypeStruct(o.shape, o.dtype, weak_type=o.weak_type),
+                                  traced.out_info)
+
+
 def _load_or_compile(fn, static, treedef, keys, flat, key, store, quick=False):
     from jax.experimental import serialize_executable as se
 
@@ -351,6 +380,7 @@ def _load_or_compile(fn, static, treedef, keys, flat, key, store, quick=False):
         if _USED is not None and path.name not in _USED:
             _USED.append(path.name)
         fut = _PREFETCHED.pop(path, None)
+        traced = _TRACED.pop(path, None)
     if fut is not None and fut.cancel():  # not started by the loader thread: load it here
         fut = None
     if fut is not None:
@@ -366,15 +396,10 @@ def _load_or_compile(fn, static, treedef, keys, flat, key, store, quick=False):
         except Exception:  # noqa: BLE001 - unreadable or stale: compile again below
             pass
 
-    def flat_fn(*xs):
-        xs = [jax.random.wrap_key_data(x, impl=k) if k else x for x, k in zip(xs, keys)]
-        args, kwargs = jax.tree_util.tree_unflatten(treedef, xs)
-        return fn(*args, **kwargs, **static)
-
-    flat_fn.__name__ = flat_fn.__qualname__ = fn.__name__  # compile logs and profiles name the program
     try:
         with _fresh_compilation():
-            compiled = jax.jit(flat_fn).lower(*flat).compile(options)
+            lowered = (traced or jax.jit(_flat_function(fn, static, treedef, keys)).trace(*flat)).lower()
+            compiled = lowered.compile(options)
     except Exception:  # noqa: BLE001 - e.g. an argument jit handles but lower() does not: plain jit
         return _FAILED, None
     _write_atomic(path, se.serialize(compiled))

@@ -208,3 +208,26 @@ def test_output_shape_is_kept_in_the_store(tmp_path, monkeypatch):
     g = programs.program(static_argnames=("n",))(body)  # as in a new process: read from the store, not traced
     assert g.output_shape(jnp.zeros((5, 2)), n=3) == want and len(traced) == 1
     assert g.output_shape(jnp.zeros((5, 2)), n=4)["head"].shape == (4, 2) and len(traced) == 2
+
+
+def test_a_program_whose_output_shape_was_asked_is_traced_once(tmp_path, monkeypatch):
+    """output_shape keeps its trace for the compilation (issue 18: the preparation of the deformable stage
+    traced the level features twice); the program's outputs are those of jax.jit."""
+    monkeypatch.setattr(programs, "store_dir", lambda: tmp_path)
+    monkeypatch.setattr(programs, "_TRACED", {})
+    traced = []
+
+    def body(x, *, n):
+        traced.append(1)
+        return {"head": x[:n] * 2.0, "sum": jnp.sum(x)}
+
+    f = programs.program(static_argnames=("n",))(body)
+    spec = jax.ShapeDtypeStruct((5, 2), jnp.float32)
+    assert f.output_shape(spec, n=3)["head"] == jax.ShapeDtypeStruct((3, 2), jnp.float32) and len(traced) == 1
+    assert f.prepare(spec, n=3)
+    x = jnp.arange(10.0).reshape(5, 2)
+    got = f(x, n=3)
+    assert len(traced) == 1 and not programs._TRACED
+    want = jax.jit(body, static_argnames=("n",))(x, n=3)
+    np.testing.assert_array_equal(np.asarray(got["head"]), np.asarray(want["head"]))
+    assert float(got["sum"]) == float(want["sum"])

@@ -1121,8 +1121,8 @@ def _prepare_affine(cfg: InstanceConfig, image_shape, *, has_mask: bool) -> None
     factors, group = _affine_plan(cfg, fine_shape)
     image, valid = f32(tuple(image_shape)), f32(fine_shape + (1,))
     mask = f32(fine_shape) if has_mask else None
-    _affine_pyramid.prepare(image, image, valid, mask, factors=factors, cfg=acfg)
     levels = _affine_pyramid.output_shape(image, image, valid, mask, factors=factors, cfg=acfg)
+    _affine_pyramid.prepare(image, image, valid, mask, factors=factors, cfg=acfg)
     s, n_raw = AFFINE_SLOTS, sum(num_params(d).values())
     _affine_level.prepare(f32((s, n_raw)), f32((s, d + 1, d + 1)), i32((s,)), levels[0][0], levels[1][0],
                           levels[2][0], i32((s, group, d)), f32((s, group)), f32((d,)), f32((d,)), f32((d,)), f32(()),
@@ -1554,12 +1554,12 @@ def _prepare_deformable(cfg: InstanceConfig, image_shape, true_shape, *, has_mas
     _resample_affine.prepare(image, f32((d + 1, d + 1)), padding="zeros")  # in the order the stage calls them
     masks = [None] * len(plan)
     if has_mask:
-        _binary_level_masks.prepare(f32(fine_shape), levels=tuple(plan))
         masks = _binary_level_masks.output_shape(f32(fine_shape), levels=tuple(plan))
+        _binary_level_masks.prepare(f32(fine_shape), levels=tuple(plan))
     field = None
     for lvl, (factor, pad_to) in enumerate(plan):
-        _level_features.prepare(image, factor=factor, cfg=cfg, pad_to=pad_to)
         features = _level_features.output_shape(image, factor=factor, cfg=cfg, pad_to=pad_to)
+        _level_features.prepare(image, factor=factor, cfg=cfg, pad_to=pad_to)
         level_shape = _level_shape(fine_shape, factor)
         field_shape = _field_shape(cfg, level_shape, factor)
         field = f32(field_shape + (d,))
