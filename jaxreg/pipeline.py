@@ -736,13 +736,14 @@ def _similarity_arguments(*images) -> tuple:
             to_device(np.asarray(shape, np.int32)))
 
 
-def _start_similarity(config: InstanceConfig, work: dict) -> "concurrent.futures.Future | None":
-    """:func:`_similarity_before_after` of a registration's working-grid images in a thread (None for learned
-    descriptors, which the metrics compute): it runs while the caller warps the labels and writes the outputs
-    (issue 18)."""
-    if config.similarity == "dns":
+def _start_similarity(config: InstanceConfig, work: dict, feature_fn: Callable | None = None,
+                      device=None) -> "concurrent.futures.Future | None":
+    """:func:`_similarity_before_after` of a registration's working-grid images in a thread on ``device`` (default:
+    JAX's), so it runs while the caller warps the labels and writes the outputs (issue 18); None for learned
+    descriptors without their ``feature_fn``."""
+    if config.similarity == "dns" and feature_fn is None:
         return None
-    return _in_background(lambda: _similarity_before_after(config, work, None), default_device())
+    return _in_background(lambda: _similarity_before_after(config, work, feature_fn), device or default_device())
 
 
 def _inside(shape, true_shape):
@@ -828,8 +829,8 @@ def registration_metrics(method: str, config: InstanceConfig, reg: Registration,
     # the similarity's descriptors run on the device (a thread waits for them) while the host scores the labels:
     # 0.3 s of the IXI pair's ~0.6 s of metrics overlap on 2 CPU cores (issue 18); register_volumes(metrics=True)
     # started it at the end of the registration
-    similarity = reg.work.get("similarity_job") or _in_background(
-        lambda: _similarity_before_after(config, reg.work, feature_fn), next(iter(disp.devices())))
+    similarity = reg.work.get("similarity_job") or _start_similarity(config, reg.work, feature_fn,
+                                                                     next(iter(disp.devices())))
     out = {
         "method": method,
         "transform": config.transform,

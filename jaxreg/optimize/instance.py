@@ -442,11 +442,6 @@ def _binary_level_masks(mask, *, levels):
     """A ``(*spatial)`` mask at each ``(factor, pad_to)`` of ``levels``: downsampled to pyramid level ``factor``,
     binarised at 0.5 and zero-padded at the high end to ``pad_to`` (if not None). One program for a stage's
     levels (one compilation instead of one per level: issue 18)."""
-    return _level_masks_of(mask, levels)
-
-
-def _level_masks_of(mask, levels):
-    """The traceable body of :func:`_binary_level_masks`."""
     return tuple(_pad_high((_downsample(mask[..., None], f)[..., 0] > 0.5).astype(jnp.float32), p, "constant")
                  for f, p in levels)
 
@@ -1084,7 +1079,7 @@ def _affine_pyramid(fixed, moving, valid, mask=None, *, factors, cfg):
     out = tuple(tuple(_level_features(x, factor=f, cfg=cfg) if k < 2 else _downsample(x, f) for f in factors)
                 for k, x in enumerate((fixed, moving, valid)))
     last = out[0][-1].shape[:-1]
-    masks = None if mask is None else _level_masks_of(mask, tuple((f, None) for f in factors))
+    masks = None if mask is None else _binary_level_masks(mask, levels=tuple((f, None) for f in factors))
     return *(tuple(_pad_high(y, last, mode="constant") for y in levels) for levels in out), masks
 
 
@@ -1270,8 +1265,8 @@ def _deformable_mask(fixed, moving_aff, mask, moving_mask, matrix, cfg, fixed_he
         parts.append(_foreground(fixed, moving_aff, cfg.foreground_dilation, fixed_head))
     if not parts:
         return None
-    if len(parts) == 1:
-        return parts[0] if mask is not None else to_device(parts[0], np.float32)
+    if len(parts) == 1 and mask is not None:  # the mask alone, as given
+        return mask
     # the product on the host: a program for it compiled on the main thread (0.05-0.1 s of a cold call; issue 18)
     return to_device(functools.reduce(np.multiply, (np.asarray(x, np.float32) for x in parts)))
 
